@@ -1,0 +1,123 @@
+"""The ``rayalign`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .errors import RayalignError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.train.lr=1e-5")
+    p.add_argument("--run-dir", help="write into this run directory (default: a new one under tracking.root)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def cmd_sft(args) -> int:
+    from .pipelines.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else None
+    summary = run_sft(cfg, run_dir=run_dir, resume=bool(args.resume))
+    _print_summary(summary)
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Every stage the config defines, in pipeline order, in one run directory."""
+    from .pipelines.sft import run_sft
+    from .tracking import new_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    stages = [name for name in ("sft",) if getattr(cfg, name) is not None]
+    if not stages:
+        raise ConfigError(f"{args.config} defines no pipeline stage (expected a `sft` section)")
+    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else new_run_dir(cfg, "run")
+    for stage in stages:
+        if stage == "sft":
+            if (run_dir / "final" / "sft" / "config.json").is_file():
+                print(f"[rayalign] sft: {run_dir / 'final' / 'sft'} exists; stage skipped", file=sys.stderr)
+                continue
+            _print_summary(run_sft(cfg, run_dir=run_dir, resume=bool(args.resume)))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    samples = summary.pop("samples", [])
+    width = max(len(k) for k in summary) if summary else 0
+    print("\n" + "\n".join(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                           for k, v in summary.items()))
+    for s in samples:
+        print(f"\nQ: {s['prompt']}\n  before: {s['before'].strip()[:200]}\n  after:  {s['after'].strip()[:200]}")
+
+
+def cmd_models(args) -> int:
+    from . import models
+
+    if args.action == "list":
+        rows = models.list_models()
+        print(f"{'name':<24}{'kind':<11}{'installed':<11}{'prepared':<10}description")
+        for r in rows:
+            print(f"{r['name']:<24}{r['kind']:<11}{str(r['installed']):<11}{str(r['prepared']):<10}{r['description']}")
+        print(f"\ncache: {models.models_cache()}")
+        return 0
+    if not args.name:
+        raise ConfigError("models prepare needs a model name (see `rayalign models list`)")
+    for name in args.name:
+        models.prepare(name, say=lambda s: print(f"[rayalign] {s}", file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from . import data
+
+    if args.action == "list":
+        for name, (_, desc) in data.PACKAGED_SOURCES.items():
+            print(f"packaged:{name:<14}{desc}")
+        return 0
+    rows, origin = data.read_rows(args.source)
+    print(f"{origin}: {len(rows)} rows")
+    for r in rows[: args.n]:
+        print(json.dumps(r, ensure_ascii=False)[:300])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rayalign", description="Align language models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage of a pipeline config (the quickstart)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("sft", help="distributed supervised fine-tuning")
+    _config_args(p)
+    p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("models", help="list or prepare offline models")
+    p.add_argument("action", choices=["list", "prepare"])
+    p.add_argument("name", nargs="*")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("data", help="list packaged data sources or show a source's rows")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("source", nargs="?", default="packaged:chatterbot")
+    p.add_argument("-n", type=int, default=5)
+    p.set_defaults(fn=cmd_data)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except RayalignError as exc:
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"rayalign: {kind}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

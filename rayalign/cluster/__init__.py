@@ -1,0 +1,37 @@
+"""Cluster plumbing: the Ray session, placement and actor groups."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from ..config import ClusterConfig
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ClusterConfig):
+    """Join ``cfg.address`` / ``RAY_ADDRESS`` when given, else start an embedded local Ray.
+
+    A Ray that is already initialised (tests, notebooks) is reused and left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    env_vars = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RAYALIGN_CACHE", "XDG_CACHE_HOME", "PYTHONPATH"):
+        if os.environ.get(key):
+            env_vars[key] = os.environ[key]
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus,
+                 include_dashboard=False, object_store_memory=cfg.object_store_memory_mb * 2**20,
+                 runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                 configure_logging=True, logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,151 @@
+"""The base of every role's worker: one rank of one torch.distributed process group.
+
+A worker is a plain Python class. :class:`rayalign.cluster.group.ActorGroup` hosts N
+of them as Ray actors; tests and the GPU check construct one directly, in process,
+with ``world_size=1`` (``Worker.local()``), so every role runs without Ray too.
+
+Methods declare once how a group call is dispatched (the verl "single controller"
+idea): ``@dispatch(SPLIT)`` splits the first argument across ranks and concatenates
+the results; ``@dispatch(ALL)`` sends the same arguments to every rank and returns
+rank 0's answer (collectives need every rank); ``@dispatch(EACH)`` returns the list.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import socket
+from typing import Any, Callable
+
+ALL = "all"      # every rank runs it with the same args; rank 0's result is returned
+EACH = "each"    # every rank runs it with the same args; the list of results is returned
+SPLIT = "split"  # the first argument (a list) is split into contiguous chunks, one per rank
+
+
+def dispatch(mode: str) -> Callable:
+    if mode not in (ALL, EACH, SPLIT):
+        raise ValueError(f"unknown dispatch mode {mode!r}")
+
+    def mark(fn: Callable) -> Callable:
+        fn._rayalign_dispatch = mode
+        return fn
+
+    return mark
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in this process, measured by walking
+    the heap (ZeRO partitions, gradient buffers and optimizer state included)."""
+    import torch
+
+    import warnings
+
+    gc.collect()
+    seen: dict[int, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some heap objects warns
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in objs:
+        try:
+            if obj.device.type == "meta":
+                continue
+            st = obj.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except Exception:  # some tensor subclasses refuse storage access
+            continue
+    return sum(v for k, v in seen.items() if k)
+
+
+class Worker:
+    """One rank. Subclasses add the role's model and methods."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, threads: int | None = None,
+                 backend: str | None = None, env: dict[str, str] | None = None):
+        for k, v in (env or {}).items():
+            os.environ[k] = str(v)
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.threads = threads
+        self._dist_ready = False
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # DeepSpeed picks its accelerator from this before anything imports it.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if threads:
+            torch.set_num_threads(threads)
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def local(cls, *args, **kwargs) -> "Worker":
+        """A one-rank worker in this process (no Ray), already joined to its group."""
+        w = cls(0, 1, *args, **kwargs)
+        w.init_distributed("127.0.0.1", free_port())
+        return w
+
+    def node_info(self) -> dict[str, Any]:
+        info = {"rank": self.rank, "pid": os.getpid(), "ip": node_ip(), "node_id": None,
+                "gpu_ids": [], "bundle": None}
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ctx = ray.get_runtime_context()
+                info["node_id"] = ctx.get_node_id()
+                info["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
+                pg = ctx.get_placement_group_id()
+                info["placement_group"] = pg
+        except ImportError:
+            pass
+        return info
+
+    def master_endpoint(self) -> tuple[str, int]:
+        return node_ip(), free_port()
+
+    def init_distributed(self, master_addr: str, master_port: int, timeout_s: float = 300) -> bool:
+        import torch
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK=str(0 if self.device.type == "cpu" else 0))
+        backend = self.backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            # Ray sets CUDA_VISIBLE_DEVICES per actor, so the rank's GPU is always index 0.
+            torch.cuda.set_device(0)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s),
+                                   rank=self.rank, world_size=self.world_size)
+        self._dist_ready = True
+        return True
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> bool:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return True

@@ -1,0 +1,226 @@
+"""Typed experiment configuration: one YAML file plus dotted ``key=value`` overrides.
+
+Every section is a strict pydantic model: an unknown key, a wrong type or an
+impossible value raises :class:`ConfigError` naming the key and the file.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from .errors import RayalignError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(RayalignError, ValueError):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="A packaged model name (see `rayalign models list`), a tiny random "
+        "model (`tiny-llama`, `tiny-gpt2`, `tiny-bert`) or a local HF directory.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Training/inference dtype. CPUs want float32; GPUs bfloat16."
+    )
+    seed: int = Field(0, description="Seed for tiny random models (same seed, same weights).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="HF config fields for tiny models, e.g. {num_hidden_layers: 2}.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+
+
+class ZeroConfig(Section):
+    stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (Rajbhandari et al. 2020).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ZeroConfig":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs stage 1, 2 or 3")
+        return self
+
+
+class GroupConfig(Section):
+    workers: int = Field(1, ge=1, description="Ranks in this role's actor group.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each rank reserves.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each rank reserves (0 = CPU run).")
+    threads_per_worker: Optional[int] = Field(
+        None, ge=1, description="torch intra-op threads per rank; default = cpus_per_worker."
+    )
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy for this role's bundles."
+    )
+    colocate_with: Optional[str] = Field(
+        None, description="Share the bundles of another role (fractional resources)."
+    )
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    backend: Optional[Literal["gloo", "nccl"]] = Field(
+        None, description="torch.distributed backend; default gloo on CPU, nccl on GPU."
+    )
+    ready_timeout_s: float = Field(60.0, gt=0, description="How long to wait for placement.")
+
+
+class DataConfig(Section):
+    source: str = Field(
+        ..., description="`packaged:NAME`, a .jsonl/.json/.parquet file, or a saved `datasets` dir."
+    )
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    max_samples: Optional[int] = Field(None, ge=1)
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(256, ge=8, description="Tokens per example after templating.")
+    shuffle_seed: int = 0
+
+
+class TrainConfig(Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Global examples per optimizer step.")
+    micro_batch_size: int = Field(1, ge=1, description="Examples per rank per forward.")
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="Optimizer steps between evals (0 = at the end).")
+    save_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints (0 = at the end).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class TrackingConfig(Section):
+    root: str = Field("runs", description="Where run directories are created.")
+    wandb: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="wandb mode; offline needs no account and writes into the run dir."
+    )
+    project: str = "rayalign"
+    log_every: int = Field(1, ge=1)
+
+
+class ClusterConfig(Section):
+    address: Optional[str] = Field(
+        None, description="Ray address; None starts an embedded local Ray unless RAY_ADDRESS is set."
+    )
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for an embedded Ray.")
+    num_gpus: Optional[int] = Field(None, ge=0)
+    object_store_memory_mb: int = Field(512, ge=80)
+
+
+class SFTConfig(Section):
+    data: DataConfig
+    group: GroupConfig = Field(default_factory=GroupConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: Optional[ModelConfig] = Field(None, description="Defaults to the top-level model.")
+
+
+class Config(Section):
+    name: str = "experiment"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sft: Optional[SFTConfig] = None
+
+    def sft_model(self) -> ModelConfig:
+        if self.sft is None:
+            raise ConfigError("this config has no `sft` section")
+        return self.sft.model or self.model
+
+
+# ---------------------------------------------------------------- loading
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = e.get("input")
+        suffix = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{suffix}")
+    return f"invalid config {origin}:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(path[: i + 1])} is a value, not a section"
+                )
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> Config:
+    """Load a YAML config (or a dict), apply overrides, validate."""
+    origin = "(dict)"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin += " with overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

