@@ -15,14 +15,19 @@ from ..config import TrainConfig, ZeroConfig
 
 
 def ds_config(zero: ZeroConfig, micro_batch: int, grad_accum: int, world_size: int,
-              grad_clip: float, dtype: str, on_gpu: bool) -> dict[str, Any]:
+              grad_clip: float, dtype: str, on_gpu: bool, hidden_size: int = 1024) -> dict[str, Any]:
     zo: dict[str, Any] = {"stage": zero.stage}
+    # Communication buckets sized from the model, as transformers' "auto" values do:
+    # DeepSpeed's fixed defaults (5e8 elements = 2 GB of fp32 buffers) would dwarf
+    # a small model's own state and defeat the point of partitioning it.
+    bucket = max(hidden_size * hidden_size, 2**16)
     if zero.stage >= 1:
-        # Modest buckets: the defaults (5e8 elements) would dwarf a small model's state.
-        zo.update(reduce_bucket_size=int(2e7), allgather_bucket_size=int(2e7))
+        zo.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if zero.stage == 3:
-        zo.update(stage3_prefetch_bucket_size=int(1e7), stage3_param_persistence_threshold=0,
-                  stage3_max_live_parameters=int(1e8), stage3_gather_16bit_weights_on_model_save=True)
+        zo.update(stage3_prefetch_bucket_size=int(0.9 * bucket),
+                  stage3_param_persistence_threshold=10 * hidden_size,
+                  stage3_max_live_parameters=int(1e9), stage3_max_reuse_distance=int(1e9),
+                  stage3_gather_16bit_weights_on_model_save=True)
     if zero.offload_optimizer:
         zo["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if zero.offload_params:
@@ -63,6 +68,14 @@ def lr_lambda(train: TrainConfig, total_steps: int):
     return f
 
 
+def hidden_size_of(model_or_config) -> int:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return 1024
+
+
 def build_engine(model: torch.nn.Module, zero: ZeroConfig, train: TrainConfig, world_size: int,
                  total_steps: int, dtype: str = "float32"):
     import deepspeed
@@ -80,10 +93,47 @@ def build_engine(model: torch.nn.Module, zero: ZeroConfig, train: TrainConfig, w
                                 weight_decay=train.weight_decay, fused=on_gpu or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
     cfg = ds_config(zero, train.micro_batch_size, grad_accum, world_size, train.grad_clip,
-                    dtype, on_gpu)
+                    dtype, on_gpu, hidden_size_of(model))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=cfg)
+    share_fp32_master(engine)
     return engine
+
+
+def share_fp32_master(engine) -> int:
+    """When the model itself trains in fp32, let ZeRO's fp32 master partition share storage
+    with the model's own partition instead of holding a second copy of it.
+
+    DeepSpeed clones the partition even when the dtypes and devices already match; the
+    copy-back after each step then copies a tensor onto itself. Saves one partition of
+    parameters per rank (a quarter of ZeRO-3's per-rank state). Returns elements shared.
+    """
+    opt = engine.optimizer
+    pairs = []
+    if hasattr(opt, "fp32_partitioned_groups_flat") and hasattr(opt, "fp16_partitioned_groups_flat"):
+        if getattr(opt, "offload_optimizer", False) or getattr(opt, "params_in_nvme_swapper", None):
+            return 0
+        pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat))
+    elif hasattr(opt, "single_partition_of_fp32_groups") and hasattr(opt, "parallel_partitioned_bit16_groups"):
+        if getattr(opt, "cpu_offload", False):
+            return 0
+        import deepspeed.comm as dist
+
+        for i, fp32 in enumerate(opt.single_partition_of_fp32_groups):
+            pid = dist.get_rank(group=opt.real_dp_process_group[i])
+            pairs.append((fp32, opt.parallel_partitioned_bit16_groups[i][pid]))
+    shared = 0
+    for master, model_part in pairs:
+        if (master.dtype == model_part.dtype == torch.float32 and master.device == model_part.device
+                and master.shape == model_part.shape and master.data_ptr() != model_part.data_ptr()
+                and torch.equal(master, model_part)):
+            master.data = model_part.data
+            shared += master.numel()
+    if shared and hasattr(opt, "_link_all_hp_params"):
+        # ZeRO-1/2 keep per-parameter views into the fp32 partition (for safe_get_* and
+        # checkpoints); rebuild them over the shared storage.
+        opt._link_all_hp_params()
+    return shared
 
 
 # ---------------------------------------------------------------- state, any world size
@@ -141,22 +191,28 @@ def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     stage = _zero_stage(engine)
+    base = _base_optimizer(engine)
+    # Adam creates its state lazily at the first step; make the slots to fill in.
+    # ZeRO-3 hands its flat fp32 partitions to the optimizer only during step().
+    masters = list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])) or \
+        [p for group in base.param_groups for p in group["params"]]
+    for p in masters:
+        st = base.state[p]
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in st:
+                st[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        st.setdefault("step", torch.tensor(0.0))
     for name, p in _named_trainables(engine):
         for key in ("exp_avg", "exp_avg_sq"):
             full = moments.get(f"{key}::{name}")
             if full is None:
                 raise KeyError(f"checkpoint lacks {key} for {name}")
             if stage == 0:
-                st = engine.optimizer.state[p]
-                st[key] = full.to(device=p.device, dtype=torch.float32).clone()
-                st.setdefault("step", torch.tensor(0.0))
+                base.state[p][key].copy_(full.to(device=p.device, dtype=torch.float32).view_as(p))
             else:
                 safe_set_full_optimizer_state(p, full.to(torch.float32), key)
-    for st in _base_optimizer(engine).state.values():
-        if "step" in st:
-            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
-        else:
-            st["step"] = torch.tensor(float(step))
+    for st in base.state.values():
+        st["step"] = torch.tensor(float(step)) if torch.is_tensor(st.get("step")) else step
 
 
 def memory_report(engine) -> dict[str, int]:

@@ -73,6 +73,24 @@ def live_tensor_bytes() -> int:
     return sum(v for k, v in seen.items() if k)
 
 
+def _quiet_libraries() -> None:
+    """Workers' logs reach the driver's console through Ray: keep them to what matters."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torch.distributed.*deprecated.*")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 class Worker:
     """One rank. Subclasses add the role's model and methods."""
 
@@ -93,6 +111,7 @@ class Worker:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if threads:
             torch.set_num_threads(threads)
+        _quiet_libraries()
 
     # ------------------------------------------------------------ lifecycle
 

@@ -10,7 +10,7 @@ from typing import Any
 from .. import checkpoint, data, models
 from ..cluster import placement, ray_session
 from ..cluster.group import ActorGroup
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, dump_config
 from ..tracking import Progress, Tracker, new_run_dir, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
 
@@ -70,6 +70,8 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         run_dir = new_run_dir(cfg, "sft")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_name = "config.resumed.yaml" if (resume and (run_dir / "config.yaml").exists()) else "config.yaml"
+    (run_dir / cfg_name).write_text(dump_config(cfg))
     ckpt_root = run_dir / "checkpoints" / "sft"
     resume_from = checkpoint.latest(ckpt_root) if resume else None
     start_step = checkpoint.read_state(resume_from)["trainer"]["step"] if resume_from else 0
@@ -138,7 +140,7 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                 "steps": total, "resumed_from_step": start_step if resume_from else None,
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                 "eval_loss_before": eval0, "eval_loss_after": eval1,
-                "train_tokens_per_s": tokens_seen / elapsed if elapsed else None,
+                "response_tokens_per_s": tokens_seen / elapsed if elapsed else None,
                 "wall_time_s": elapsed, "checkpoint": ck, "final_model": str(final),
                 "per_rank_state_mb": [round(m["total"] / 2**20, 1) for m in mem],
                 "samples": [{"prompt": p, "before": b, "after": a}

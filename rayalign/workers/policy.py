@@ -72,8 +72,12 @@ class PolicyWorker(Worker):
             import deepspeed
             from transformers.integrations import HfDeepSpeedConfig
 
+            from transformers import AutoConfig
+
+            hidden = eng.hidden_size_of(AutoConfig.from_pretrained(str(path), local_files_only=True))
             cfg = eng.ds_config(self.zero, self.train_cfg.micro_batch_size, 1, self.world_size,
-                                self.train_cfg.grad_clip, self.model_cfg.dtype, self.device.type == "cuda")
+                                self.train_cfg.grad_clip, self.model_cfg.dtype,
+                                self.device.type == "cuda", hidden)
             hf_ds = HfDeepSpeedConfig(cfg)  # transformers holds it by weakref: zero.Init is on while it lives
             module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
             # Off again, or rank 0's later from_config (export) would start a collective alone.
@@ -91,7 +95,8 @@ class PolicyWorker(Worker):
             yield {k: v.to(self.device) for k, v in batch.items()}
 
     @dispatch(SPLIT)
-    def train_step(self, examples: list[dict], global_tokens: int) -> dict[str, list]:
+    def train_step(self, examples: list[dict], global_tokens: int,
+                   measure_memory: bool = False) -> dict[str, list]:
         """One optimizer step on this rank's share of the global batch.
 
         The loss is the token mean over the *global* batch: each micro-batch's summed NLL
@@ -106,17 +111,23 @@ class PolicyWorker(Worker):
                              f"engine expects {ga}")
         nll_total, tokens = 0.0, 0
         scale = self.world_size * ga / max(1, global_tokens)
-        for batch in self._micro_batches(examples):
+        held = 0
+        for i, batch in enumerate(self._micro_batches(examples)):
             out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             nll, n = shifted_nll_sum(out.logits, batch["labels"])
             self.engine.backward(nll * scale)
+            if measure_memory and i == n_micro - 1:
+                # Parameters, gradients and optimizer state are all alive here, just
+                # before the optimizer consumes the gradients: the training peak.
+                del out
+                held = live_tensor_bytes()
             self.engine.step()
             nll_total += float(nll.detach())
             tokens += n
         lr = self.engine.get_lr()[0]
         return {"nll_sum": [nll_total], "tokens": [tokens], "lr": [lr],
                 "grad_norm": [float(self.engine.get_global_grad_norm() or 0.0)],
-                "time_s": [time.time() - t0]}
+                "time_s": [time.time() - t0], "held_bytes": [held]}
 
     @dispatch(SPLIT)
     def eval_nll(self, examples: list[dict]) -> dict[str, list]:

@@ -1,0 +1,89 @@
+import pytest
+
+from rayalign.config import ConfigError, apply_overrides, load_config
+
+BASE = """
+name: t
+model: {name: tiny-llama}
+sft:
+  data: {source: packaged:chatterbot}
+  group: {workers: 2, zero: {stage: 2}}
+  train: {lr: 1.0e-4, batch_size: 8, micro_batch_size: 2}
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text(BASE)
+    return p
+
+
+def test_loads_and_defaults(cfg_file):
+    cfg = load_config(cfg_file)
+    assert cfg.sft.group.zero.stage == 2
+    assert cfg.sft.train.lr == 1e-4
+    assert cfg.sft_model().name == "tiny-llama"
+    assert cfg.tracking.wandb == "offline"
+
+
+def test_override_types_are_parsed(cfg_file):
+    cfg = load_config(cfg_file, ["sft.train.lr=3e-5", "sft.group.zero.stage=3", "sft.data.max_samples=10",
+                                 "cluster.address=ray://h:10001"])
+    assert cfg.sft.train.lr == 3e-5 and cfg.sft.group.zero.stage == 3
+    assert cfg.sft.data.max_samples == 10 and cfg.cluster.address == "ray://h:10001"
+
+
+def test_unknown_key_names_key_and_file(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["sft.train.learning_rate=1"])
+    msg = str(e.value)
+    assert "sft.train.learning_rate: unknown key" in msg and str(cfg_file) in msg
+
+
+def test_wrong_type_and_impossible_values(cfg_file):
+    with pytest.raises(ConfigError, match=r"sft\.group\.workers: .*integer.*'two'"):
+        load_config(cfg_file, ["sft.group.workers=two"])
+    with pytest.raises(ConfigError, match=r"sft\.group\.zero\.stage: .*less than or equal to 3"):
+        load_config(cfg_file, ["sft.group.zero.stage=4"])
+    with pytest.raises(ConfigError, match=r"sft\.train\.lr: Input should be greater than 0 \(got -1\)"):
+        load_config(cfg_file, ["sft.train.lr=-1"])
+    with pytest.raises(ConfigError, match="offload_params needs stage 3"):
+        load_config(cfg_file, ["sft.group.zero.offload_params=true"])
+    with pytest.raises(ConfigError, match=r"batch_size \(8\) must be a multiple of micro_batch_size \(3\)"):
+        load_config(cfg_file, ["sft.train.micro_batch_size=3"])
+
+
+def test_file_problems(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(lst)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("sft: {group: {workers: 1}}\n")
+    with pytest.raises(ConfigError, match="sft.data: required key is missing"):
+        load_config(missing)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        apply_overrides({}, ["sft.train.lr"])
+    with pytest.raises(ConfigError, match="empty key"):
+        apply_overrides({}, ["sft..lr=1"])
+    with pytest.raises(ConfigError, match="sft.train is a value, not a section"):
+        apply_overrides({"sft": {"train": 3}}, ["sft.train.lr=1"])
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
