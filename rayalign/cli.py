@@ -110,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=5)
     p.set_defaults(fn=cmd_data)
 
-    args = parser.parse_args(argv)
+    # Overrides may stand anywhere, also after options (`--run-dir X a.b=1`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if "=" not in x or x.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except RayalignError as exc:

@@ -5,18 +5,10 @@ import pytest
 
 from rayalign.cluster import placement
 from rayalign.cluster.group import ActorGroup
-from rayalign.cluster.worker import EACH, Worker, dispatch
+from rayalign.cluster.worker import Worker
 from rayalign.config import GroupConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-
-
-class Probe(Worker):
-    """A role with no model: enough to see where ranks land."""
-
-    @dispatch(EACH)
-    def where(self):
-        return self.node_info()
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +27,27 @@ def two_nodes():
     cluster.shutdown()
 
 
+def wait_idle(timeout=30):
+    import ray
+
+    total = ray.cluster_resources()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= total[k] for k in ("CPU", "GPU")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"resources not released: {ray.available_resources()}")
+
+
 def run_roles(roles):
+    wait_idle()
     pools = placement.place(roles)
     groups = {}
     try:
         for name, cfg in roles.items():
-            groups[name] = ActorGroup(name, Probe, cfg, pools, roles=roles)
-        return {name: g.where() for name, g in groups.items()}, pools
+            groups[name] = ActorGroup(name, Worker, cfg, pools, roles=roles)  # no model: just where ranks land
+        return {name: g.node_info() for name, g in groups.items()}, pools
     finally:
         for g in groups.values():
             g.kill()

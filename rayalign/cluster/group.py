@@ -138,7 +138,13 @@ class ActorGroup(_GroupBase):
 
         for a in self.actors:
             try:
-                ray.kill(a)
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        # Wait until each is really gone, so its resources are free for whatever comes next.
+        for a in self.actors:
+            try:
+                ray.get(a.ping.remote(), timeout=30)
             except Exception:
                 pass
         self.actors = []

@@ -122,7 +122,9 @@ class Worker:
         w.init_distributed("127.0.0.1", free_port())
         return w
 
+    @dispatch(EACH)
     def node_info(self) -> dict[str, Any]:
+        """Where this rank runs: node, GPUs Ray gave it, process."""
         info = {"rank": self.rank, "pid": os.getpid(), "ip": node_ip(), "node_id": None,
                 "gpu_ids": [], "bundle": None}
         try:
