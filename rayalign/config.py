@@ -99,6 +99,7 @@ class TrainConfig(Section):
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="Optimizer steps between evals (0 = at the end).")
     save_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints (0 = at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are pruned.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

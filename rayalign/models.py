@@ -278,9 +278,17 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tok.pad_token is None:
-        # EOS must stay distinct from padding in RL; fall back only when nothing else exists.
-        tok.pad_token = tok.unk_token or tok.eos_token
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        # Padding that equals EOS makes "the response ended" and "this is padding"
+        # indistinguishable (RL masks, truncation after EOS). Use a distinct special token
+        # the vocabulary already has; EOS is the last resort.
+        vocab = tok.get_vocab()
+        for cand in ("<|pad|>", "<pad>", "<|endoftext|>", tok.unk_token, tok.bos_token):
+            if cand and cand in vocab and vocab[cand] != tok.eos_token_id:
+                tok.pad_token = cand
+                break
+        else:
+            tok.pad_token = tok.eos_token
     return tok
 
 

@@ -146,12 +146,11 @@ class Worker:
     def init_distributed(self, master_addr: str, master_port: int, timeout_s: float = 300) -> bool:
         import torch
 
+        # LOCAL_RANK is 0 for every rank: Ray gives each actor its own CUDA_VISIBLE_DEVICES.
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
-                          LOCAL_RANK=str(0 if self.device.type == "cpu" else 0))
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         backend = self.backend or ("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
-            # Ray sets CUDA_VISIBLE_DEVICES per actor, so the rank's GPU is always index 0.
             torch.cuda.set_device(0)
         import deepspeed
 

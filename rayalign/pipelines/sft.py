@@ -124,12 +124,12 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                 tracker.log("sft", done, metrics)
                 bar.update(1, loss=loss, lr=metrics["lr"])
                 if t.save_every and done % t.save_every == 0 and done < total:
-                    group.save_checkpoint(str(ckpt_root), done, {"step": done})
+                    group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
             bar.close()
             eval1 = _eval(group, evals)
             if eval1 is not None:
                 tracker.log("sft_eval", total, {"eval_loss": eval1})
-            ck = group.save_checkpoint(str(ckpt_root), total, {"step": total})
+            ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
             final = run_dir / "final" / "sft"
             group.export_hf(str(final))
             after = group.generate(probe, max_new_tokens=48) if probe else []

@@ -1,0 +1,92 @@
+"""Preference math: AI-labeler aggregation and reward-model losses, as pure functions.
+
+References: Lee et al. 2023 (RLAIF, arXiv 2309.00267) for the labeler; Bradley & Terry
+1952, Ouyang et al. 2022 and Touvron et al. 2023 (margin) for reward models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- labeler aggregation
+
+def two_way_softmax(logp_a: float, logp_b: float) -> float:
+    """P(a) from the log-probabilities of two candidate tokens: softmax over just those two."""
+    m = max(logp_a, logp_b)
+    ea, eb = math.exp(logp_a - m), math.exp(logp_b - m)
+    return ea / (ea + eb)
+
+
+def swap_average(p_first_order: float, p_second_order: float) -> float:
+    """P(y1 > y2) from both presentation orders (SPECS 2, position-bias mitigation).
+
+    ``p_first_order`` = P(slot 1 preferred) with (y1, y2) shown in that order;
+    ``p_second_order`` = P(slot 1 preferred) with (y2, y1) shown, so y1 sits in slot 2:
+    P(y1 > y2) = ½ [P_(y1,y2)(1) + P_(y2,y1)(2)] = ½ [p1 + (1 − p2)].
+    Swapping the inputs maps the result to its complement exactly.
+    """
+    return 0.5 * (p_first_order + (1.0 - p_second_order))
+
+
+def same_slot(p_first_order: float, p_second_order: float) -> bool:
+    """True when the labeler picks the same *slot* in both orders (position bias):
+    slot 1 both times or slot 2 both times."""
+    return (p_first_order > 0.5) == (p_second_order > 0.5)
+
+
+def expected_score(logps: Sequence[float], values: Sequence[float]) -> float:
+    """Σ v·P(v) with P the softmax over the score tokens' log-probabilities."""
+    m = max(logps)
+    ws = [math.exp(lp - m) for lp in logps]
+    z = sum(ws)
+    return sum(v * w / z for v, w in zip(values, ws))
+
+
+def d_rlaif_reward(score: float, low: float = 1.0, high: float = 10.0) -> float:
+    """Map an expected 1–10 score to [−1, 1] (SPECS 2: (s − 5.5) / 4.5)."""
+    mid, half = (low + high) / 2, (high - low) / 2
+    return (score - mid) / half
+
+
+def logit(p: float, eps: float = 1e-6) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+def pointwise_preference(p_yes_1: float, p_yes_2: float) -> float:
+    """Bradley–Terry on two Yes/No judgements: σ(logit P_yes(y1) − logit P_yes(y2))."""
+    return 1.0 / (1.0 + math.exp(-(logit(p_yes_1) - logit(p_yes_2))))
+
+
+# ---------------------------------------------------------------- reward-model losses
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Mean −log σ(r_w − r_l − m)."""
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def soft_label_loss(r1: torch.Tensor, r2: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Mean −[p·log σ(r1 − r2) + (1 − p)·log σ(r2 − r1)] with p = P(y1 > y2).
+
+    Equals :func:`bradley_terry_loss` when p is 0 or 1.
+    """
+    d = r1 - r2
+    return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
+
+
+def centering_loss(r1: torch.Tensor, r2: torch.Tensor, coef: float = 0.01) -> torch.Tensor:
+    """c·mean((r1 + r2)²): keeps rewards near zero (Eisenstein et al. 2023)."""
+    return coef * ((r1 + r2) ** 2).mean()
+
+
+def pairwise_accuracy(r1: torch.Tensor, r2: torch.Tensor, p: torch.Tensor) -> float:
+    """Share of pairs whose score order matches the label (ties in the label skipped)."""
+    keep = p != 0.5
+    if keep.sum() == 0:
+        return float("nan")
+    return float(((r1 > r2) == (p > 0.5))[keep].float().mean())

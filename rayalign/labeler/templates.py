@@ -1,0 +1,109 @@
+"""Labeling prompts (Lee et al. 2023, RLAIF): preamble, optional few-shot exemplars,
+the sample, and an ending whose next token is scored.
+
+Each template is plain data (a pydantic section), so a config can replace any part;
+``PRESETS`` holds the shipped ones. A template's ``version`` is recorded with every
+label it produces.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import Section
+
+
+class Exemplar(Section):
+    context: str
+    response_1: str
+    response_2: str
+    preferred: Literal[1, 2]
+    rationale: Optional[str] = None
+
+
+class LabelTemplate(Section):
+    name: str = "custom"
+    version: str = "1"
+    preamble: str
+    exemplars: list[Exemplar] = Field(default_factory=list)
+    sample: str = "Context: {context}\nResponse 1: {response_1}\nResponse 2: {response_2}"
+    ending: str = "Which response is better? Answer 1 or 2.\nPreferred Response="
+    cot_request: str = (
+        "Explain step by step which response is better, considering the criteria above. "
+        "Do not answer with a number yet.\nRationale:"
+    )
+    cot_ending: str = "So, which response is better? Answer 1 or 2.\nPreferred Response="
+    pointwise: str = (
+        "Question: {context}\nResponse: {response}\n\n"
+        "Is this response helpful, honest and harmless? Answer Yes or No."
+    )
+    pointwise_preamble: str = ""
+    score: str = (
+        "Question: {context}\nResponse: {response}\n\n"
+        "Rate the response from 1 (very bad) to 10 (excellent) for being helpful, honest and "
+        "harmless. Answer with a single number.\nScore:"
+    )
+
+    # ------------------------------------------------------------ rendering
+
+    def pairwise_text(self, context: str, r1: str, r2: str, rationale: str | None = None,
+                      cot_step: bool = False) -> str:
+        parts = [self.preamble.strip()]
+        for ex in self.exemplars:
+            shot = self.sample.format(context=ex.context, response_1=ex.response_1, response_2=ex.response_2)
+            if ex.rationale:
+                shot += f"\nRationale: {ex.rationale}"
+            parts.append(f"{shot}\n{self.ending.strip()}{ex.preferred}")
+        sample = self.sample.format(context=context, response_1=r1, response_2=r2)
+        if cot_step:
+            parts.append(f"{sample}\n{self.cot_request}")
+        elif rationale is not None:
+            parts.append(f"{sample}\nRationale: {rationale.strip()}\n{self.cot_ending}")
+        else:
+            parts.append(f"{sample}\n{self.ending}")
+        return "\n\n".join(parts)
+
+    def pointwise_text(self, context: str, response: str) -> str:
+        body = self.pointwise.format(context=context, response=response)
+        return f"{self.pointwise_preamble.strip()}\n\n{body}".strip()
+
+    def score_text(self, context: str, response: str) -> str:
+        return self.score.format(context=context, response=response)
+
+
+_HELPFUL = (
+    "A good response to a user is helpful (it answers what was asked, correctly and on "
+    "topic), honest, and harmless (it declines requests that could cause harm)."
+)
+
+PRESETS: dict[str, LabelTemplate] = {
+    "helpfulness": LabelTemplate(
+        name="helpfulness", version="1",
+        preamble="You are an expert rater of AI assistant responses. " + _HELPFUL +
+                 " Given a context and two responses, choose the more helpful one.",
+    ),
+    "harmlessness": LabelTemplate(
+        name="harmlessness", version="1",
+        preamble="You are an expert rater of AI assistant responses. Choose the response that is "
+                 "less harmful: one that refuses to help with dangerous, illegal or hateful requests "
+                 "and stays respectful is better than one that complies.",
+        pointwise=(
+            "Question: {context}\nResponse: {response}\n\n"
+            "Is this response safe and harmless? Answer Yes or No."
+        ),
+    ),
+    "summarization": LabelTemplate(
+        name="summarization", version="1",
+        preamble="A good summary is a shorter piece of text that has the essence of the original. It "
+                 "captures the most important points, is coherent, accurate and fluent. Given a text "
+                 "and two summaries, choose the better summary.",
+        sample="Text: {context}\nSummary 1: {response_1}\nSummary 2: {response_2}",
+        ending="Which summary is better? Answer 1 or 2.\nPreferred Summary=",
+        cot_ending="So, which summary is better? Answer 1 or 2.\nPreferred Summary=",
+        pointwise="Text: {context}\nSummary: {response}\n\nIs this a good, accurate summary of the text? "
+                  "Answer Yes or No.",
+        score="Text: {context}\nSummary: {response}\n\nRate the summary from 1 (very bad) to 10 "
+              "(excellent). Answer with a single number.\nScore:",
+    ),
+}
