@@ -47,9 +47,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from .pipelines.label import run_label
+    from .tracking import new_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.label is None:
+        raise ConfigError(f"{args.config} has no `label` section")
+    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else new_run_dir(cfg, "label")
+    rep = run_label(cfg, run_dir, resume=bool(args.resume))
+    _print_summary(dict(rep))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .pipelines.rm import run_rm
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else None
+    _print_summary(run_rm(cfg, run_dir=run_dir, resume=bool(args.resume)))
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     samples = summary.pop("samples", [])
-    width = max(len(k) for k in summary) if summary else 0
+    width = max((len(k) for k in summary), default=0)
     print("\n" + "\n".join(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
                            for k, v in summary.items()))
     for s in samples:
@@ -98,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sft", help="distributed supervised fine-tuning")
     _config_args(p)
     p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("label", help="AI preference labelling of response pairs")
+    _config_args(p)
+    p.set_defaults(fn=cmd_label)
+
+    p = sub.add_parser("rm", help="reward-model training on preferences")
+    _config_args(p)
+    p.set_defaults(fn=cmd_rm)
 
     p = sub.add_parser("models", help="list or prepare offline models")
     p.add_argument("action", choices=["list", "prepare"])

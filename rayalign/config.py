@@ -136,12 +136,106 @@ class SFTConfig(Section):
     model: Optional[ModelConfig] = Field(None, description="Defaults to the top-level model.")
 
 
+class BackendConfig(Section):
+    type: Literal["hf", "http", "function"] = Field(
+        "hf", description="hf: a local model on a labeler actor group; http: an OpenAI-compatible "
+        "completions endpoint; function: a Python callable 'module:function'.")
+    model: Optional[ModelConfig] = Field(None, description="hf: the labeler model (default: top-level model).")
+    group: GroupConfig = Field(default_factory=GroupConfig, description="hf: the labeler group's layout.")
+    chat: bool = Field(True, description="hf: wrap prompts in the model's chat template.")
+    batch_size: int = Field(8, ge=1, description="Prompts per forward on a labeler rank.")
+    url: Optional[str] = Field(None, description="http: base URL, e.g. http://127.0.0.1:8000/v1")
+    model_name: Optional[str] = Field(None, description="http: the served model's name.")
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="http: env var holding the API key.")
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0)
+    top_logprobs: int = Field(20, ge=2, le=100)
+    function: Optional[str] = Field(None, description="function: 'module:function' scoring options.")
+    generate_function: Optional[str] = Field(None, description="function: 'module:function' for rationales.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BackendConfig":
+        if self.type == "http" and not (self.url and self.model_name):
+            raise ValueError("an http backend needs url and model_name")
+        if self.type == "function" and not self.function:
+            raise ValueError("a function backend needs function: 'module:function'")
+        return self
+
+
+class LabelerConfig(Section):
+    """The AI labeler role (Lee et al. 2023, RLAIF)."""
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    mode: Literal["pointwise", "pairwise", "score"] = Field(
+        "pointwise", description="pointwise Yes/No per response (the only mode in which a 135M labeler "
+        "beats chance, SPECS 2); pairwise '1'/'2'; score: direct 1-10 (d-RLAIF).")
+    template: str = Field("helpfulness", description="a preset: helpfulness, harmlessness, summarization")
+    template_overrides: dict[str, Any] = Field(default_factory=dict, description="replace template parts")
+    swap: bool = Field(True, description="pairwise: average both presentation orders (position debiasing)")
+    cot: bool = Field(False, description="pairwise: ask for a rationale first (two-step chain of thought)")
+    self_consistency: int = Field(1, ge=1, description="pairwise+cot: rationales sampled and averaged")
+    sc_temperature: float = Field(0.7, gt=0)
+    cot_max_tokens: int = Field(96, ge=8)
+    seed: int = 0
+
+
+class SampleConfig(Section):
+    """Sample two responses per prompt from a policy model (when pairs are not given)."""
+    model: Optional[ModelConfig] = Field(None, description="default: the top-level model")
+    group: GroupConfig = Field(default_factory=GroupConfig)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.9, gt=0)
+    seed: int = 0
+
+
+class LabelStageConfig(Section):
+    source: str = Field(..., description="rows with a prompt and (unless `sample` is set) two responses")
+    prompt_field: str = "prompt"
+    response_1_field: str = "response_1"
+    response_2_field: str = "response_2"
+    gold_field: Optional[str] = Field("gold", description="1/2 when the input carries gold preferences")
+    max_samples: Optional[int] = Field(None, ge=1)
+    shuffle_seed: int = 0
+    sample: Optional[SampleConfig] = None
+    chunk_size: int = Field(32, ge=1, description="pairs labelled between writes; finished labels survive")
+
+
+class RMLossConfig(Section):
+    type: Literal["soft", "bradley_terry"] = Field(
+        "soft", description="soft: -[p log s(r1-r2) + (1-p) log s(r2-r1)] on labeler probabilities "
+        "(distilled RLAIF); bradley_terry: hard labels from p.")
+    use_margin: bool = Field(False, description="bradley_terry: subtract each pair's `margin` field (Llama 2).")
+    centering: float = Field(0.0, ge=0, description="c * mean((r1 + r2)^2); 0.01 is typical.")
+
+
+class RMDataConfig(Section):
+    source: str = Field(..., description="pairs: a label run's labels.jsonl, or any file with the fields below")
+    prompt_field: str = "prompt"
+    response_1_field: str = "response_1"
+    response_2_field: str = "response_2"
+    p_field: str = Field("p", description="P(response_1 > response_2) in [0, 1], or a gold 1/2")
+    max_length: int = Field(256, ge=8)
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    max_samples: Optional[int] = Field(None, ge=1)
+    shuffle_seed: int = 0
+
+
+class RMConfig(Section):
+    data: RMDataConfig
+    model: Optional[ModelConfig] = Field(None, description="default: all-minilm-l6-v2 is a good small start")
+    group: GroupConfig = Field(default_factory=GroupConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=2e-5, batch_size=16, micro_batch_size=4))
+    loss: RMLossConfig = Field(default_factory=RMLossConfig)
+
+
 class Config(Section):
     name: str = "experiment"
     model: ModelConfig = Field(default_factory=ModelConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sft: Optional[SFTConfig] = None
+    labeler: LabelerConfig = Field(default_factory=LabelerConfig)
+    label: Optional[LabelStageConfig] = None
+    rm: Optional[RMConfig] = None
 
     def sft_model(self) -> ModelConfig:
         if self.sft is None:

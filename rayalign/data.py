@@ -229,3 +229,46 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pad_ids(seqs: list[list[int]], pad_id: int):
+    """Right-padded ids and attention mask."""
+    import torch
+
+    n = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return ids, mask
+
+
+def encode_rm(tok, prompt: str, response: str, max_length: int) -> list[int]:
+    """A (prompt, response) pair as one sequence for a scalar-head model: the chat turn
+    for chat models, a text pair otherwise. Too long: the prompt's start is cut, so the
+    response (and, for last-token pooling, its end) is always seen."""
+    if tok.chat_template:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+            tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        return ids[-max_length:]
+    enc = tok(prompt, response, truncation="only_first" if len(prompt) > 0 else True,
+              max_length=max_length)["input_ids"]
+    return list(enc)[:max_length]
+
+
+def preference_p(value, origin: str, row: int) -> float:
+    """A preference label as P(response_1 > response_2): a probability, or gold 1/2."""
+    if isinstance(value, bool):
+        raise DataError(f"{origin}: row {row}: preference must be a probability or 1/2, got {value!r}")
+    if isinstance(value, str) and value.strip() in ("1", "2"):
+        value = int(value)
+    if isinstance(value, int) and value in (1, 2):
+        return 1.0 if value == 1 else 0.0
+    if isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0:
+        return float(value)
+    raise DataError(f"{origin}: row {row}: preference must be a probability in [0, 1] or 1/2, got {value!r}")

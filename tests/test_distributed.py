@@ -24,9 +24,16 @@ def examples(tiny_dir):
 def make_group(workers, stage, model=None, total=10, resume_from=None, train=TRAIN):
     cfg = GroupConfig(workers=workers, cpus_per_worker=1, zero=ZeroConfig(stage=stage))
     pools = placement.place({"policy": cfg})
-    grp = ActorGroup("policy", PolicyWorker, cfg, pools)
-    grp.init_model(model or {"name": "tiny-llama"}, cfg.zero.model_dump(), train.model_dump(), total,
-                   resume_from)
+    grp = None
+    try:
+        grp = ActorGroup("policy", PolicyWorker, cfg, pools)
+        grp.init_model(model or {"name": "tiny-llama"}, cfg.zero.model_dump(), train.model_dump(), total,
+                       resume_from)
+    except BaseException:
+        if grp is not None:
+            grp.kill()
+        placement.release(pools.values())
+        raise
     return grp, pools
 
 

@@ -115,8 +115,12 @@ class ActorGroup(_GroupBase):
                 rank, cfg.workers, threads, cfg.backend, env, **worker_kwargs))
         self.bundles = [pool.bundle_order[r] for r in range(cfg.workers)]
         # Rank 0's node publishes the rendezvous; every rank then joins one process group.
-        addr, port = ray.get(self.actors[0].master_endpoint.remote())
-        ray.get([a.init_distributed.remote(addr, port) for a in self.actors])
+        try:
+            addr, port = ray.get(self.actors[0].master_endpoint.remote())
+            ray.get([a.init_distributed.remote(addr, port) for a in self.actors])
+        except BaseException:
+            self.kill()  # never leave half a group holding its resources
+            raise
 
     @property
     def world_size(self) -> int:

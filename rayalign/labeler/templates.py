@@ -107,3 +107,15 @@ PRESETS: dict[str, LabelTemplate] = {
               "(excellent). Answer with a single number.\nScore:",
     ),
 }
+
+
+def resolve_template(name: str, overrides: dict | None = None) -> LabelTemplate:
+    from ..errors import RayalignError
+
+    if name not in PRESETS:
+        raise RayalignError(f"unknown labeler template {name!r}; presets: {', '.join(PRESETS)}")
+    data = PRESETS[name].model_dump()
+    data.update(overrides or {})
+    if overrides:
+        data["name"] = f"{name}+custom"
+    return LabelTemplate.model_validate(data)

@@ -1,0 +1,177 @@
+"""The AI labeler: preferences, judgements and scores from any backend (SPECS §2).
+
+Modes
+* ``pairwise`` — one prompt shows both responses; P from the log-probs of "1" and "2";
+  position-swap averaging (default on), chain of thought, self-consistency.
+* ``pointwise`` — one response at a time: P(Yes) to "helpful, honest and harmless?";
+  a pair becomes a preference by Bradley–Terry on the two judgements. Each distinct
+  (context, response) is judged once.
+* ``score`` — direct 1–10 rating (d-RLAIF): expected score → reward in [−1, 1].
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from ..algos.preference import (d_rlaif_reward, expected_score, pointwise_preference, same_slot,
+                                swap_average, two_way_softmax)
+from .backends import Backend
+from .templates import LabelTemplate
+
+SCORE_VALUES = list(range(1, 11))
+
+
+class Labeler:
+    def __init__(self, backend: Backend, template: LabelTemplate, mode: str = "pointwise",
+                 swap: bool = True, cot: bool = False, self_consistency: int = 1,
+                 sc_temperature: float = 0.7, cot_max_tokens: int = 96, seed: int = 0):
+        if mode not in ("pairwise", "pointwise", "score"):
+            raise ValueError(f"unknown labeler mode {mode!r}")
+        if self_consistency > 1 and not cot:
+            raise ValueError("self_consistency samples rationales: it needs cot")
+        self.backend, self.template, self.mode = backend, template, mode
+        self.swap, self.cot, self.sc = swap, cot, self_consistency
+        self.sc_temperature, self.cot_max_tokens, self.seed = sc_temperature, cot_max_tokens, seed
+        self._yes_cache: dict[tuple[str, str], float] = {}
+        self._score_cache: dict[tuple[str, str], float] = {}
+
+    @property
+    def tag(self) -> str:
+        extra = "+swap" if (self.mode == "pairwise" and self.swap) else ""
+        extra += f"+cot{self.sc if self.sc > 1 else ''}" if self.cot else ""
+        return f"{self.mode}{extra}:{self.template.name}@{self.template.version}"
+
+    # ------------------------------------------------------------ pointwise
+
+    def p_yes(self, items: list[tuple[str, str]]) -> list[float]:
+        """P(Yes) for each (context, response); repeated items are judged once."""
+        todo = list(dict.fromkeys(k for k in items if k not in self._yes_cache))
+        if todo:
+            lps = self.backend.option_logprobs(
+                [(self.template.pointwise_text(c, r), ["Yes", "No"]) for c, r in todo])
+            for key, (ly, ln) in zip(todo, lps):
+                self._yes_cache[key] = two_way_softmax(ly, ln)
+        return [self._yes_cache[k] for k in items]
+
+    # ------------------------------------------------------------ direct score
+
+    def scores(self, items: list[tuple[str, str]]) -> list[float]:
+        """Expected 1–10 score for each (context, response)."""
+        todo = list(dict.fromkeys(k for k in items if k not in self._score_cache))
+        if todo:
+            opts = [str(v) for v in SCORE_VALUES]
+            lps = self.backend.option_logprobs([(self.template.score_text(c, r), opts) for c, r in todo])
+            for key, row in zip(todo, lps):
+                self._score_cache[key] = expected_score(row, SCORE_VALUES)
+        return [self._score_cache[k] for k in items]
+
+    def rewards(self, items: list[tuple[str, str]]) -> list[float]:
+        """A reward per response: d-RLAIF score in [−1, 1], or P(Yes) − ½ in pointwise mode."""
+        if self.mode == "pointwise":
+            return [p - 0.5 for p in self.p_yes(items)]
+        return [d_rlaif_reward(s) for s in self.scores(items)]
+
+    # ------------------------------------------------------------ pairwise
+
+    def _slot1_probs(self, triples: list[tuple[str, str, str]]) -> tuple[list[float], list[list[str]]]:
+        """P(slot 1 preferred) for (context, first shown, second shown); with CoT the mean over
+        ``self.sc`` rationales, which are returned too."""
+        t = self.template
+        if not self.cot:
+            lps = self.backend.option_logprobs([(t.pairwise_text(c, a, b), ["1", "2"]) for c, a, b in triples])
+            return [two_way_softmax(l1, l2) for l1, l2 in lps], [[] for _ in triples]
+        sums = [0.0] * len(triples)
+        rationales: list[list[str]] = [[] for _ in triples]
+        for k in range(self.sc):
+            temp = 0.0 if self.sc == 1 else self.sc_temperature
+            rats = self.backend.generate([t.pairwise_text(c, a, b, cot_step=True) for c, a, b in triples],
+                                         max_new_tokens=self.cot_max_tokens, temperature=temp,
+                                         seed=self.seed + 1000 * k)
+            lps = self.backend.option_logprobs(
+                [(t.pairwise_text(c, a, b, rationale=r), ["1", "2"]) for (c, a, b), r in zip(triples, rats)])
+            for i, ((l1, l2), r) in enumerate(zip(lps, rats)):
+                sums[i] += two_way_softmax(l1, l2)
+                rationales[i].append(r.strip())
+        return [s / self.sc for s in sums], rationales
+
+    # ------------------------------------------------------------ the one entry point
+
+    def label(self, pairs: list[dict]) -> list[dict]:
+        """Label pairs ``{"context", "response_1", "response_2"}``; returns one record each with
+        ``p`` = P(response_1 ≻ response_2) and the evidence behind it."""
+        ctx = [p["context"] for p in pairs]
+        r1 = [p["response_1"] for p in pairs]
+        r2 = [p["response_2"] for p in pairs]
+        out: list[dict[str, Any]] = []
+        if self.mode == "pointwise":
+            y = self.p_yes(list(zip(ctx, r1)) + list(zip(ctx, r2)))
+            n = len(pairs)
+            for i in range(n):
+                out.append({"p_yes_1": y[i], "p_yes_2": y[n + i], "p": pointwise_preference(y[i], y[n + i])})
+        elif self.mode == "score":
+            s = self.scores(list(zip(ctx, r1)) + list(zip(ctx, r2)))
+            n = len(pairs)
+            for i in range(n):
+                out.append({"score_1": s[i], "score_2": s[n + i],
+                            "p": 1.0 / (1.0 + math.exp(-(s[i] - s[n + i])))})
+        else:
+            p12, rat12 = self._slot1_probs(list(zip(ctx, r1, r2)))
+            if self.swap:
+                p21, rat21 = self._slot1_probs(list(zip(ctx, r2, r1)))
+            for i in range(len(pairs)):
+                rec: dict[str, Any] = {"p_order_12": p12[i]}
+                if self.swap:
+                    rec.update(p_order_21=p21[i], p=swap_average(p12[i], p21[i]),
+                               same_slot=same_slot(p12[i], p21[i]))
+                else:
+                    rec.update(p=p12[i])
+                if self.cot:
+                    rec["rationale"] = rat12[i] + (rat21[i] if self.swap else [])
+                out.append(rec)
+        for rec in out:
+            rec["label"] = 1 if rec["p"] > 0.5 else (2 if rec["p"] < 0.5 else 0)
+            rec["labeler"] = self.tag
+        return out
+
+
+# ---------------------------------------------------------------- report
+
+def gold_of(row: dict, field: str) -> int | None:
+    """Gold preference as 1 or 2 (accepts 1/2, "1"/"2", or a probability)."""
+    g = row.get(field)
+    if g is None:
+        return None
+    if isinstance(g, str) and g.strip() in ("1", "2"):
+        return int(g)
+    if isinstance(g, (int, float)) and g in (1, 2):
+        return int(g)
+    if isinstance(g, float) and 0 <= g <= 1 and g != 0.5:
+        return 1 if g > 0.5 else 2
+    return None
+
+
+def report(records: list[dict], gold: Iterable[int | None] | None = None) -> dict[str, Any]:
+    """Position-bias rate, label distribution and agreement with gold labels."""
+    n = len(records)
+    rep: dict[str, Any] = {"pairs": n, "labeler": records[0]["labeler"] if records else None}
+    if not n:
+        return rep
+    ps = [r["p"] for r in records]
+    rep["label_distribution"] = {
+        "prefers_1": sum(p > 0.5 for p in ps) / n, "prefers_2": sum(p < 0.5 for p in ps) / n,
+        "ties": sum(p == 0.5 for p in ps) / n, "mean_p": sum(ps) / n,
+        "confident_share": sum(abs(p - 0.5) > 0.25 for p in ps) / n,
+    }
+    if "p_order_12" in records[0]:
+        rep["slot1_rate_first_order"] = sum(r["p_order_12"] > 0.5 for r in records) / n
+    if "same_slot" in records[0]:
+        rep["position_bias_rate"] = sum(bool(r["same_slot"]) for r in records) / n
+    if gold is not None:
+        pairs = [(r, g) for r, g in zip(records, gold) if g in (1, 2)]
+        if pairs:
+            rep["gold_pairs"] = len(pairs)
+            rep["agreement"] = sum(r["label"] == g for r, g in pairs) / len(pairs)
+            if "p_order_12" in records[0]:
+                rep["agreement_first_order_only"] = sum(
+                    (1 if r["p_order_12"] > 0.5 else 2) == g for r, g in pairs) / len(pairs)
+    return rep

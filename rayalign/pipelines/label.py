@@ -1,0 +1,152 @@
+"""`rayalign label`: turn prompts (and response pairs, or samples) into AI preferences."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import data
+from ..cluster import placement, ray_session
+from ..cluster.group import ActorGroup
+from ..config import Config, ConfigError, GroupConfig, ModelConfig, dump_config
+from ..labeler import FunctionBackend, GroupBackend, HTTPBackend, Labeler, gold_of, report
+from ..labeler.templates import resolve_template
+from ..tracking import Progress, write_summary
+from ..workers.labeler import LabelerWorker
+
+
+def say(msg: str) -> None:
+    print(f"[rayalign] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def lm_group(role: str, model: ModelConfig, group: GroupConfig, chat: bool = True) -> Iterator[ActorGroup]:
+    """A LabelerWorker group (scoring / sampling) for the duration of the block."""
+    pools = placement.place({role: group})
+    grp = None
+    try:
+        grp = ActorGroup(role, LabelerWorker, group, pools)
+        info = grp.init_model(model.model_dump(), group.zero.model_dump(), chat)
+        say(f"{role} ready: {model.name}, {info['params'] / 1e6:.1f}M parameters, {group.workers} worker(s)")
+        yield grp
+    finally:
+        if grp is not None:
+            grp.kill()
+        placement.release(pools.values())
+
+
+@contextlib.contextmanager
+def open_labeler(cfg: Config) -> Iterator[Labeler]:
+    """The configured labeler, its backend started (an actor group for `hf`)."""
+    lc = cfg.labeler
+    b = lc.backend
+    template = resolve_template(lc.template, lc.template_overrides)
+    kw = dict(mode=lc.mode, swap=lc.swap, cot=lc.cot, self_consistency=lc.self_consistency,
+              sc_temperature=lc.sc_temperature, cot_max_tokens=lc.cot_max_tokens, seed=lc.seed)
+    try:
+        probe = Labeler(FunctionBackend(lambda p, o: [0.0] * len(o)), template, **kw)
+    except ValueError as exc:
+        raise ConfigError(f"labeler: {exc}") from None
+    del probe
+    if b.type == "function":
+        yield Labeler(FunctionBackend(b.function, b.generate_function), template, **kw)
+    elif b.type == "http":
+        yield Labeler(HTTPBackend(b.url, b.model_name, b.api_key_env, b.timeout_s, b.retries,
+                                  b.top_logprobs), template, **kw)
+    else:
+        with lm_group("labeler", b.model or cfg.model, b.group, b.chat) as grp:
+            yield Labeler(GroupBackend(grp, b.batch_size), template, **kw)
+
+
+def load_pairs(cfg: Config) -> list[dict]:
+    s = cfg.label
+    fields = [s.prompt_field] if s.sample else [s.prompt_field, s.response_1_field, s.response_2_field]
+    rows = data.load_rows(s.source, fields, s.max_samples, s.shuffle_seed)
+    pairs = []
+    for i, r in enumerate(rows):
+        pair = {"id": i, "prompt": r[s.prompt_field]}
+        if not s.sample:
+            pair.update(response_1=r[s.response_1_field], response_2=r[s.response_2_field])
+        if s.gold_field and s.gold_field in r:
+            pair["gold"] = gold_of(r, s.gold_field)
+        pairs.append(pair)
+    return pairs
+
+
+def sample_responses(cfg: Config, pairs: list[dict]) -> None:
+    """Two sampled responses per prompt from the policy model, in place."""
+    sc = cfg.label.sample
+    model = sc.model or cfg.model
+    with lm_group("sampler", model, sc.group) as grp:
+        prompts = [p["prompt"] for p in pairs]
+        a = grp.generate(prompts, sc.max_new_tokens, sc.temperature, sc.seed)
+        b = grp.generate(prompts, sc.max_new_tokens, sc.temperature, sc.seed + 7919)
+    for p, x, y in zip(pairs, a, b):
+        p["response_1"], p["response_2"] = x.strip(), y.strip()
+
+
+def read_done(path: Path) -> dict[int, dict]:
+    done: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash; it is labelled again
+                done[rec["id"]] = rec
+    return done
+
+
+def run_label(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    if cfg.label is None:
+        raise ConfigError("this config has no `label` section")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ("config.resumed.yaml" if resume and (run_dir / "config.yaml").exists() else "config.yaml")
+     ).write_text(dump_config(cfg))
+    out_path = run_dir / "labels.jsonl"
+    samples_path = run_dir / "samples.jsonl"
+    t0 = time.time()
+    pairs = load_pairs(cfg)
+    done = read_done(out_path) if resume else {}
+    if not resume and out_path.exists():
+        out_path.unlink()
+    needs_ray = bool(cfg.label.sample) or cfg.labeler.backend.type == "hf"
+    with ray_session(cfg.cluster) if needs_ray else contextlib.nullcontext():
+        if cfg.label.sample:
+            cached = read_done(samples_path) if resume else {}
+            if len(cached) == len(pairs):
+                pairs = [cached[p["id"]] for p in pairs]
+            else:
+                say(f"sampling two responses for {len(pairs)} prompts")
+                sample_responses(cfg, pairs)
+                samples_path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        todo = [p for p in pairs if p["id"] not in done]
+        say(f"{len(pairs)} pairs, {len(done)} already labelled, labeler {cfg.labeler.mode} "
+            f"on {cfg.labeler.backend.type}")
+        if todo:
+            with open_labeler(cfg) as labeler, out_path.open("a") as fh:
+                bar = Progress(len(pairs), "label", initial=len(done))
+                step = cfg.label.chunk_size
+                for i in range(0, len(todo), step):
+                    chunk = todo[i:i + step]
+                    recs = labeler.label([{"context": p["prompt"], "response_1": p["response_1"],
+                                           "response_2": p["response_2"]} for p in chunk])
+                    for p, r in zip(chunk, recs):
+                        row = {**p, **r}
+                        done[p["id"]] = row
+                        fh.write(json.dumps(row) + "\n")
+                    fh.flush()  # finished labels are on disk before the next chunk starts
+                    bar.update(len(chunk))
+                bar.close()
+    records = [done[p["id"]] for p in pairs]
+    rep = report(records, [p.get("gold") for p in pairs])
+    rep["wall_time_s"] = time.time() - t0
+    rep["labels"] = str(out_path)
+    (run_dir / "label_report.json").write_text(json.dumps(rep, indent=1))
+    write_summary(run_dir, {"label": rep}, cfg.name)
+    return rep

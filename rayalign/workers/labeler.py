@@ -1,0 +1,161 @@
+"""The AI-labeler role: a causal LM that scores candidate next tokens and writes rationales.
+
+Inference only. Under ZeRO-3 the parameters stay partitioned across the group's ranks and
+are gathered layer by layer in each forward; every rank must then run the same number of
+forwards, so the ranks agree on a batch count first and pad with idle batches.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from ..cluster.worker import ALL, SPLIT, Worker, dispatch
+from ..config import ModelConfig, ZeroConfig
+
+
+class LabelerWorker(Worker):
+    model = None
+    tok = None
+
+    @dispatch(ALL)
+    def init_model(self, model: dict, zero: dict | None = None, chat: bool = True) -> dict[str, Any]:
+        from ..models import load_tokenizer, resolve
+
+        t0 = time.time()
+        self.model_cfg = ModelConfig.model_validate(model)
+        self.zero = ZeroConfig.model_validate(zero or {})
+        path = resolve(self.model_cfg.name, self.model_cfg.seed, self.model_cfg.overrides, say=lambda s: None)
+        self.tok = load_tokenizer(path)
+        self.tok.padding_side = "left"  # the scored position is the last one for every row
+        self.chat = chat and bool(self.tok.chat_template)
+        dtype = getattr(torch, self.model_cfg.dtype)
+        from transformers import AutoModelForCausalLM
+
+        module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        module.eval()
+        if self.zero.stage == 3 and self.world_size > 1:
+            import deepspeed
+
+            from ..cluster.engine import ds_config, hidden_size_of
+
+            cfg = ds_config(self.zero, 1, 1, self.world_size, 0.0, self.model_cfg.dtype,
+                            self.device.type == "cuda", hidden_size_of(module))
+            engine, *_ = deepspeed.initialize(model=module, config=cfg)
+            self.model = engine.module
+            self.sharded = True
+        else:
+            self.model = module.to(self.device)
+            self.sharded = False
+        return {"load_s": time.time() - t0, "chat": self.chat,
+                "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())}
+
+    # ------------------------------------------------------------ helpers
+
+    def render(self, text: str) -> str:
+        """A labeling prompt as the model expects a user turn, ready for the answer."""
+        if self.chat:
+            return self.tok.apply_chat_template([{"role": "user", "content": text}],
+                                                add_generation_prompt=True, tokenize=False)
+        return text
+
+    def _option_tokens(self, option: str) -> list[list[int]]:
+        """Token sequences for each way the option can start (bare, or after a space)."""
+        seqs = []
+        for variant in (option, " " + option):
+            toks = self.tok(variant, add_special_tokens=False)["input_ids"]
+            if toks and toks not in seqs:
+                seqs.append(toks)
+        return seqs
+
+    def _batches_for_all_ranks(self, n_items: int, batch_size: int) -> int:
+        n = math.ceil(n_items / batch_size) if n_items else 0
+        if self.sharded:
+            import torch.distributed as dist
+
+            t = torch.tensor([n], dtype=torch.long)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            n = int(t.item())
+        return n
+
+    # ------------------------------------------------------------ group methods
+
+    def _last_logprobs(self, texts: list[str], batch_size: int) -> list[torch.Tensor]:
+        """log-softmax of the next token after each (already rendered) text."""
+        rows: list[torch.Tensor] = []
+        n = self._batches_for_all_ranks(len(texts), batch_size)
+        for b in range(n):
+            chunk = texts[b * batch_size:(b + 1) * batch_size] or [texts[0] if texts else "x"]
+            enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with torch.no_grad():
+                logits = self.model(**enc).logits[:, -1, :].float()
+            if b * batch_size < len(texts):  # an idle batch only keeps ZeRO-3 ranks in step
+                rows.extend(torch.log_softmax(logits, dim=-1).cpu())
+        return rows
+
+    @dispatch(SPLIT)
+    def option_logprobs(self, items: list[tuple[str, list[str]]], batch_size: int = 8) -> list[list[float]]:
+        """For each (prompt, options): log P(answer starts with option | rendered prompt).
+
+        Single-token options cost one forward per batch of prompts. A multi-token option
+        (say "10" as "1","0") is scored as a sequence with extra forwards, and a shorter
+        option that is its prefix ("1") keeps only the mass that does not continue into it.
+        """
+        rendered = [self.render(t) for t, _ in items]
+        first = self._last_logprobs(rendered, batch_size)
+        seqs = [[self._option_tokens(o) for o in options] for _, options in items]
+        # Every extension prefix needed by a multi-token option, scored in one batched pass.
+        ext_keys: list[tuple[int, tuple[int, ...]]] = []
+        for i, per_opt in enumerate(seqs):
+            for variants in per_opt:
+                for toks in variants:
+                    for k in range(1, len(toks)):
+                        key = (i, tuple(toks[:k]))
+                        if key not in ext_keys:
+                            ext_keys.append(key)
+        ext_texts = [rendered[i] + self.tok.decode(list(prefix)) for i, prefix in ext_keys]
+        ext = dict(zip(ext_keys, self._last_logprobs(ext_texts, batch_size))) if ext_keys else {}
+        if self.sharded and not ext_keys:
+            self._last_logprobs([], batch_size)  # match the other ranks' extension pass
+        out = []
+        for i, per_opt in enumerate(seqs):
+            probs = []
+            for variants in per_opt:
+                total = 0.0
+                for toks in variants:
+                    lp = float(first[i][toks[0]])
+                    for k in range(1, len(toks)):
+                        lp += float(ext[(i, tuple(toks[:k]))][toks[k]])
+                    total += math.exp(lp)
+                probs.append(total)
+            flat = [[t for v in variants for t in v[:1]] for variants in per_opt]
+            for a, va in enumerate(per_opt):
+                for b, vb in enumerate(per_opt):
+                    if a != b and all(len(x) == 1 for x in va) and any(len(y) > 1 and y[0] in flat[a] for y in vb):
+                        probs[a] = max(probs[a] - probs[b], probs[a] * 1e-6)
+            out.append([math.log(max(p, 1e-30)) for p in probs])
+        return out
+
+    @dispatch(SPLIT)
+    def generate(self, items: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int = 0, batch_size: int = 8) -> list[str]:
+        """Continue each rendered prompt (rationales for chain-of-thought labeling)."""
+        out: list[str] = []
+        torch.manual_seed(seed + self.rank)
+        n = self._batches_for_all_ranks(len(items), batch_size)
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                                  eos_token_id=self.tok.eos_token_id)
+        kw.update(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else kw.update(do_sample=False)
+        if self.sharded:
+            kw["synced_gpus"] = True  # ranks keep gathering until all have finished
+        for b in range(n):
+            chunk = items[b * batch_size:(b + 1) * batch_size]
+            texts = [self.render(t) for t in chunk] or [self.render("")]
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with torch.no_grad():
+                gen = self.model.generate(**enc, **kw)
+            if chunk:
+                out.extend(self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        return out

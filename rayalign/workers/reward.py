@@ -1,0 +1,128 @@
+"""The reward role: a scalar-head model trained on preferences, then serving scores.
+
+The model is ``AutoModelForSequenceClassification`` with one label, so the saved
+directory is a plain Hugging Face reward model: a causal LM scores at its last non-pad
+token, an encoder (BERT, MiniLM) at its first token. Score statistics for reward
+normalisation are saved beside it (``reward_stats.json``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..algos.preference import bradley_terry_loss, centering_loss, soft_label_loss
+from ..cluster.worker import ALL, SPLIT, dispatch
+from ..config import RMLossConfig
+from ..data import pad_ids
+from .trainable import TrainableWorker
+
+STATS_FILE = "reward_stats.json"
+
+
+class RewardWorker(TrainableWorker):
+    loss_cfg: RMLossConfig = RMLossConfig()
+    stats: dict[str, float] | None = None
+
+    def auto_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"num_labels": 1}
+
+    def prepare_module(self, module):
+        # Last-token pooling finds the response's end through the pad id.
+        module.config.pad_token_id = self.tok.pad_token_id
+        return module
+
+    @dispatch(ALL)
+    def set_loss(self, loss: dict) -> bool:
+        self.loss_cfg = RMLossConfig.model_validate(loss)
+        return True
+
+    def _scores(self, seqs: list[list[int]]) -> torch.Tensor:
+        ids, mask = pad_ids(seqs, self.tok.pad_token_id)
+        return self.engine(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, 0].float()
+
+    def _pair_loss(self, r1, r2, p, margin) -> torch.Tensor:
+        """Summed (not mean) loss over the micro-batch's pairs."""
+        n = r1.shape[0]
+        lc = self.loss_cfg
+        if lc.type == "bradley_terry":
+            # Hard labels: the preferred response by p, ties count both ways.
+            w = torch.where(p >= 0.5, r1, r2)
+            l_ = torch.where(p >= 0.5, r2, r1)
+            loss = bradley_terry_loss(w, l_, margin if lc.use_margin else 0.0) * n
+        else:
+            loss = soft_label_loss(r1, r2, p) * n
+        if lc.centering > 0:
+            loss = loss + centering_loss(r1, r2, lc.centering) * n
+        return loss
+
+    @dispatch(SPLIT)
+    def train_step(self, pairs: list[dict], global_pairs: int) -> dict[str, list]:
+        """One optimizer step; the loss is the mean over the global batch's pairs."""
+        t0 = time.time()
+        ga = self.engine.gradient_accumulation_steps()
+        mb = self.train_cfg.micro_batch_size
+        scale = self.world_size * ga / max(1, global_pairs)
+        loss_sum, correct, counted = 0.0, 0, 0
+        for i in range(0, len(pairs), mb):
+            chunk = pairs[i:i + mb]
+            r = self._scores([c["ids_1"] for c in chunk] + [c["ids_2"] for c in chunk])
+            r1, r2 = r[:len(chunk)], r[len(chunk):]
+            p = torch.tensor([c["p"] for c in chunk], dtype=torch.float32, device=r.device)
+            margin = torch.tensor([c.get("margin", 0.0) for c in chunk], dtype=torch.float32, device=r.device)
+            loss = self._pair_loss(r1, r2, p, margin)
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            loss_sum += float(loss.detach())
+            decided = p != 0.5
+            correct += int(((r1 > r2) == (p > 0.5))[decided].sum())
+            counted += int(decided.sum())
+        return {"loss_sum": [loss_sum], "pairs": [len(pairs)], "correct": [correct], "counted": [counted],
+                "lr": [self.engine.get_lr()[0]], "time_s": [time.time() - t0],
+                "grad_norm": [float(self.engine.get_global_grad_norm() or 0.0)]}
+
+    @dispatch(SPLIT)
+    def score_pairs(self, pairs: list[dict]) -> dict[str, list]:
+        """Raw scores of both responses of each pair (evaluation)."""
+        self.engine.eval()
+        r1s, r2s = [], []
+        mb = max(1, self.train_cfg.micro_batch_size)
+        with torch.no_grad():
+            for i in range(0, len(pairs), mb):
+                chunk = pairs[i:i + mb]
+                r = self._scores([c["ids_1"] for c in chunk] + [c["ids_2"] for c in chunk]).cpu()
+                r1s += r[:len(chunk)].tolist()
+                r2s += r[len(chunk):].tolist()
+        self.engine.train()
+        return {"r1": r1s, "r2": r2s}
+
+    @dispatch(SPLIT)
+    def score(self, seqs: list[list[int]], normalize: bool = True, batch_size: int = 8) -> list[float]:
+        """Scores for encoded (prompt, response) sequences; normalised with the saved
+        mean/std when available."""
+        self.engine.eval()
+        out: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(seqs), batch_size):
+                out += self._scores(seqs[i:i + batch_size]).cpu().tolist()
+        self.engine.train()
+        if normalize and self.stats:
+            out = [(x - self.stats["mean"]) / max(self.stats["std"], 1e-6) for x in out]
+        return out
+
+    @dispatch(ALL)
+    def set_stats(self, mean: float, std: float) -> bool:
+        self.stats = {"mean": float(mean), "std": float(std)}
+        return True
+
+    def after_export(self, out: Path) -> None:
+        if self.stats:
+            (Path(out) / STATS_FILE).write_text(json.dumps(self.stats))

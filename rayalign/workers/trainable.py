@@ -1,0 +1,176 @@
+"""The base of every role that trains: a Hugging Face model inside a DeepSpeed engine.
+
+Loading (under ``zero.Init`` for ZeRO-3), resuming, checkpoints, HF export and memory
+reports live here once; a role adds its model class and its loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cluster import engine as eng
+from ..cluster.worker import ALL, EACH, Worker, dispatch, live_tensor_bytes
+from ..config import ModelConfig, TrainConfig, ZeroConfig
+from ..data import collate
+
+
+class TrainableWorker(Worker):
+    engine = None
+    tok = None
+
+    def auto_class(self):
+        """The transformers Auto class this role's model is built with."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def prepare_module(self, module):
+        """A role's last touches on the freshly loaded model (before the engine wraps it)."""
+        return module
+
+    # ------------------------------------------------------------ set-up
+
+    @dispatch(ALL)
+    def init_model(self, model: dict, zero: dict, train: dict, total_steps: int,
+                   resume_from: str | None = None) -> dict[str, Any]:
+        """Resolve the model on this rank's node, load its weights (the checkpoint's when
+        resuming) and build the engine."""
+        from ..models import load_tokenizer, resolve
+
+        t0 = time.time()
+        self.model_cfg = ModelConfig.model_validate(model)
+        model_dir = resolve(self.model_cfg.name, self.model_cfg.seed, self.model_cfg.overrides,
+                            say=lambda s: None)
+        self.zero = ZeroConfig.model_validate(zero)
+        self.train_cfg = TrainConfig.model_validate(train)
+        torch.manual_seed(self.train_cfg.seed + self.rank)
+        self.tok = load_tokenizer(model_dir)
+        src = Path(resume_from) / "model" if resume_from else Path(model_dir)
+        module = self.prepare_module(self._load_module(src))
+        if self.model_cfg.gradient_checkpointing:
+            module.gradient_checkpointing_enable()
+        module.config.use_cache = False
+        self.engine = eng.build_engine(module, self.zero, self.train_cfg, self.world_size,
+                                       total_steps, self.model_cfg.dtype)
+        self.engine.train()  # dropout decisions stay with the model config
+        step = 0
+        if resume_from:
+            from safetensors.torch import load_file
+
+            from ..checkpoint import read_state
+
+            state = read_state(resume_from)
+            step = int(state["optimizer_step"])
+            eng.load_moments(self.engine, load_file(str(Path(resume_from) / "optimizer.safetensors")), step)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(step):
+                    self.engine.lr_scheduler.step()
+            self.engine.global_steps = step
+        return {"load_s": time.time() - t0, "step": step,
+                "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())}
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def _load_module(self, path: Path):
+        auto = self.auto_class()
+        dtype = getattr(torch, self.model_cfg.dtype)
+        if self.zero.stage == 3:
+            # Build under zero.Init so no rank ever holds the full model; the HF
+            # DeepSpeed config must stay alive while building (see DESIGN.md).
+            import deepspeed
+            from transformers.integrations import HfDeepSpeedConfig
+
+            from transformers import AutoConfig
+
+            hidden = eng.hidden_size_of(AutoConfig.from_pretrained(str(path), local_files_only=True))
+            cfg = eng.ds_config(self.zero, self.train_cfg.micro_batch_size, 1, self.world_size,
+                                self.train_cfg.grad_clip, self.model_cfg.dtype,
+                                self.device.type == "cuda", hidden)
+            hf_ds = HfDeepSpeedConfig(cfg)  # transformers holds it by weakref: zero.Init is on while it lives
+            module = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True, **self.load_kwargs())
+            # Off again, or rank 0's later from_config (export) would start a collective alone.
+            del hf_ds, deepspeed
+        else:
+            module = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True, **self.load_kwargs())
+        return module.to(self.device) if self.device.type == "cuda" else module
+
+    def _micro_batches(self, examples: list[dict]):
+        mb = self.train_cfg.micro_batch_size
+        for i in range(0, len(examples), mb):
+            batch = collate(examples[i:i + mb], self.tok.pad_token_id)
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    @contextlib.contextmanager
+    def _full_params(self):
+        if self.zero.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+                yield
+        else:
+            yield
+
+    # ------------------------------------------------------------ state
+
+    @dispatch(ALL)
+    def save_checkpoint(self, root: str, step: int, trainer_state: dict, keep: int = 2) -> str | None:
+        """Collective: every rank gathers; rank 0 writes. Returns the checkpoint path."""
+        from safetensors.torch import save_file
+
+        from .. import checkpoint
+
+        weights, moments = eng.full_state(self.engine, with_optimizer=True)
+        opt_step = eng.optimizer_step_count(self.engine)
+        if self.rank != 0:
+            return None
+
+        def fill(tmp: Path) -> dict:
+            self._write_hf(tmp / "model", weights)
+            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
+            return {"optimizer_step": opt_step, "world_size": self.world_size,
+                    "zero_stage": self.zero.stage, "trainer": trainer_state}
+
+        return str(checkpoint.write(root, step, fill, keep=keep))
+
+    @dispatch(ALL)
+    def export_hf(self, path: str) -> str | None:
+        weights, _ = eng.full_state(self.engine, with_optimizer=False)
+        if self.rank == 0:
+            self._write_hf(Path(path), weights)
+            return path
+        return None
+
+    def _write_hf(self, out: Path, weights: dict[str, torch.Tensor]) -> None:
+        config = self.engine.module.config
+        config.use_cache = True
+        fresh = self.auto_class().from_config(config, dtype=torch.float32)
+        missing, unexpected = fresh.load_state_dict(weights, strict=False)
+        tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"export mismatch: missing={missing} unexpected={unexpected}")
+        fresh.tie_weights()
+        fresh.to(getattr(torch, self.model_cfg.dtype)).save_pretrained(out, safe_serialization=True)
+        gen = getattr(self.engine.module, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(out)
+        self.tok.padding_side = "right"
+        self.tok.save_pretrained(out)
+        config.use_cache = False
+        self.after_export(out)
+
+    def after_export(self, out: Path) -> None:
+        """Role-specific files beside the exported model."""
+
+    @dispatch(EACH)
+    def memory(self) -> dict[str, int]:
+        """Per-rank bytes: the engine's own tensors and every live tensor in the process."""
+        rep = eng.memory_report(self.engine)
+        rep["live_tensors"] = live_tensor_bytes()
+        return rep

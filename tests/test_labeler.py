@@ -1,0 +1,131 @@
+"""The labeler with function backends: position bias, swapping, modes, batching."""
+import re
+
+import pytest
+
+from rayalign.labeler import FunctionBackend, Labeler, PRESETS, report
+from rayalign.labeler.backends import LabelerError
+
+T = PRESETS["helpfulness"]
+
+
+def content_quality(text: str) -> float:
+    """The 'true' quality of a response in these tests: how many times it says 'good'."""
+    return text.count("good")
+
+
+def slot_responses(prompt: str) -> tuple[str, str]:
+    m = re.search(r"Response 1: (.*)\nResponse 2: (.*)\n", prompt)
+    return m.group(1), m.group(2)
+
+
+def biased_judge(bias: float, weight: float = 1.0):
+    """Prefers slot 1 by `bias` nats, plus `weight` x the quality difference."""
+    def fn(prompt, options):
+        if options == ["1", "2"]:
+            a, b = slot_responses(prompt)
+            return [bias + weight * (content_quality(a) - content_quality(b)), 0.0]
+        if options == ["Yes", "No"]:
+            resp = re.search(r"Response: (.*)\n", prompt).group(1)
+            return [weight * content_quality(resp) - 1.0, 0.0]
+        return [-abs(int(o) - 7) * 1.0 for o in options]  # scores peak at 7
+    return fn
+
+
+PAIRS = [{"context": f"q{i}", "response_1": "good " * (i % 3) + f"r{i}a",
+          "response_2": "good " * ((i + 1) % 3) + f"r{i}b"} for i in range(30)]
+IDENTICAL = [{"context": f"q{i}", "response_1": f"same {i}", "response_2": f"same {i}"} for i in range(10)]
+
+
+def truth(p):
+    qa, qb = content_quality(p["response_1"]), content_quality(p["response_2"])
+    return 1 if qa > qb else 2
+
+
+def test_swap_average_is_symmetric():
+    lab = Labeler(FunctionBackend(biased_judge(0.7, 0.9)), T, mode="pairwise", swap=True)
+    fwd = lab.label(PAIRS)
+    rev = lab.label([{"context": p["context"], "response_1": p["response_2"], "response_2": p["response_1"]}
+                     for p in PAIRS])
+    for a, b in zip(fwd, rev):
+        assert a["p"] + b["p"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_strong_slot_bias_is_measured_and_neutralised():
+    judge = biased_judge(bias=4.0, weight=1.0)  # the bias outweighs any content difference here
+    no_swap = Labeler(FunctionBackend(judge), T, mode="pairwise", swap=False)
+    swap = Labeler(FunctionBackend(judge), T, mode="pairwise", swap=True)
+    gold = [truth(p) for p in PAIRS]
+
+    r0 = report(no_swap.label(PAIRS), gold)
+    assert r0["slot1_rate_first_order"] == 1.0  # always slot 1 without swapping
+    assert r0["label_distribution"]["prefers_1"] == 1.0
+
+    recs = swap.label(PAIRS)
+    r1 = report(recs, gold)
+    assert r1["position_bias_rate"] == 1.0  # the swap exposes the bias: same slot in both orders
+    assert r1["agreement"] == 1.0  # ... and cancels it: decisions follow content
+    assert r0["agreement"] < 0.7
+
+    # Content-identical pairs: biased without swapping, exactly neutral with it.
+    ident0 = no_swap.label(IDENTICAL)
+    ident1 = swap.label(IDENTICAL)
+    assert all(r["p"] > 0.95 for r in ident0)
+    assert all(r["p"] == pytest.approx(0.5) and r["label"] == 0 for r in ident1)
+
+
+def test_pointwise_mode_judges_each_response_once():
+    calls = []
+
+    def fn(prompt, options):
+        calls.append(prompt)
+        return biased_judge(0.0)(prompt, options)
+
+    lab = Labeler(FunctionBackend(fn), T, mode="pointwise")
+    pairs = PAIRS[:6] + PAIRS[:6]  # repeated pairs: no new judgements
+    recs = lab.label(pairs)
+    assert len(calls) == 12
+    assert all(r["p"] > 0.5 for r, p in zip(recs, pairs) if truth(p) == 1)
+    assert report(recs, [truth(p) for p in pairs])["agreement"] == 1.0
+    assert "position_bias_rate" not in report(recs)
+
+
+def test_score_mode_and_rewards():
+    lab = Labeler(FunctionBackend(biased_judge(0.0)), T, mode="score")
+    s = lab.scores([("q", "a")])[0]
+    assert 6.5 < s < 7.5  # peaked at 7
+    r = lab.rewards([("q", "a")])[0]
+    assert -1 <= r <= 1 and r == pytest.approx((s - 5.5) / 4.5)
+
+
+def test_chain_of_thought_and_self_consistency():
+    seen = []
+
+    def gen(prompt):
+        seen.append(prompt)
+        return "Response 2 says good more often."
+
+    def fn(prompt, options):
+        assert "Rationale: Response 2 says good more often." in prompt
+        return [0.0, 1.0]
+
+    lab = Labeler(FunctionBackend(fn, gen), T, mode="pairwise", cot=True, self_consistency=3)
+    recs = lab.label(PAIRS[:2])
+    assert len(seen) == 2 * 2 * 3  # pairs x orders x samples
+    assert all("Rationale:" in p for p in seen)
+    assert len(recs[0]["rationale"]) == 6
+    assert recs[0]["labeler"] == "pairwise+swap+cot3:helpfulness@1"
+    with pytest.raises(ValueError, match="needs cot"):
+        Labeler(FunctionBackend(fn), T, mode="pairwise", self_consistency=2)
+    with pytest.raises(LabelerError, match="no generate function"):
+        Labeler(FunctionBackend(fn), T, mode="pairwise", cot=True).label(PAIRS[:1])
+
+
+def test_function_backend_errors():
+    with pytest.raises(LabelerError, match="module:function"):
+        FunctionBackend("nocolon")
+    with pytest.raises(LabelerError, match="cannot import"):
+        FunctionBackend("no_such_module_xyz:f")
+    bad = FunctionBackend(lambda p, o: [0.0])
+    with pytest.raises(LabelerError, match="returned 1 scores for 2 options"):
+        Labeler(bad, T, mode="pairwise").label(PAIRS[:1])

@@ -1,0 +1,52 @@
+"""Preference math against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from rayalign.algos import preference as pr
+
+
+def test_two_way_softmax_and_swap_average():
+    assert pr.two_way_softmax(math.log(3), 0.0) == pytest.approx(0.75)
+    # y1 in slot 1 wins with 0.8; shown second, slot 1 (now y2) wins with 0.4 -> y1 with 0.6
+    assert pr.swap_average(0.8, 0.4) == pytest.approx(0.5 * (0.8 + 0.6))
+    # Swapping the inputs swaps the two orders: the result is the complement, exactly.
+    for a, b in [(0.9, 0.7), (0.13, 0.61), (0.5, 0.5), (1.0, 0.0)]:
+        assert pr.swap_average(a, b) + pr.swap_average(b, a) == pytest.approx(1.0, abs=1e-15)
+    assert pr.same_slot(0.9, 0.8) and pr.same_slot(0.2, 0.3) and not pr.same_slot(0.9, 0.2)
+
+
+def test_direct_score_reward():
+    # P uniform over 1..10 -> expected 5.5 -> reward 0
+    assert pr.expected_score([0.0] * 10, list(range(1, 11))) == pytest.approx(5.5)
+    assert pr.d_rlaif_reward(5.5) == 0 and pr.d_rlaif_reward(10) == 1 and pr.d_rlaif_reward(1) == -1
+    # all mass on 8 -> (8 - 5.5) / 4.5
+    lp = [-50.0] * 10
+    lp[7] = 0.0
+    assert pr.d_rlaif_reward(pr.expected_score(lp, list(range(1, 11)))) == pytest.approx(2.5 / 4.5, abs=1e-6)
+    grid = [pr.d_rlaif_reward(s / 10) for s in range(10, 101)]
+    assert all(-1 <= g <= 1 for g in grid) and grid == sorted(grid)  # bounded and monotonic
+
+
+def test_pointwise_bradley_terry():
+    assert pr.pointwise_preference(0.5, 0.5) == pytest.approx(0.5)
+    # logit(0.8) - logit(0.5) = log 4 -> sigma = 0.8
+    assert pr.pointwise_preference(0.8, 0.5) == pytest.approx(0.8)
+    assert pr.pointwise_preference(0.8, 0.2) == pytest.approx(16 / 17)
+
+
+def test_reward_losses_by_hand():
+    rw, rl = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    expect = -(math.log(1 / (1 + math.exp(-2))) + math.log(1 / (1 + math.exp(1)))) / 2
+    assert pr.bradley_terry_loss(rw, rl).item() == pytest.approx(expect, rel=1e-6)
+    m = -(math.log(1 / (1 + math.exp(-1))) + math.log(1 / (1 + math.exp(2)))) / 2
+    assert pr.bradley_terry_loss(rw, rl, margin=1.0).item() == pytest.approx(m, rel=1e-6)
+    # soft labels equal BT at p in {0, 1}
+    assert pr.soft_label_loss(rw, rl, torch.ones(2)).item() == pytest.approx(expect, rel=1e-6)
+    assert pr.soft_label_loss(rl, rw, torch.zeros(2)).item() == pytest.approx(expect, rel=1e-6)
+    # p = 1/2 on equal scores: log 2
+    assert pr.soft_label_loss(torch.zeros(1), torch.zeros(1), torch.tensor([0.5])).item() == pytest.approx(math.log(2))
+    assert pr.centering_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]), 0.01).item() == pytest.approx(0.01 * (4 + 4) / 2)
+    assert pr.pairwise_accuracy(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 0.0]),
+                                torch.tensor([1.0, 1.0, 0.5])) == 0.5
