@@ -17,12 +17,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
 
+def _run_dir(args) -> Path | None:
+    where = args.resume or args.run_dir
+    return Path(where) if where else None
+
+
 def cmd_sft(args) -> int:
     from .pipelines.sft import run_sft
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else None
-    summary = run_sft(cfg, run_dir=run_dir, resume=bool(args.resume))
+    summary = run_sft(cfg, run_dir=_run_dir(args), resume=bool(args.resume))
     _print_summary(summary)
     return 0
 
@@ -49,15 +53,9 @@ def cmd_run(args) -> int:
 
 def cmd_label(args) -> int:
     from .pipelines.label import run_label
-    from .tracking import new_run_dir
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.label is None:
-        raise ConfigError(f"{args.config} has no `label` section")
-    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else new_run_dir(cfg, "label")
-    rep = run_label(cfg, run_dir, resume=bool(args.resume))
-    _print_summary(dict(rep))
-    print(f"run directory: {run_dir}")
+    _print_summary(dict(run_label(cfg, _run_dir(args), resume=bool(args.resume))))
     return 0
 
 
@@ -65,8 +63,7 @@ def cmd_rm(args) -> int:
     from .pipelines.rm import run_rm
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else None
-    _print_summary(run_rm(cfg, run_dir=run_dir, resume=bool(args.resume)))
+    _print_summary(run_rm(cfg, run_dir=_run_dir(args), resume=bool(args.resume)))
     return 0
 
 

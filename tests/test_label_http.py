@@ -38,8 +38,9 @@ class Handler(BaseHTTPRequestHandler):
         else:
             # A judge that says Yes when the response mentions 'good', and prefers slot 1.
             prompt = body["prompt"]
-            good = "good" in prompt.split("Response:")[-1] if "Response:" in prompt else False
-            top = {"Yes": math.log(0.8 if good else 0.3), "No": math.log(0.2 if good else 0.7),
+            good = "good" in prompt.split("Reply:")[-1] if "Reply:" in prompt else False
+            # Asked whether the reply is bad: "No" for good replies.
+            top = {"No": math.log(0.8 if good else 0.3), "Yes": math.log(0.2 if good else 0.7),
                    "1": math.log(0.6), "2": math.log(0.4)}
             payload = {"choices": [{"text": "Yes", "logprobs": {"top_logprobs": [top]}}]}
         data = json.dumps(payload).encode()
@@ -69,7 +70,7 @@ def test_http_pointwise_and_pairwise(server, monkeypatch):
     be = HTTPBackend(server, "judge", api_key_env="JUDGE_KEY", timeout_s=5, retries=0)
     lab = Labeler(be, PRESETS["helpfulness"], mode="pointwise")
     recs = lab.label([{"context": "q", "response_1": "a good answer", "response_2": "bad"}])
-    assert recs[0]["p_yes_1"] == pytest.approx(0.8) and recs[0]["p_yes_2"] == pytest.approx(0.3)
+    assert recs[0]["p_good_1"] == pytest.approx(0.8) and recs[0]["p_good_2"] == pytest.approx(0.3)
     assert recs[0]["label"] == 1
     assert STATE["auth"][0] == "Bearer sekrit"
     pw = Labeler(be, PRESETS["helpfulness"], mode="pairwise").label(

@@ -25,8 +25,8 @@ def biased_judge(bias: float, weight: float = 1.0):
         if options == ["1", "2"]:
             a, b = slot_responses(prompt)
             return [bias + weight * (content_quality(a) - content_quality(b)), 0.0]
-        if options == ["Yes", "No"]:
-            resp = re.search(r"Response: (.*)\n", prompt).group(1)
+        if options == ["No", "Yes"]:  # "is the reply bad?" -- No is the good answer
+            resp = re.search(r"Reply: (.*)\n", prompt).group(1)
             return [weight * content_quality(resp) - 1.0, 0.0]
         return [-abs(int(o) - 7) * 1.0 for o in options]  # scores peak at 7
     return fn

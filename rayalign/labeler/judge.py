@@ -3,7 +3,7 @@
 Modes
 * ``pairwise`` — one prompt shows both responses; P from the log-probs of "1" and "2";
   position-swap averaging (default on), chain of thought, self-consistency.
-* ``pointwise`` — one response at a time: P(Yes) to "helpful, honest and harmless?";
+* ``pointwise`` — one response at a time: P(acceptable) from a Yes/No question;
   a pair becomes a preference by Bradley–Terry on the two judgements. Each distinct
   (context, response) is judged once.
 * ``score`` — direct 1–10 rating (d-RLAIF): expected score → reward in [−1, 1].
@@ -43,14 +43,18 @@ class Labeler:
 
     # ------------------------------------------------------------ pointwise
 
-    def p_yes(self, items: list[tuple[str, str]]) -> list[float]:
-        """P(Yes) for each (context, response); repeated items are judged once."""
+    def p_good(self, items: list[tuple[str, str]]) -> list[float]:
+        """P(the judge finds the response acceptable) for each (context, response): the
+        probability of the template's ``pointwise_good`` answer against the other one.
+        Repeated items are judged once."""
         todo = list(dict.fromkeys(k for k in items if k not in self._yes_cache))
         if todo:
+            good = self.template.pointwise_good
+            bad = "No" if good == "Yes" else "Yes"
             lps = self.backend.option_logprobs(
-                [(self.template.pointwise_text(c, r), ["Yes", "No"]) for c, r in todo])
-            for key, (ly, ln) in zip(todo, lps):
-                self._yes_cache[key] = two_way_softmax(ly, ln)
+                [(self.template.pointwise_text(c, r), [good, bad]) for c, r in todo])
+            for key, (lg, lb) in zip(todo, lps):
+                self._yes_cache[key] = two_way_softmax(lg, lb)
         return [self._yes_cache[k] for k in items]
 
     # ------------------------------------------------------------ direct score
@@ -66,9 +70,9 @@ class Labeler:
         return [self._score_cache[k] for k in items]
 
     def rewards(self, items: list[tuple[str, str]]) -> list[float]:
-        """A reward per response: d-RLAIF score in [−1, 1], or P(Yes) − ½ in pointwise mode."""
+        """A reward per response: d-RLAIF score in [−1, 1], or P(acceptable) − ½ in pointwise mode."""
         if self.mode == "pointwise":
-            return [p - 0.5 for p in self.p_yes(items)]
+            return [p - 0.5 for p in self.p_good(items)]
         return [d_rlaif_reward(s) for s in self.scores(items)]
 
     # ------------------------------------------------------------ pairwise
@@ -104,10 +108,10 @@ class Labeler:
         r2 = [p["response_2"] for p in pairs]
         out: list[dict[str, Any]] = []
         if self.mode == "pointwise":
-            y = self.p_yes(list(zip(ctx, r1)) + list(zip(ctx, r2)))
+            y = self.p_good(list(zip(ctx, r1)) + list(zip(ctx, r2)))
             n = len(pairs)
             for i in range(n):
-                out.append({"p_yes_1": y[i], "p_yes_2": y[n + i], "p": pointwise_preference(y[i], y[n + i])})
+                out.append({"p_good_1": y[i], "p_good_2": y[n + i], "p": pointwise_preference(y[i], y[n + i])})
         elif self.mode == "score":
             s = self.scores(list(zip(ctx, r1)) + list(zip(ctx, r2)))
             n = len(pairs)

@@ -3,39 +3,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from .. import data
-from ..cluster import placement, ray_session
+from ..cluster import ray_session
 from ..cluster.group import ActorGroup
-from ..config import Config, ConfigError, GroupConfig, ModelConfig, dump_config
+from ..config import Config, ConfigError, GroupConfig, ModelConfig
 from ..labeler import FunctionBackend, GroupBackend, HTTPBackend, Labeler, gold_of, report
 from ..labeler.templates import resolve_template
 from ..tracking import Progress, write_summary
 from ..workers.labeler import LabelerWorker
-
-
-def say(msg: str) -> None:
-    print(f"[rayalign] {msg}", file=sys.stderr, flush=True)
+from .common import prepare_run_dir, role_group, say
 
 
 @contextlib.contextmanager
 def lm_group(role: str, model: ModelConfig, group: GroupConfig, chat: bool = True) -> Iterator[ActorGroup]:
     """A LabelerWorker group (scoring / sampling) for the duration of the block."""
-    pools = placement.place({role: group})
-    grp = None
-    try:
-        grp = ActorGroup(role, LabelerWorker, group, pools)
+    with role_group(role, LabelerWorker, group) as grp:
         info = grp.init_model(model.model_dump(), group.zero.model_dump(), chat)
         say(f"{role} ready: {model.name}, {info['params'] / 1e6:.1f}M parameters, {group.workers} worker(s)")
         yield grp
-    finally:
-        if grp is not None:
-            grp.kill()
-        placement.release(pools.values())
 
 
 @contextlib.contextmanager
@@ -101,13 +90,10 @@ def read_done(path: Path) -> dict[int, dict]:
     return done
 
 
-def run_label(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+def run_label(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     if cfg.label is None:
         raise ConfigError("this config has no `label` section")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ("config.resumed.yaml" if resume and (run_dir / "config.yaml").exists() else "config.yaml")
-     ).write_text(dump_config(cfg))
+    run_dir = prepare_run_dir(cfg, run_dir, "label", resume)
     out_path = run_dir / "labels.jsonl"
     samples_path = run_dir / "samples.jsonl"
     t0 = time.time()
@@ -147,6 +133,7 @@ def run_label(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any
     rep = report(records, [p.get("gold") for p in pairs])
     rep["wall_time_s"] = time.time() - t0
     rep["labels"] = str(out_path)
+    rep["run_dir"] = str(run_dir)
     (run_dir / "label_report.json").write_text(json.dumps(rep, indent=1))
     write_summary(run_dir, {"label": rep}, cfg.name)
     return rep

@@ -3,24 +3,19 @@ from __future__ import annotations
 
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint, data, models
-from ..cluster import placement, ray_session
-from ..cluster.group import ActorGroup
-from ..config import Config, ConfigError, ModelConfig, dump_config
-from ..tracking import Progress, Tracker, new_run_dir, plot_metrics, write_summary
+from .. import data, models
+from ..cluster import ray_session
+from ..config import Config, ConfigError, ModelConfig
+from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.reward import RewardWorker
+from .common import plan_steps, prepare_run_dir, resume_point, role_group, say
 from .sft import batch_for_step
 
 DEFAULT_RM = ModelConfig(name="all-minilm-l6-v2")
-
-
-def say(msg: str) -> None:
-    print(f"[rayalign] {msg}", file=sys.stderr, flush=True)
 
 
 def rm_model(cfg: Config) -> ModelConfig:
@@ -66,83 +61,64 @@ def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> di
         raise ConfigError("this config has no `rm` section")
     rm, mcfg = cfg.rm, rm_model(cfg)
     g, t = rm.group, rm.train
-    if t.batch_size % (g.workers * t.micro_batch_size):
-        raise ConfigError(f"rm.train.batch_size ({t.batch_size}) must be a multiple of rm.group.workers x "
-                          f"rm.train.micro_batch_size ({g.workers} x {t.micro_batch_size})")
-    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg, "rm")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ("config.resumed.yaml" if resume and (run_dir / "config.yaml").exists() else "config.yaml")
-     ).write_text(dump_config(cfg))
+    plan_steps("rm", t.batch_size, g, t)
+    run_dir = prepare_run_dir(cfg, run_dir, "rm", resume)
     ckpt_root = run_dir / "checkpoints" / "rm"
-    resume_from = checkpoint.latest(ckpt_root) if resume else None
-    start = checkpoint.read_state(resume_from)["trainer"]["step"] if resume_from else 0
+    resume_from, start = resume_point(ckpt_root, resume)
 
     train, evals = encode_pairs(cfg)
-    per_epoch = len(train) // t.batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"rm.train.batch_size ({t.batch_size}) exceeds the {len(train)} training pairs")
-    total = per_epoch * t.epochs
-    if t.max_steps:
-        total = min(total, t.max_steps)
+    total = plan_steps("rm", len(train), g, t)
     say(f"reward model {mcfg.name}: {len(train)} train / {len(evals)} eval pairs, {total} steps, "
         f"{g.workers} worker(s), ZeRO-{g.zero.stage}, loss {rm.loss.type}")
     tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-rm")
     t0 = time.time()
     summary: dict[str, Any] = {}
-    with ray_session(cfg.cluster):
-        pools = placement.place({"reward": g})
-        group = None
-        try:
-            group = ActorGroup("reward", RewardWorker, g, pools)
-            group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
-                             str(resume_from) if resume_from else None)
-            group.set_loss(rm.loss.model_dump())
-            ev0 = evaluate(group, evals) if start == 0 else {}
-            if ev0:
-                tracker.log("rm_eval", 0, ev0)
-            bar = Progress(total, "rm", initial=start)
-            losses = []
-            for step in range(start, total):
-                batch = batch_for_step(train, step, t.batch_size, t.seed)
-                r = group.train_step(batch, len(batch))
-                loss = sum(r["loss_sum"]) / sum(r["pairs"])
-                acc = sum(r["correct"]) / max(1, sum(r["counted"]))
-                losses.append(loss)
-                done = step + 1
-                tracker.log("rm", done, {"loss": loss, "train_accuracy": acc, "lr": r["lr"][0],
-                                         "grad_norm": r["grad_norm"][0], "step_time_s": max(r["time_s"])})
-                bar.update(1, loss=loss, acc=acc)
-                if t.eval_every and done % t.eval_every == 0 and done < total:
-                    ev = evaluate(group, evals)
-                    if ev:
-                        tracker.log("rm_eval", done, ev)
-                if t.save_every and done % t.save_every == 0 and done < total:
-                    group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
-            bar.close()
-            ev1 = evaluate(group, evals)
-            if ev1:
-                tracker.log("rm_eval", total, ev1)
-            # Normalisation statistics for PPO: scores of the training responses.
-            probe = train[: min(len(train), 256)]
-            sc = group.score_pairs(probe)
-            scores = sc["r1"] + sc["r2"]
-            mean, std = statistics.fmean(scores), statistics.pstdev(scores) or 1.0
-            group.set_stats(mean, std)
-            ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
-            final = run_dir / "final" / "rm"
-            group.export_hf(str(final))
-            summary = {
-                "stage": "rm", "model": mcfg.name, "workers": g.workers, "zero_stage": g.zero.stage,
-                "loss_type": rm.loss.type, "steps": total, "train_pairs": len(train), "eval_pairs": len(evals),
-                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                "eval_accuracy_before": ev0.get("eval_accuracy"), "eval_accuracy": ev1.get("eval_accuracy"),
-                "score_mean": mean, "score_std": std, "wall_time_s": time.time() - t0,
-                "checkpoint": ck, "final_model": str(final),
-            }
-        finally:
-            if group is not None:
-                group.kill()
-            placement.release(pools.values())
+    with ray_session(cfg.cluster), role_group("reward", RewardWorker, g) as group:
+        group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
+                         str(resume_from) if resume_from else None)
+        group.set_loss(rm.loss.model_dump())
+        ev0 = evaluate(group, evals) if start == 0 else {}
+        if ev0:
+            tracker.log("rm_eval", 0, ev0)
+        bar = Progress(total, "rm", initial=start)
+        losses = []
+        for step in range(start, total):
+            batch = batch_for_step(train, step, t.batch_size, t.seed)
+            r = group.train_step(batch, len(batch))
+            loss = sum(r["loss_sum"]) / sum(r["pairs"])
+            acc = sum(r["correct"]) / max(1, sum(r["counted"]))
+            losses.append(loss)
+            done = step + 1
+            tracker.log("rm", done, {"loss": loss, "train_accuracy": acc, "lr": r["lr"][0],
+                                     "grad_norm": r["grad_norm"][0], "step_time_s": max(r["time_s"])})
+            bar.update(1, loss=loss, acc=acc)
+            if t.eval_every and done % t.eval_every == 0 and done < total:
+                ev = evaluate(group, evals)
+                if ev:
+                    tracker.log("rm_eval", done, ev)
+            if t.save_every and done % t.save_every == 0 and done < total:
+                group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
+        bar.close()
+        ev1 = evaluate(group, evals)
+        if ev1:
+            tracker.log("rm_eval", total, ev1)
+        # Normalisation statistics for PPO: scores of the training responses.
+        probe = train[: min(len(train), 256)]
+        sc = group.score_pairs(probe)
+        scores = sc["r1"] + sc["r2"]
+        mean, std = statistics.fmean(scores), statistics.pstdev(scores) or 1.0
+        group.set_stats(mean, std)
+        ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
+        final = run_dir / "final" / "rm"
+        group.export_hf(str(final))
+        summary = {
+            "stage": "rm", "model": mcfg.name, "workers": g.workers, "zero_stage": g.zero.stage,
+            "loss_type": rm.loss.type, "steps": total, "train_pairs": len(train), "eval_pairs": len(evals),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "eval_accuracy_before": ev0.get("eval_accuracy"), "eval_accuracy": ev1.get("eval_accuracy"),
+            "score_mean": mean, "score_std": std, "wall_time_s": time.time() - t0,
+            "checkpoint": ck, "final_model": str(final),
+        }
     tracker.close()
     plot_metrics(run_dir, "rm", [["loss"], ["train_accuracy"], ["lr"]], title=f"{cfg.name}: reward model")
     plot_metrics(run_dir, "rm_eval", [["eval_accuracy"], ["eval_margin"]], title=f"{cfg.name}: RM eval")

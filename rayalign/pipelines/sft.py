@@ -2,21 +2,16 @@
 from __future__ import annotations
 
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint, data, models
-from ..cluster import placement, ray_session
-from ..cluster.group import ActorGroup
-from ..config import Config, ConfigError, dump_config
-from ..tracking import Progress, Tracker, new_run_dir, plot_metrics, write_summary
+from .. import data, models
+from ..cluster import ray_session
+from ..config import Config, ConfigError
+from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
-
-
-def say(msg: str) -> None:
-    print(f"[rayalign] {msg}", file=sys.stderr, flush=True)
+from .common import plan_steps, prepare_run_dir, resume_point, role_group, say
 
 
 def prepare_examples(cfg: Config) -> tuple[list[dict], list[dict], list[str]]:
@@ -62,94 +57,72 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         raise ConfigError("this config has no `sft` section")
     s, mcfg = cfg.sft, cfg.sft_model()
     g, t = s.group, s.train
-    if t.batch_size % (g.workers * t.micro_batch_size):
-        raise ConfigError(
-            f"sft.train.batch_size ({t.batch_size}) must be a multiple of sft.group.workers x "
-            f"sft.train.micro_batch_size ({g.workers} x {t.micro_batch_size})")
-    if run_dir is None:
-        run_dir = new_run_dir(cfg, "sft")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_name = "config.resumed.yaml" if (resume and (run_dir / "config.yaml").exists()) else "config.yaml"
-    (run_dir / cfg_name).write_text(dump_config(cfg))
+    plan_steps("sft", t.batch_size, g, t)  # the batch layout is checked before anything loads
+    run_dir = prepare_run_dir(cfg, run_dir, "sft", resume)
     ckpt_root = run_dir / "checkpoints" / "sft"
-    resume_from = checkpoint.latest(ckpt_root) if resume else None
-    start_step = checkpoint.read_state(resume_from)["trainer"]["step"] if resume_from else 0
+    resume_from, start_step = resume_point(ckpt_root, resume)
 
     say(f"run directory: {run_dir}")
     train, evals, eval_prompts = prepare_examples(cfg)
-    per_epoch = len(train) // t.batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"sft.train.batch_size ({t.batch_size}) exceeds the {len(train)} training examples")
-    total = per_epoch * t.epochs
-    if t.max_steps:
-        total = min(total, t.max_steps)
+    total = plan_steps("sft", len(train), g, t)
     say(f"{len(train)} train / {len(evals)} eval examples; {total} steps of {t.batch_size}; "
         f"{g.workers} worker(s), ZeRO-{g.zero.stage}" + (f"; resuming at step {start_step}" if resume_from else ""))
 
     tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-sft")
     summary: dict[str, Any] = {}
     t_start = time.time()
-    with ray_session(cfg.cluster):
-        pools = placement.place({"policy": g})
-        group = None
-        try:
-            group = ActorGroup("policy", PolicyWorker, g, pools)
-            info = group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
-                                    str(resume_from) if resume_from else None)
-            say(f"policy ready: {info['params'] / 1e6:.1f}M parameters, loaded in {info['load_s']:.1f}s")
-            probe = eval_prompts[:samples]
-            before = group.generate(probe, max_new_tokens=48) if probe and start_step == 0 else []
-            eval0 = _eval(group, evals) if start_step == 0 else None
-            if eval0 is not None:
-                tracker.log("sft_eval", 0, {"eval_loss": eval0})
-            bar = Progress(total, "sft", initial=start_step)
-            losses = []
-            step = start_step
-            tokens_seen = 0
-            for step in range(start_step, total):
-                batch = batch_for_step(train, step, t.batch_size, t.seed)
-                global_tokens = sum(data_targets(e) for e in batch)
-                r = group.train_step(batch, global_tokens)
-                loss = sum(r["nll_sum"]) / max(1, sum(r["tokens"]))
-                tokens_seen += sum(r["tokens"])
-                losses.append(loss)
-                metrics = {"loss": loss, "lr": r["lr"][0], "grad_norm": r["grad_norm"][0],
-                           "step_time_s": max(r["time_s"]), "tokens": sum(r["tokens"])}
-                done = step + 1
-                if t.eval_every and done % t.eval_every == 0 and done < total:
-                    ev = _eval(group, evals)
-                    if ev is not None:
-                        tracker.log("sft_eval", done, {"eval_loss": ev})
-                tracker.log("sft", done, metrics)
-                bar.update(1, loss=loss, lr=metrics["lr"])
-                if t.save_every and done % t.save_every == 0 and done < total:
-                    group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
-            bar.close()
-            eval1 = _eval(group, evals)
-            if eval1 is not None:
-                tracker.log("sft_eval", total, {"eval_loss": eval1})
-            ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
-            final = run_dir / "final" / "sft"
-            group.export_hf(str(final))
-            after = group.generate(probe, max_new_tokens=48) if probe else []
-            mem = group.memory()
-            elapsed = time.time() - t_start
-            summary = {
-                "stage": "sft", "model": mcfg.name, "workers": g.workers, "zero_stage": g.zero.stage,
-                "steps": total, "resumed_from_step": start_step if resume_from else None,
-                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                "eval_loss_before": eval0, "eval_loss_after": eval1,
-                "response_tokens_per_s": tokens_seen / elapsed if elapsed else None,
-                "wall_time_s": elapsed, "checkpoint": ck, "final_model": str(final),
-                "per_rank_state_mb": [round(m["total"] / 2**20, 1) for m in mem],
-                "samples": [{"prompt": p, "before": b, "after": a}
-                            for p, b, a in zip(probe, before or [""] * len(probe), after)],
-            }
-        finally:
-            if group is not None:
-                group.kill()
-            placement.release(pools.values())
+    with ray_session(cfg.cluster), role_group("policy", PolicyWorker, g) as group:
+        info = group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
+                                str(resume_from) if resume_from else None)
+        say(f"policy ready: {info['params'] / 1e6:.1f}M parameters, loaded in {info['load_s']:.1f}s")
+        probe = eval_prompts[:samples]
+        before = group.generate(probe, max_new_tokens=48) if probe and start_step == 0 else []
+        eval0 = _eval(group, evals) if start_step == 0 else None
+        if eval0 is not None:
+            tracker.log("sft_eval", 0, {"eval_loss": eval0})
+        bar = Progress(total, "sft", initial=start_step)
+        losses = []
+        step = start_step
+        tokens_seen = 0
+        for step in range(start_step, total):
+            batch = batch_for_step(train, step, t.batch_size, t.seed)
+            global_tokens = sum(data_targets(e) for e in batch)
+            r = group.train_step(batch, global_tokens)
+            loss = sum(r["nll_sum"]) / max(1, sum(r["tokens"]))
+            tokens_seen += sum(r["tokens"])
+            losses.append(loss)
+            metrics = {"loss": loss, "lr": r["lr"][0], "grad_norm": r["grad_norm"][0],
+                       "step_time_s": max(r["time_s"]), "tokens": sum(r["tokens"])}
+            done = step + 1
+            if t.eval_every and done % t.eval_every == 0 and done < total:
+                ev = _eval(group, evals)
+                if ev is not None:
+                    tracker.log("sft_eval", done, {"eval_loss": ev})
+            tracker.log("sft", done, metrics)
+            bar.update(1, loss=loss, lr=metrics["lr"])
+            if t.save_every and done % t.save_every == 0 and done < total:
+                group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
+        bar.close()
+        eval1 = _eval(group, evals)
+        if eval1 is not None:
+            tracker.log("sft_eval", total, {"eval_loss": eval1})
+        ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
+        final = run_dir / "final" / "sft"
+        group.export_hf(str(final))
+        after = group.generate(probe, max_new_tokens=48) if probe else []
+        mem = group.memory()
+        elapsed = time.time() - t_start
+        summary = {
+            "stage": "sft", "model": mcfg.name, "workers": g.workers, "zero_stage": g.zero.stage,
+            "steps": total, "resumed_from_step": start_step if resume_from else None,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "eval_loss_before": eval0, "eval_loss_after": eval1,
+            "response_tokens_per_s": tokens_seen / elapsed if elapsed else None,
+            "wall_time_s": elapsed, "checkpoint": ck, "final_model": str(final),
+            "per_rank_state_mb": [round(m["total"] / 2**20, 1) for m in mem],
+            "samples": [{"prompt": p, "before": b, "after": a}
+                        for p, b, a in zip(probe, before or [""] * len(probe), after)],
+        }
     tracker.close()
     plot_metrics(run_dir, "sft", [["loss"], ["lr"], ["grad_norm"]], title=f"{cfg.name}: SFT")
     plot_metrics(run_dir, "sft_eval", [["eval_loss"]], title=f"{cfg.name}: SFT eval")
