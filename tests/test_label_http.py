@@ -107,6 +107,7 @@ name: http-label
 tracking: {{root: {tmp_path / 'runs'}, wandb: disabled}}
 labeler:
   mode: pointwise
+  pointwise_relevance: 0        # the HTTP backend requests no prompt log-probabilities
   backend: {{type: http, url: "{server}", model_name: judge, timeout_s: 5, retries: 0}}
 label: {{source: {src}, chunk_size: 3}}
 """)

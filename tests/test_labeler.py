@@ -1,4 +1,5 @@
 """The labeler with function backends: position bias, swapping, modes, batching."""
+import math
 import re
 
 import pytest
@@ -88,6 +89,30 @@ def test_pointwise_mode_judges_each_response_once():
     assert all(r["p"] > 0.5 for r, p in zip(recs, pairs) if truth(p) == 1)
     assert report(recs, [truth(p) for p in pairs])["agreement"] == 1.0
     assert "position_bias_rate" not in report(recs)
+
+
+def test_pointwise_relevance_term():
+    """The Yes/No judge cannot tell these apart; the relevance term (PMI) can."""
+    def fn(prompt, options):
+        return [0.0, 0.0]  # P(good) = 1/2 for everything
+
+    def cont(prompt, response):
+        # The on-topic answer is likelier after its own question than after a neutral one.
+        on_topic = response.startswith("paris") and "capital" in prompt
+        return (-2.0 if on_topic else -6.0, 2)
+
+    pair = [{"context": "what is the capital of france?", "response_1": "bread flour",
+             "response_2": "paris is"}]
+    plain = Labeler(FunctionBackend(fn, cont=cont), T, mode="pointwise").label(pair)[0]
+    assert plain["p"] == pytest.approx(0.5)
+    rel = Labeler(FunctionBackend(fn, cont=cont), T, mode="pointwise", relevance_weight=1.0).label(pair)[0]
+    # PMI per token: response_1 (-6 - -6)/2 = 0, response_2 (-2 - -6)/2 = 2 -> p = sigma(0 - 2)
+    assert rel["p_good_1"] == pytest.approx(0.5)
+    assert rel["p_good_2"] == pytest.approx(1 / (1 + math.exp(-2)), rel=1e-6)
+    assert rel["p"] == pytest.approx(1 / (1 + math.exp(2)), rel=1e-6)
+    assert rel["labeler"] == "pointwise+relevance1:helpfulness@1"
+    with pytest.raises(LabelerError, match="no continuation function"):
+        Labeler(FunctionBackend(fn), T, mode="pointwise", relevance_weight=1.0).label(pair)
 
 
 def test_score_mode_and_rewards():

@@ -36,6 +36,8 @@ class Backend(Protocol):
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int = 0) -> list[str]: ...
 
+    def continuation_logprobs(self, items: list[tuple[str, str]]) -> list[tuple[float, int]]: ...
+
 
 class GroupBackend:
     """A labeler actor group (``ActorGroup`` or ``LocalGroup`` of ``LabelerWorker``)."""
@@ -54,6 +56,12 @@ class GroupBackend:
         return self.group.generate(_pad_to(prompts, self.group.world_size), max_new_tokens, temperature,
                                    seed, self.batch_size)[:len(prompts)]
 
+    def continuation_logprobs(self, items):
+        if not items:
+            return []
+        return self.group.continuation_logprobs(_pad_to(items, self.group.world_size),
+                                                self.batch_size)[:len(items)]
+
 
 def _pad_to(items: list, n: int) -> list:
     """A split call needs at least one item per rank; repeat the last one (results dropped)."""
@@ -66,9 +74,11 @@ class FunctionBackend:
     For rule-based labelers and tests. ``fn`` may also be given as ``"module:function"``.
     """
 
-    def __init__(self, fn: Callable | str, gen: Callable | str | None = None):
+    def __init__(self, fn: Callable | str, gen: Callable | str | None = None,
+                 cont: Callable | str | None = None):
         self.fn = _import(fn) if isinstance(fn, str) else fn
         self.gen = _import(gen) if isinstance(gen, str) else gen
+        self.cont = _import(cont) if isinstance(cont, str) else cont
         self.name = f"function:{getattr(self.fn, '__name__', 'fn')}"
 
     def option_logprobs(self, items):
@@ -84,6 +94,12 @@ class FunctionBackend:
         if self.gen is None:
             raise LabelerError(f"{self.name} has no generate function; chain-of-thought needs one")
         return [str(self.gen(p)) for p in prompts]
+
+    def continuation_logprobs(self, items):
+        if self.cont is None:
+            raise LabelerError(f"{self.name} has no continuation function; pointwise relevance needs one "
+                               "(or set labeler.pointwise_relevance: 0)")
+        return [(float(a), int(b)) for a, b in (self.cont(p, c) for p, c in items)]
 
 
 def _import(path: str) -> Callable:
@@ -176,3 +192,7 @@ class HTTPBackend:
             except (KeyError, IndexError, TypeError):
                 raise LabelerError(f"{self.url}: malformed completion (no choices[0].text)") from None
         return out
+
+    def continuation_logprobs(self, items):
+        raise LabelerError(f"{self.name}: pointwise relevance needs prompt log-probabilities, which this "
+                           "backend does not request; set labeler.pointwise_relevance: 0")

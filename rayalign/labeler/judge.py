@@ -3,7 +3,8 @@
 Modes
 * ``pairwise`` — one prompt shows both responses; P from the log-probs of "1" and "2";
   position-swap averaging (default on), chain of thought, self-consistency.
-* ``pointwise`` — one response at a time: P(acceptable) from a Yes/No question;
+* ``pointwise`` — one response at a time: P(acceptable) from a Yes/No question, its
+  log-odds optionally plus a weighted question–response relevance (PMI) term;
   a pair becomes a preference by Bradley–Terry on the two judgements. Each distinct
   (context, response) is judged once.
 * ``score`` — direct 1–10 rating (d-RLAIF): expected score → reward in [−1, 1].
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from ..algos.preference import (d_rlaif_reward, expected_score, pointwise_preference, same_slot,
+from ..algos.preference import (d_rlaif_reward, expected_score, logit, pointwise_preference, same_slot,
                                 swap_average, two_way_softmax)
 from .backends import Backend
 from .templates import LabelTemplate
@@ -24,7 +25,8 @@ SCORE_VALUES = list(range(1, 11))
 class Labeler:
     def __init__(self, backend: Backend, template: LabelTemplate, mode: str = "pointwise",
                  swap: bool = True, cot: bool = False, self_consistency: int = 1,
-                 sc_temperature: float = 0.7, cot_max_tokens: int = 96, seed: int = 0):
+                 sc_temperature: float = 0.7, cot_max_tokens: int = 96, seed: int = 0,
+                 relevance_weight: float = 0.0):
         if mode not in ("pairwise", "pointwise", "score"):
             raise ValueError(f"unknown labeler mode {mode!r}")
         if self_consistency > 1 and not cot:
@@ -32,12 +34,14 @@ class Labeler:
         self.backend, self.template, self.mode = backend, template, mode
         self.swap, self.cot, self.sc = swap, cot, self_consistency
         self.sc_temperature, self.cot_max_tokens, self.seed = sc_temperature, cot_max_tokens, seed
+        self.relevance_weight = relevance_weight
         self._yes_cache: dict[tuple[str, str], float] = {}
         self._score_cache: dict[tuple[str, str], float] = {}
 
     @property
     def tag(self) -> str:
         extra = "+swap" if (self.mode == "pairwise" and self.swap) else ""
+        extra += f"+relevance{self.relevance_weight:g}" if (self.mode == "pointwise" and self.relevance_weight) else ""
         extra += f"+cot{self.sc if self.sc > 1 else ''}" if self.cot else ""
         return f"{self.mode}{extra}:{self.template.name}@{self.template.version}"
 
@@ -53,9 +57,19 @@ class Labeler:
             bad = "No" if good == "Yes" else "Yes"
             lps = self.backend.option_logprobs(
                 [(self.template.pointwise_text(c, r), [good, bad]) for c, r in todo])
-            for key, (lg, lb) in zip(todo, lps):
-                self._yes_cache[key] = two_way_softmax(lg, lb)
+            pmi = self.relevance(todo) if self.relevance_weight else [0.0] * len(todo)
+            for key, (lg, lb), r in zip(todo, lps, pmi):
+                z = logit(two_way_softmax(lg, lb)) + self.relevance_weight * r
+                self._yes_cache[key] = 1.0 / (1.0 + math.exp(-z))
         return [self._yes_cache[k] for k in items]
+
+    def relevance(self, items: list[tuple[str, str]]) -> list[float]:
+        """Pointwise mutual information between question and response, per response token:
+        [log p(r | question) − log p(r | a neutral request)] / |r| (GPTScore-style, Fu et al.
+        2023). Off-topic answers are no likelier after their question than after any other."""
+        neutral = self.template.relevance_neutral_prompt
+        lps = self.backend.continuation_logprobs([x for c, r in items for x in ((c, r), (neutral, r))])
+        return [(lps[2 * i][0] - lps[2 * i + 1][0]) / max(1, lps[2 * i][1]) for i in range(len(items))]
 
     # ------------------------------------------------------------ direct score
 

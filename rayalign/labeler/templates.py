@@ -45,6 +45,8 @@ class LabelTemplate(Section):
     pointwise_good: Literal["Yes", "No"] = Field(
         "No", description="the answer that marks an acceptable response in `pointwise`")
     pointwise_preamble: str = ""
+    relevance_neutral_prompt: str = Field(
+        "Say something.", description="the question-free request that pointwise relevance compares against")
     score: str = (
         "Question: {context}\nResponse: {response}\n\n"
         "Rate the response from 1 (very bad) to 10 (excellent) for being helpful, honest and "

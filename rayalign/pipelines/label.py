@@ -34,7 +34,8 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
     b = lc.backend
     template = resolve_template(lc.template, lc.template_overrides)
     kw = dict(mode=lc.mode, swap=lc.swap, cot=lc.cot, self_consistency=lc.self_consistency,
-              sc_temperature=lc.sc_temperature, cot_max_tokens=lc.cot_max_tokens, seed=lc.seed)
+              sc_temperature=lc.sc_temperature, cot_max_tokens=lc.cot_max_tokens, seed=lc.seed,
+              relevance_weight=lc.pointwise_relevance)
     try:
         probe = Labeler(FunctionBackend(lambda p, o: [0.0] * len(o)), template, **kw)
     except ValueError as exc:

@@ -139,6 +139,36 @@ class LabelerWorker(Worker):
         return out
 
     @dispatch(SPLIT)
+    def continuation_logprobs(self, items: list[tuple[str, str]], batch_size: int = 8) -> list[tuple[float, int]]:
+        """For each (prompt, continuation): the summed log-probability of the continuation
+        after the rendered prompt, and its token count."""
+        out: list[tuple[float, int]] = []
+        n = self._batches_for_all_ranks(len(items), batch_size)
+        pad = self.tok.pad_token_id
+        for b in range(n):
+            chunk = items[b * batch_size:(b + 1) * batch_size] or [("", "x")]
+            seqs, starts = [], []
+            for prompt, cont in chunk:
+                p_ids = self.tok(self.render(prompt), add_special_tokens=False)["input_ids"]
+                c_ids = self.tok(cont, add_special_tokens=False)["input_ids"] or [pad]
+                seqs.append(p_ids + c_ids)
+                starts.append(len(p_ids))
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, sq in enumerate(seqs):
+                ids[i, :len(sq)] = torch.tensor(sq)
+                mask[i, :len(sq)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None].to(self.device))[..., 0]
+            if b * batch_size < len(items):
+                for i, sq in enumerate(seqs):
+                    span = logp[i, starts[i] - 1:len(sq) - 1]
+                    out.append((float(span.sum()), int(span.numel())))
+        return out
+
+    @dispatch(SPLIT)
     def generate(self, items: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int = 0, batch_size: int = 8) -> list[str]:
         """Continue each rendered prompt (rationales for chain-of-thought labeling)."""
