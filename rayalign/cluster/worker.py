@@ -160,6 +160,25 @@ class Worker:
         self._dist_ready = True
         return True
 
+    # Set by roles whose forwards are collective (ZeRO-3 gathers parameters in every
+    # forward): then every rank must run the same number of forwards.
+    lockstep = False
+
+    def batches_for_all_ranks(self, n_items: int, batch_size: int) -> int:
+        """How many batches this rank runs for ``n_items``: its own count, or under
+        lockstep the largest count of any rank (the others run idle batches)."""
+        import math
+
+        n = math.ceil(n_items / batch_size) if n_items else 0
+        if self.lockstep and self.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            t = torch.tensor([n], dtype=torch.long)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            n = int(t.item())
+        return n
+
     def ping(self) -> int:
         return self.rank
 

@@ -45,10 +45,10 @@ class LabelerWorker(Worker):
                             self.device.type == "cuda", hidden_size_of(module))
             engine, *_ = deepspeed.initialize(model=module, config=cfg)
             self.model = engine.module
-            self.sharded = True
+            self.lockstep = True
         else:
             self.model = module.to(self.device)
-            self.sharded = False
+            self.lockstep = False
         return {"load_s": time.time() - t0, "chat": self.chat,
                 "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())}
 
@@ -70,22 +70,12 @@ class LabelerWorker(Worker):
                 seqs.append(toks)
         return seqs
 
-    def _batches_for_all_ranks(self, n_items: int, batch_size: int) -> int:
-        n = math.ceil(n_items / batch_size) if n_items else 0
-        if self.sharded:
-            import torch.distributed as dist
-
-            t = torch.tensor([n], dtype=torch.long)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            n = int(t.item())
-        return n
-
     # ------------------------------------------------------------ group methods
 
     def _last_logprobs(self, texts: list[str], batch_size: int) -> list[torch.Tensor]:
         """log-softmax of the next token after each (already rendered) text."""
         rows: list[torch.Tensor] = []
-        n = self._batches_for_all_ranks(len(texts), batch_size)
+        n = self.batches_for_all_ranks(len(texts), batch_size)
         for b in range(n):
             chunk = texts[b * batch_size:(b + 1) * batch_size] or [texts[0] if texts else "x"]
             enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -117,7 +107,7 @@ class LabelerWorker(Worker):
                             ext_keys.append(key)
         ext_texts = [rendered[i] + self.tok.decode(list(prefix)) for i, prefix in ext_keys]
         ext = dict(zip(ext_keys, self._last_logprobs(ext_texts, batch_size))) if ext_keys else {}
-        if self.sharded and not ext_keys:
+        if self.lockstep and not ext_keys:
             self._last_logprobs([], batch_size)  # match the other ranks' extension pass
         out = []
         for i, per_opt in enumerate(seqs):
@@ -143,7 +133,7 @@ class LabelerWorker(Worker):
         """For each (prompt, continuation): the summed log-probability of the continuation
         after the rendered prompt, and its token count."""
         out: list[tuple[float, int]] = []
-        n = self._batches_for_all_ranks(len(items), batch_size)
+        n = self.batches_for_all_ranks(len(items), batch_size)
         pad = self.tok.pad_token_id
         for b in range(n):
             chunk = items[b * batch_size:(b + 1) * batch_size] or [("", "x")]
@@ -169,16 +159,35 @@ class LabelerWorker(Worker):
         return out
 
     @dispatch(SPLIT)
+    def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8) -> list[list[float]]:
+        """log p(response token) under this (frozen) model, logits divided by the sampling
+        temperature: the reference role of PPO."""
+        from ..algos.lm import pack_samples, response_slices
+
+        out: list[list[float]] = []
+        n = self.batches_for_all_ranks(len(samples), batch_size)
+        for b in range(n):
+            chunk = samples[b * batch_size:(b + 1) * batch_size] or samples[:1]
+            ids, attn, _ = pack_samples(chunk, self.tok.pad_token_id)
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+            lp = torch.log_softmax(logits[:, :-1].float() / temperature, -1).gather(
+                -1, ids[:, 1:, None].to(self.device))[..., 0]
+            if b * batch_size < len(samples):
+                out += response_slices(lp.cpu(), chunk)
+        return out
+
+    @dispatch(SPLIT)
     def generate(self, items: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int = 0, batch_size: int = 8) -> list[str]:
         """Continue each rendered prompt (rationales for chain-of-thought labeling)."""
         out: list[str] = []
         torch.manual_seed(seed + self.rank)
-        n = self._batches_for_all_ranks(len(items), batch_size)
+        n = self.batches_for_all_ranks(len(items), batch_size)
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
                                   eos_token_id=self.tok.eos_token_id)
         kw.update(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else kw.update(do_sample=False)
-        if self.sharded:
+        if self.lockstep:
             kw["synced_gpus"] = True  # ranks keep gathering until all have finished
         for b in range(n):
             chunk = items[b * batch_size:(b + 1) * batch_size]

@@ -80,10 +80,117 @@ class PolicyWorker(TrainableWorker):
             kw.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kw.update(do_sample=False)
+        if self.lockstep:
+            kw["synced_gpus"] = True  # ZeRO-3: see rollout()
         module.config.use_cache = True
-        with torch.no_grad(), self._full_params():
+        with torch.no_grad():
             out = module.generate(**enc, **kw)
         module.config.use_cache = False
         module.train()
         return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
+
+    # ------------------------------------------------------------ PPO
+
+    @dispatch(SPLIT)
+    def rollout(self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.7,
+                top_p: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
+        """Sample one response per prompt (left-padded batches). Each response is cut after its first EOS; ``ended`` says whether it had one."""
+        from ..data import chat_prompt
+
+        module = self.engine.module
+        module.eval()
+        module.config.use_cache = True
+        self.tok.padding_side = "left"
+        torch.manual_seed(seed * 1000 + self.rank)
+        eos = self.tok.eos_token_id
+        out: list[dict] = []
+        # ZeRO-3 across ranks: layers are gathered by DeepSpeed's hooks as generation
+        # reaches them, and synced_gpus keeps every rank stepping until all are done.
+        # (Gathering the whole model around generate() trips over the hooks' prefetching.)
+        sync = {"synced_gpus": True} if self.lockstep else {}
+        with torch.no_grad():
+            for b in range(self.batches_for_all_ranks(len(prompts), batch_size)):
+                chunk = prompts[b * batch_size:(b + 1) * batch_size]
+                idle = not chunk
+                chunk = chunk or prompts[:1]
+                texts = [chat_prompt(self.tok, p) for p in chunk]
+                enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                gen = module.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
+                                      temperature=temperature, top_p=top_p, top_k=0,
+                                      pad_token_id=self.tok.pad_token_id, eos_token_id=eos, **sync)
+                width = enc["input_ids"].shape[1]
+                if idle:
+                    continue
+                for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, width:]):
+                    resp = g.tolist()
+                    ended = eos in resp
+                    resp = resp[:resp.index(eos) + 1] if ended else resp
+                    resp = [t for t in resp if t != self.tok.pad_token_id] or [eos]
+                    out.append({"prompt_ids": row[attn.bool()].tolist(), "response_ids": resp, "ended": ended,
+                                "response": self.tok.decode(resp, skip_special_tokens=True)})
+        module.config.use_cache = False
+        module.train()
+        self.tok.padding_side = "right"
+        return out
+
+    def _logits(self, samples: list[dict], train: bool):
+        from ..algos.lm import pack_samples
+
+        ids, attn, act = pack_samples(samples, self.tok.pad_token_id)
+        logits = self.engine(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+        return logits[:, :-1].float(), ids[:, 1:].to(self.device), act.to(self.device)
+
+    @dispatch(SPLIT)
+    def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8) -> list[list[float]]:
+        """log π(response token) with logits divided by the sampling temperature."""
+        from ..algos.lm import response_slices
+
+        out: list[list[float]] = []
+        self.engine.eval()
+        with torch.no_grad():
+            for b in range(self.batches_for_all_ranks(len(samples), batch_size)):
+                chunk = samples[b * batch_size:(b + 1) * batch_size]
+                logits, targets, _ = self._logits(chunk or samples[:1], train=False)
+                lp = torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None])[..., 0]
+                if chunk:
+                    out += response_slices(lp.cpu(), chunk)
+        self.engine.train()
+        return out
+
+    @dispatch(SPLIT)
+    def ppo_update(self, samples: list[dict], global_tokens: int, clip: float = 0.2,
+                   temperature: float = 1.0, entropy_coef: float = 0.0) -> dict[str, list]:
+        """One optimizer step of the clipped PPO objective on this rank's share of a
+        minibatch; the token mean is over the whole minibatch (any world size)."""
+        from ..algos import ppo
+        from ..algos.lm import to_frame
+
+        t0 = time.time()
+        ga = self.engine.gradient_accumulation_steps()
+        mb = self.train_cfg.micro_batch_size
+        scale = self.world_size * ga / max(1, global_tokens)
+        sums = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "tokens": 0}
+        for i in range(0, len(samples), mb):
+            chunk = samples[i:i + mb]
+            logits, targets, act = self._logits(chunk, train=True)
+            scaled = logits / temperature
+            logp = torch.log_softmax(scaled, -1).gather(-1, targets[..., None])[..., 0]
+            w = logp.shape[1]
+            old = to_frame([s["old_logprobs"] for s in chunk], chunk, w).to(logp.device)
+            adv = to_frame([s["advantages"] for s in chunk], chunk, w).to(logp.device)
+            loss, st = ppo.policy_loss(logp, old, adv, act, clip)
+            n = act.sum()
+            total = loss * n
+            ent = ppo.masked_mean(ppo.entropy_from_logits(scaled.detach() if entropy_coef == 0 else scaled), act)
+            if entropy_coef:
+                total = total - entropy_coef * ent * n
+            self.engine.backward(total * scale)
+            self.engine.step()
+            k = float(n)
+            sums["loss"] += float(loss.detach()) * k
+            sums["clipfrac"] += float(st["clipfrac"]) * k
+            sums["approx_kl"] += float(st["approx_kl"]) * k
+            sums["entropy"] += float(ent.detach()) * k
+            sums["tokens"] += int(k)
+        return {k: [v] for k, v in sums.items()} | {"time_s": [time.time() - t0]}

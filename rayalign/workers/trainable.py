@@ -5,7 +5,6 @@ reports live here once; a role adds its model class and its loss.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -58,6 +57,7 @@ class TrainableWorker(Worker):
         self.engine = eng.build_engine(module, self.zero, self.train_cfg, self.world_size,
                                        total_steps, self.model_cfg.dtype)
         self.engine.train()  # dropout decisions stay with the model config
+        self.lockstep = self.zero.stage == 3 and self.world_size > 1
         step = 0
         if resume_from:
             from safetensors.torch import load_file
@@ -106,16 +106,6 @@ class TrainableWorker(Worker):
         for i in range(0, len(examples), mb):
             batch = collate(examples[i:i + mb], self.tok.pad_token_id)
             yield {k: v.to(self.device) for k, v in batch.items()}
-
-    @contextlib.contextmanager
-    def _full_params(self):
-        if self.zero.stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
-                yield
-        else:
-            yield
 
     # ------------------------------------------------------------ state
 

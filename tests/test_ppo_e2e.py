@@ -1,0 +1,86 @@
+"""PPO end to end on a tiny model with a verifiable reward: the share of even token ids."""
+import statistics
+
+import pytest
+
+from rayalign.config import GroupConfig, TrainConfig, ZeroConfig
+from rayalign.pipelines.ppo import ppo_iteration
+
+MODEL = {"name": "tiny-llama"}
+PROMPTS = [f"hello! how are you today? {i}" for i in range(16)]
+
+
+def even_share(prompts, samples):
+    return [sum(t % 2 == 0 for t in s["response_ids"]) / len(s["response_ids"]) for s in samples]
+
+
+def train_cfg():
+    return TrainConfig(lr=6e-3, batch_size=8, micro_batch_size=4, lr_schedule="constant", grad_clip=1.0)
+
+
+def run(policy, reference, critic, iterations):
+    history = []
+    for it in range(iterations):
+        m = ppo_iteration(policy, reference, critic, even_share, PROMPTS, temperature=1.0, max_new_tokens=16,
+                          kl_coef=0.05, epochs=4, minibatch=8, seed=it)
+        history.append(m)
+    return history
+
+
+def check_learns(history):
+    first = statistics.fmean(m["reward_mean"] for m in history[:4])
+    last = statistics.fmean(m["reward_mean"] for m in history[-4:])
+    print(f"reward {first:.3f} -> {last:.3f}; kl at the end {history[-1]['kl']:.2f}")
+    assert last > first + 0.08
+    assert all(m["kl"] < 8.0 for m in history)  # the KL penalty keeps the policy near the reference
+    assert history[0]["approx_kl_epoch1"] < 0.05  # first epoch starts from the sampling policy
+
+
+@pytest.mark.timeout(300)
+def test_ppo_in_process(tiny_dir):
+    from rayalign.cluster.group import LocalGroup
+    from rayalign.workers.critic import CriticWorker
+    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.policy import PolicyWorker
+
+    tr = train_cfg().model_dump()
+    pol = LocalGroup("policy", PolicyWorker, threads=1)
+    pol.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
+    ref = LocalGroup("reference", LabelerWorker, threads=1)
+    ref.init_model(MODEL, {}, True)
+    cri = LocalGroup("critic", CriticWorker, threads=1)
+    cri.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
+    check_learns(run(pol, ref, cri, 20))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ppo_on_actor_groups(local_ray, stage):
+    from rayalign.cluster import placement
+    from rayalign.cluster.group import ActorGroup
+    from rayalign.workers.critic import CriticWorker
+    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.policy import PolicyWorker
+
+    roles = {"policy": GroupConfig(workers=2, cpus_per_worker=0.5, zero=ZeroConfig(stage=stage)),
+             "critic": GroupConfig(workers=2, cpus_per_worker=0.5, zero=ZeroConfig(stage=stage)),
+             "reference": GroupConfig(workers=1, cpus_per_worker=0.5)}
+    pools = placement.place(roles)
+    groups = []
+    try:
+        tr = train_cfg().model_dump()
+        pol = ActorGroup("policy", PolicyWorker, roles["policy"], pools, roles=roles)
+        groups.append(pol)
+        cri = ActorGroup("critic", CriticWorker, roles["critic"], pools, roles=roles)
+        groups.append(cri)
+        ref = ActorGroup("reference", LabelerWorker, roles["reference"], pools, roles=roles)
+        groups.append(ref)
+        pol.init_model(MODEL, roles["policy"].zero.model_dump(), tr, 200)
+        cri.init_model(MODEL, roles["critic"].zero.model_dump(), tr, 200)
+        ref.init_model(MODEL, {}, True)
+        check_learns(run(pol, ref, cri, 20))
+    finally:
+        for g in groups:
+            g.kill()
+        placement.release(pools.values())
