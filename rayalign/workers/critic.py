@@ -1,8 +1,6 @@
 """The critic role: a per-token value model trained with the clipped value loss."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..algos import ppo
@@ -44,23 +42,14 @@ class CriticWorker(TrainableWorker):
 
     @dispatch(SPLIT)
     def value_update(self, samples: list[dict], global_tokens: int, clip: float = 0.2) -> dict[str, list]:
-        t0 = time.time()
-        ga = self.engine.gradient_accumulation_steps()
-        mb = self.train_cfg.micro_batch_size
-        scale = self.world_size * ga / max(1, global_tokens)
-        loss_sum, clip_sum, tokens = 0.0, 0.0, 0
-        for i in range(0, len(samples), mb):
-            chunk = samples[i:i + mb]
+        def loss_of(chunk):
             v, act = self._values(chunk)
             w = v.shape[1]
             old = to_frame([s["old_values"] for s in chunk], chunk, w).to(v.device)
             ret = to_frame([s["returns"] for s in chunk], chunk, w).to(v.device)
             loss, st = ppo.value_loss(v, old, ret, act, clip)
             n = act.sum()
-            self.engine.backward(loss * n * scale)
-            self.engine.step()
-            loss_sum += float(loss.detach()) * float(n)
-            clip_sum += float(st["vf_clipfrac"]) * float(n)
-            tokens += int(n)
-        return {"value_loss": [loss_sum], "vf_clipfrac": [clip_sum], "tokens": [tokens],
-                "time_s": [time.time() - t0]}
+            return loss * n, {"value_loss": float(loss.detach()) * float(n),
+                              "vf_clipfrac": float(st["vf_clipfrac"]) * float(n), "tokens": int(n)}
+
+        return self.accumulate(samples, global_tokens, loss_of)

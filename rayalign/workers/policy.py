@@ -1,12 +1,12 @@
 """The policy role: a causal LM that trains (SFT now, PPO later) and generates."""
 from __future__ import annotations
 
-import time
 
 import torch
 
 from ..algos.lm import shifted_nll_sum
 from ..cluster.worker import SPLIT, dispatch, live_tensor_bytes
+from ..data import collate
 from .trainable import TrainableWorker
 
 
@@ -16,37 +16,20 @@ class PolicyWorker(TrainableWorker):
     @dispatch(SPLIT)
     def train_step(self, examples: list[dict], global_tokens: int,
                    measure_memory: bool = False) -> dict[str, list]:
-        """One optimizer step on this rank's share of the global batch.
+        """One SFT optimizer step; the loss is the token mean over the *global* batch."""
+        held = [0]
 
-        The loss is the token mean over the *global* batch: each micro-batch's summed NLL
-        is divided by the global token count and rescaled for DeepSpeed's averaging over
-        ranks and accumulation steps, so any world size computes the same gradient.
-        """
-        t0 = time.time()
-        ga = self.engine.gradient_accumulation_steps()
-        n_micro = -(-len(examples) // self.train_cfg.micro_batch_size)
-        if n_micro != ga:
-            raise ValueError(f"rank {self.rank}: {len(examples)} examples make {n_micro} micro-batches, "
-                             f"engine expects {ga}")
-        nll_total, tokens = 0.0, 0
-        scale = self.world_size * ga / max(1, global_tokens)
-        held = 0
-        for i, batch in enumerate(self._micro_batches(examples)):
+        def loss_of(chunk):
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.tok.pad_token_id).items()}
             out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             nll, n = shifted_nll_sum(out.logits, batch["labels"])
-            self.engine.backward(nll * scale)
-            if measure_memory and i == n_micro - 1:
-                # Parameters, gradients and optimizer state are all alive here, just
-                # before the optimizer consumes the gradients: the training peak.
-                del out
-                held = live_tensor_bytes()
-            self.engine.step()
-            nll_total += float(nll.detach())
-            tokens += n
-        lr = self.engine.get_lr()[0]
-        return {"nll_sum": [nll_total], "tokens": [tokens], "lr": [lr],
-                "grad_norm": [float(self.engine.get_global_grad_norm() or 0.0)],
-                "time_s": [time.time() - t0], "held_bytes": [held]}
+            return nll, {"nll_sum": float(nll.detach()), "tokens": n}
+
+        def measure():
+            held[0] = live_tensor_bytes()
+
+        r = self.accumulate(examples, global_tokens, loss_of, measure if measure_memory else None)
+        return r | {"held_bytes": [held[0]]}
 
     @dispatch(SPLIT)
     def eval_nll(self, examples: list[dict]) -> dict[str, list]:
@@ -166,13 +149,7 @@ class PolicyWorker(TrainableWorker):
         from ..algos import ppo
         from ..algos.lm import to_frame
 
-        t0 = time.time()
-        ga = self.engine.gradient_accumulation_steps()
-        mb = self.train_cfg.micro_batch_size
-        scale = self.world_size * ga / max(1, global_tokens)
-        sums = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "tokens": 0}
-        for i in range(0, len(samples), mb):
-            chunk = samples[i:i + mb]
+        def loss_of(chunk):
             logits, targets, act = self._logits(chunk, train=True)
             scaled = logits / temperature
             logp = torch.log_softmax(scaled, -1).gather(-1, targets[..., None])[..., 0]
@@ -181,16 +158,11 @@ class PolicyWorker(TrainableWorker):
             adv = to_frame([s["advantages"] for s in chunk], chunk, w).to(logp.device)
             loss, st = ppo.policy_loss(logp, old, adv, act, clip)
             n = act.sum()
-            total = loss * n
-            ent = ppo.masked_mean(ppo.entropy_from_logits(scaled.detach() if entropy_coef == 0 else scaled), act)
-            if entropy_coef:
-                total = total - entropy_coef * ent * n
-            self.engine.backward(total * scale)
-            self.engine.step()
+            ent = ppo.masked_mean(ppo.entropy_from_logits(scaled if entropy_coef else scaled.detach()), act)
+            total = loss * n - (entropy_coef * ent * n if entropy_coef else 0.0)
             k = float(n)
-            sums["loss"] += float(loss.detach()) * k
-            sums["clipfrac"] += float(st["clipfrac"]) * k
-            sums["approx_kl"] += float(st["approx_kl"]) * k
-            sums["entropy"] += float(ent.detach()) * k
-            sums["tokens"] += int(k)
-        return {k: [v] for k, v in sums.items()} | {"time_s": [time.time() - t0]}
+            return total, {"loss": float(loss.detach()) * k, "clipfrac": float(st["clipfrac"]) * k,
+                           "approx_kl": float(st["approx_kl"]) * k, "entropy": float(ent.detach()) * k,
+                           "tokens": int(k)}
+
+        return self.accumulate(samples, global_tokens, loss_of)

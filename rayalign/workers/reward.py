@@ -8,7 +8,6 @@ normalisation are saved beside it (``reward_stats.json``).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,27 +66,18 @@ class RewardWorker(TrainableWorker):
     @dispatch(SPLIT)
     def train_step(self, pairs: list[dict], global_pairs: int) -> dict[str, list]:
         """One optimizer step; the loss is the mean over the global batch's pairs."""
-        t0 = time.time()
-        ga = self.engine.gradient_accumulation_steps()
-        mb = self.train_cfg.micro_batch_size
-        scale = self.world_size * ga / max(1, global_pairs)
-        loss_sum, correct, counted = 0.0, 0, 0
-        for i in range(0, len(pairs), mb):
-            chunk = pairs[i:i + mb]
+        def loss_of(chunk):
             r = self._scores([c["ids_1"] for c in chunk] + [c["ids_2"] for c in chunk])
             r1, r2 = r[:len(chunk)], r[len(chunk):]
             p = torch.tensor([c["p"] for c in chunk], dtype=torch.float32, device=r.device)
             margin = torch.tensor([c.get("margin", 0.0) for c in chunk], dtype=torch.float32, device=r.device)
             loss = self._pair_loss(r1, r2, p, margin)
-            self.engine.backward(loss * scale)
-            self.engine.step()
-            loss_sum += float(loss.detach())
             decided = p != 0.5
-            correct += int(((r1 > r2) == (p > 0.5))[decided].sum())
-            counted += int(decided.sum())
-        return {"loss_sum": [loss_sum], "pairs": [len(pairs)], "correct": [correct], "counted": [counted],
-                "lr": [self.engine.get_lr()[0]], "time_s": [time.time() - t0],
-                "grad_norm": [float(self.engine.get_global_grad_norm() or 0.0)]}
+            return loss, {"loss_sum": float(loss.detach()), "pairs": len(chunk),
+                          "correct": int(((r1 > r2) == (p > 0.5))[decided].sum()),
+                          "counted": int(decided.sum())}
+
+        return self.accumulate(pairs, global_pairs, loss_of)
 
     @dispatch(SPLIT)
     def score_pairs(self, pairs: list[dict]) -> dict[str, list]:

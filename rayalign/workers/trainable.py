@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -106,6 +106,38 @@ class TrainableWorker(Worker):
         for i in range(0, len(examples), mb):
             batch = collate(examples[i:i + mb], self.tok.pad_token_id)
             yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def accumulate(self, items: list, global_count: int, loss_of: Callable[[list], tuple[torch.Tensor, dict]],
+                   at_peak: Callable[[], None] | None = None) -> dict[str, list]:
+        """One optimizer step over this rank's share of a global batch, in micro-batches.
+
+        ``loss_of(chunk)`` returns the chunk's *summed* loss and numbers to add up. The sum
+        is divided by ``global_count`` (tokens, pairs: whatever the loss averages over, for
+        the whole global batch) and rescaled for DeepSpeed's averaging over ranks and
+        accumulation steps, so any world size computes the same gradient. ``at_peak`` runs
+        after the last backward, before the optimizer step, when parameters, gradients and
+        optimizer state are all alive.
+        """
+        t0 = time.time()
+        ga = self.engine.gradient_accumulation_steps()
+        mb = self.train_cfg.micro_batch_size
+        n_micro = -(-len(items) // mb)
+        if n_micro != ga:
+            raise ValueError(f"rank {self.rank}: {len(items)} items make {n_micro} micro-batches of {mb}, "
+                             f"the engine expects {ga}")
+        scale = self.world_size * ga / max(1, global_count)
+        sums: dict[str, float] = {}
+        for i in range(n_micro):
+            loss, stats = loss_of(items[i * mb:(i + 1) * mb])
+            self.engine.backward(loss * scale)
+            if at_peak is not None and i == n_micro - 1:
+                at_peak()
+            self.engine.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v
+        return {k: [v] for k, v in sums.items()} | {
+            "lr": [self.engine.get_lr()[0]], "time_s": [time.time() - t0],
+            "grad_norm": [float(self.engine.get_global_grad_norm() or 0.0)]}
 
     # ------------------------------------------------------------ state
 
