@@ -111,21 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayalign", description="Align language models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run every stage of a pipeline config (the quickstart)")
-    _config_args(p)
-    p.set_defaults(fn=cmd_run)
-
-    p = sub.add_parser("sft", help="distributed supervised fine-tuning")
-    _config_args(p)
-    p.set_defaults(fn=cmd_sft)
-
-    p = sub.add_parser("label", help="AI preference labelling of response pairs")
-    _config_args(p)
-    p.set_defaults(fn=cmd_label)
-
-    p = sub.add_parser("rm", help="reward-model training on preferences")
-    _config_args(p)
-    p.set_defaults(fn=cmd_rm)
+    # The pipeline commands all take a config, overrides, --run-dir and --resume.
+    for name, fn, text in [
+        ("run", cmd_run, "run every stage of a pipeline config (the quickstart)"),
+        ("sft", cmd_sft, "distributed supervised fine-tuning"),
+        ("label", cmd_label, "AI preference labelling of response pairs"),
+        ("rm", cmd_rm, "reward-model training on preferences"),
+    ]:
+        p = sub.add_parser(name, help=text)
+        _config_args(p)
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("models", help="list or prepare offline models")
     p.add_argument("action", choices=["list", "prepare"])
