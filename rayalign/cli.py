@@ -33,21 +33,22 @@ def cmd_sft(args) -> int:
 
 def cmd_run(args) -> int:
     """Every stage the config defines, in pipeline order, in one run directory."""
-    from .pipelines.sft import run_sft
-    from .tracking import new_run_dir
+    from .pipelines.run import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    stages = [name for name in ("sft",) if getattr(cfg, name) is not None]
-    if not stages:
-        raise ConfigError(f"{args.config} defines no pipeline stage (expected a `sft` section)")
-    run_dir = Path(args.resume or args.run_dir) if (args.resume or args.run_dir) else new_run_dir(cfg, "run")
-    for stage in stages:
-        if stage == "sft":
-            if (run_dir / "final" / "sft" / "config.json").is_file():
-                print(f"[rayalign] sft: {run_dir / 'final' / 'sft'} exists; stage skipped", file=sys.stderr)
-                continue
-            _print_summary(run_sft(cfg, run_dir=run_dir, resume=bool(args.resume)))
-    print(f"run directory: {run_dir}")
+    out = run_pipeline(cfg, _run_dir(args), resume=bool(args.resume))
+    print("\n" + out["table"])
+    print(f"run directory: {out['run_dir']}")
+    return 0
+
+
+def cmd_ppo(args) -> int:
+    from .pipelines.ppo import run_ppo
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_ppo(cfg, run_dir=_run_dir(args), resume=bool(args.resume))
+    summary.pop("win_examples", None)
+    _print_summary(summary)
     return 0
 
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         ("sft", cmd_sft, "distributed supervised fine-tuning"),
         ("label", cmd_label, "AI preference labelling of response pairs"),
         ("rm", cmd_rm, "reward-model training on preferences"),
+        ("ppo", cmd_ppo, "PPO with a KL penalty against reward models, the labeler, functions or endpoints"),
     ]:
         p = sub.add_parser(name, help=text)
         _config_args(p)

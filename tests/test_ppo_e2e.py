@@ -22,7 +22,7 @@ def run(policy, reference, critic, iterations):
     history = []
     for it in range(iterations):
         m = ppo_iteration(policy, reference, critic, even_share, PROMPTS, temperature=1.0, max_new_tokens=16,
-                          kl_coef=0.05, epochs=4, minibatch=8, seed=it)
+                          kl_coef=0.05, epochs=4, minibatches=2, seed=it)
         history.append(m)
     return history
 

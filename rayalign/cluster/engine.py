@@ -202,6 +202,12 @@ def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
             if key not in st:
                 st[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         st.setdefault("step", torch.tensor(0.0))
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO-1/2 link each parameter's view into the optimizer state only after the first
+        # step(); link it now, over the slots just made, so the moments can be set by name.
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
     for name, p in _named_trainables(engine):
         for key in ("exp_avg", "exp_avg_sq"):
             full = moments.get(f"{key}::{name}")

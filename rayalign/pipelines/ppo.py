@@ -1,17 +1,32 @@
-"""One PPO iteration over any set of groups (actor groups or in-process ones).
+"""PPO with a KL penalty to a frozen reference, over any set of groups.
 
-rollout → score → reference log-probs → values → token rewards → GAE → whitening →
-policy and critic updates. The function reads like single-process code; where each
-role runs is the groups' business.
+``ppo_iteration`` is one rollout → score → advantages → update cycle and reads like
+single-process code; where each role runs (actor groups on Ray, or in process) is the
+groups' business. ``run_ppo`` is the ``rayalign ppo`` command around it: prompts, roles,
+reward sources, checkpoints and resume, metrics, export and the final evaluation.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import random
+import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .. import checkpoint, data
 from ..algos import ppo
+from ..cluster import ray_session
+from ..config import Config, ConfigError, GroupConfig, ModelConfig
+from ..tracking import Progress, Tracker, plot_metrics, write_summary
+from .common import prepare_run_dir, role_group, say
+
+# (prompts, samples) -> one score per sample; a sample carries "response" (text) and
+# "response_ids", so a verifiable reward can read either.
+ScoreFn = Callable[[list[str], list[dict]], list[float]]
 
 
 def _frame(lists: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,73 +40,334 @@ def _frame(lists: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     return t, m
 
 
-def _unframe(t: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
-    return [row[: int(m.sum())].tolist() for row, m in zip(t, mask)]
-
-
-def ppo_iteration(policy, reference, critic, reward_fn: Callable[[list[str], list[dict]], list[float]],
-                  prompts: list[str], *, temperature: float = 0.7, max_new_tokens: int = 32,
-                  kl_coef: float = 0.05, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
-                  clip: float = 0.2, value_clip: float = 0.2, epochs: int = 1, minibatch: int | None = None,
-                  missing_eos_penalty: float | None = None, seed: int = 0) -> dict[str, Any]:
+def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[str], *,
+                  temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 32,
+                  kl_coef: float = 0.05, kl_estimator: str = "k1", estimator: str = "gae",
+                  samples_per_prompt: int = 1, gamma: float = 1.0, lam: float = 0.95, clip: float = 0.2,
+                  value_clip: float = 0.2, entropy_coef: float = 0.0, epochs: int = 1,
+                  minibatches: int = 1, missing_eos_penalty: float | None = None,
+                  reward_clip: float | None = None, logprobs_from_rollout: bool = True,
+                  rollout_batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+    """One PPO iteration. ``reward_fn(prompts, samples)`` gives one score per sample (the
+    combined reward sources). Returns metrics and the samples."""
+    if estimator == "gae" and critic is None:
+        raise ValueError("estimator gae needs a critic")
     times: dict[str, float] = {}
+    batch = [p for p in prompts for _ in range(samples_per_prompt)]  # a prompt's samples stay adjacent
+
     t = time.time()
-    samples = policy.rollout(prompts, max_new_tokens, temperature, 1.0, seed)
+    samples = policy.rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size)
     times["generate_s"] = time.time() - t
 
     t = time.time()
-    scores = torch.tensor(reward_fn(prompts, samples), dtype=torch.float32)
+    raw = torch.tensor(reward_fn(batch, samples), dtype=torch.float32)
+    scores = raw
     if missing_eos_penalty is not None:
         scores = ppo.eos_penalty(scores, torch.tensor([s["ended"] for s in samples]), missing_eos_penalty)
-    old_logp = policy.token_logprobs(samples, temperature)
+    if reward_clip is not None:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    if logprobs_from_rollout and all(s.get("rollout_logprobs") is not None for s in samples):
+        old_logp = [s["rollout_logprobs"] for s in samples]
+    else:
+        old_logp = policy.token_logprobs(samples, temperature)
     ref_logp = reference.token_logprobs(samples, temperature)
-    values = critic.values(samples) if critic is not None else None
+    values = critic.values(samples) if estimator == "gae" else None
     times["score_s"] = time.time() - t
 
     logp, mask = _frame(old_logp)
     ref, _ = _frame(ref_logp)
     kl = ppo.kl_estimate(logp, ref, kl_estimator) * mask
-    rewards = ppo.token_rewards(scores, kl, mask, kl_coef)
-    if critic is not None:
+    if estimator == "gae":
+        rewards = ppo.token_rewards(scores, kl, mask, kl_coef)
         v, _ = _frame(values)
         adv, returns = ppo.gae(rewards, v, mask, gamma, lam)
+        adv = ppo.masked_whiten(adv, mask)
     else:
-        returns = ppo.reward_to_go(rewards, mask, gamma)
-        adv = returns - (returns * mask).sum() / mask.sum()
-    adv = ppo.masked_whiten(adv, mask)
+        # Critic-free: the KL penalty folds into the sequence reward, the baseline is per batch
+        # (reinforce) or per prompt (rloo, group_norm); every token shares its sequence's advantage.
+        seq = scores - kl_coef * kl.sum(1)
+        adv = ppo.sequence_baselines(seq, samples_per_prompt, estimator)[:, None] * mask
+        returns = None
 
     for i, s in enumerate(samples):
         n = int(mask[i].sum())
         s["old_logprobs"] = old_logp[i]
         s["advantages"] = adv[i, :n].tolist()
-        if critic is not None:
+        if values is not None:
             s["old_values"] = values[i]
             s["returns"] = returns[i, :n].tolist()
 
     t = time.time()
-    mbs = minibatch or len(samples)
+    if len(samples) % minibatches:
+        raise ValueError(f"{len(samples)} samples do not split into {minibatches} minibatches")
+    mbs = len(samples) // minibatches
     stats: dict[str, float] = {}
     for epoch in range(epochs):
+        # A fixed shuffle per (seed, epoch): resumed runs see the same minibatches.
+        order = list(range(len(samples)))
+        if minibatches > 1:
+            random.Random(seed * 7919 + epoch).shuffle(order)
         for j in range(0, len(samples), mbs):
-            part = samples[j:j + mbs]
+            part = [samples[k] for k in order[j:j + mbs]]
             tokens = sum(len(s["response_ids"]) for s in part)
-            r = policy.ppo_update(part, tokens, clip, temperature)
+            r = policy.ppo_update(part, tokens, clip, temperature, entropy_coef)
             n = sum(r["tokens"])
             for k in ("loss", "clipfrac", "approx_kl", "entropy"):
-                stats.setdefault(f"{k}_epoch{epoch + 1}", 0.0)
-                stats[f"{k}_epoch{epoch + 1}"] += sum(r[k]) / n * len(part) / len(samples)
-            if critic is not None:
+                key = f"{k}_epoch{epoch + 1}"
+                stats[key] = stats.get(key, 0.0) + sum(r[k]) / n / minibatches
+            stats["grad_norm"] = r["grad_norm"][0]
+            if values is not None:
                 c = critic.value_update(part, tokens, value_clip)
-                stats["value_loss"] = stats.get("value_loss", 0.0) + sum(c["value_loss"]) / sum(c["tokens"]) \
-                    * len(part) / len(samples) / epochs
+                share = 1.0 / (minibatches * epochs)
+                stats["value_loss"] = stats.get("value_loss", 0.0) + sum(c["value_loss"]) / sum(c["tokens"]) * share
+                stats["vf_clipfrac"] = stats.get("vf_clipfrac", 0.0) + sum(c["vf_clipfrac"]) / sum(c["tokens"]) * share
     times["train_s"] = time.time() - t
-    seq_kl = (kl * mask).sum(1)
-    return {
-        "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        "kl": float(seq_kl.mean()), "response_length": float(mask.sum(1).mean()),
+    seq_kl = kl.sum(1)
+    out = {
+        "reward_mean": float(raw.mean()), "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+        "score_mean": float(scores.mean()),
+        "kl": float(seq_kl.mean()), "kl_coef": kl_coef, "response_length": float(mask.sum(1).mean()),
         "ended_rate": sum(s["ended"] for s in samples) / len(samples),
-        "policy_loss": stats.get(f"loss_epoch{epochs}", 0.0), "clipfrac": stats.get(f"clipfrac_epoch{epochs}", 0.0),
-        "approx_kl": stats.get(f"approx_kl_epoch{epochs}", 0.0), "entropy": stats.get(f"entropy_epoch{epochs}", 0.0),
-        **{k: v for k, v in stats.items() if "_epoch" in k}, "value_loss": stats.get("value_loss"),
-        **times, "samples": samples,
+        "policy_loss": stats[f"loss_epoch{epochs}"], "clipfrac": stats[f"clipfrac_epoch{epochs}"],
+        "approx_kl": stats[f"approx_kl_epoch{epochs}"], "entropy": stats[f"entropy_epoch{epochs}"],
+        **{k: v for k, v in stats.items() if "_epoch" in k},
+        "grad_norm": stats["grad_norm"],
     }
+    if values is not None:
+        out["value_loss"] = stats["value_loss"]
+        out["vf_clipfrac"] = stats["vf_clipfrac"]
+    out.update(times)
+    out["iteration_s"] = sum(times.values())
+    out["samples"] = samples
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+
+def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
+    p = cfg.ppo.prompts
+    rows = data.load_rows(p.source, [p.prompt_field], p.max_samples, p.shuffle_seed)
+    prompts = list(dict.fromkeys(str(r[p.prompt_field]) for r in rows if str(r[p.prompt_field]).strip()))
+    if len(prompts) <= p.eval_prompts:
+        raise ConfigError(f"ppo.prompts: {len(prompts)} distinct prompts in {p.source}, but eval_prompts "
+                          f"holds out {p.eval_prompts}")
+    held = prompts[:p.eval_prompts]
+    train = prompts[p.eval_prompts:]
+    if len(train) < cfg.ppo.algo.prompts_per_iteration:
+        raise ConfigError(f"ppo.algo.prompts_per_iteration ({cfg.ppo.algo.prompts_per_iteration}) exceeds the "
+                          f"{len(train)} training prompts")
+    return train, held
+
+
+def prompts_for_iteration(prompts: list[str], it: int, n: int, seed: int) -> list[str]:
+    """The prompts of iteration ``it``: a fixed function of (seed, it), so a resumed run
+    sees what an uninterrupted one would."""
+    per_epoch = len(prompts) // n
+    epoch, idx = divmod(it, per_epoch)
+    order = list(range(len(prompts)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [prompts[i] for i in order[idx * n:(idx + 1) * n]]
+
+
+def check_layout(cfg: Config) -> int:
+    """The PPO minibatch in examples, after checking it splits over each trainable group."""
+    a = cfg.ppo.algo
+    n = a.prompts_per_iteration * a.samples_per_prompt
+    if n % a.minibatches:
+        raise ConfigError(f"ppo.algo: {n} samples per iteration (prompts_per_iteration x samples_per_prompt) "
+                          f"do not split into {a.minibatches} minibatches")
+    mb = n // a.minibatches
+    roles = [("policy", cfg.ppo.policy)] + ([("critic", cfg.ppo.critic)] if a.estimator == "gae" else [])
+    for name, role in roles:
+        per = role.group.workers * role.train.micro_batch_size
+        if mb % per:
+            raise ConfigError(f"ppo: a minibatch of {mb} samples must be a multiple of ppo.{name}.group.workers x "
+                              f"ppo.{name}.train.micro_batch_size ({role.group.workers} x "
+                              f"{role.train.micro_batch_size})")
+    return mb
+
+
+def _kl_controller(cfg: Config, value: float | None = None):
+    k = cfg.ppo.algo.kl
+    v = k.coef if value is None else value
+    return ppo.AdaptiveKL(v, k.target, k.horizon) if k.target else ppo.FixedKL(v)
+
+
+def policy_start(cfg: Config, default: Path | None) -> ModelConfig:
+    if cfg.ppo.policy.model is not None:
+        return cfg.ppo.policy.model
+    if default is not None:
+        return ModelConfig(name=str(default), dtype=cfg.model.dtype)
+    return cfg.model
+
+
+@contextlib.contextmanager
+def _maybe_labeler(cfg: Config, needed: bool):
+    if not needed:
+        yield None
+        return
+    from .label import open_labeler
+
+    with open_labeler(cfg) as lab:
+        yield lab
+
+
+def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
+            start_model: Path | None = None, default_rm: Path | None = None) -> dict[str, Any]:
+    """``rayalign ppo``. ``start_model`` / ``default_rm`` are what the `run` pipeline's
+    earlier stages produced (the SFT policy, the trained reward model)."""
+    from ..workers.critic import CriticWorker
+    from ..workers.labeler import LabelerWorker
+    from ..workers.policy import PolicyWorker
+
+    if cfg.ppo is None:
+        raise ConfigError("this config has no `ppo` section")
+    pc, a = cfg.ppo, cfg.ppo.algo
+    mb = check_layout(cfg)
+    from ..rewards import open_rewards, preflight
+
+    preflight(cfg, default_rm)
+    train_prompts, held = load_prompts(cfg)
+    run_dir = prepare_run_dir(cfg, run_dir, "ppo", resume)
+    root = run_dir / "checkpoints"
+    start_it, kl_value, resume_from = 0, None, None
+    if resume and checkpoint.latest(root / "policy"):
+        resume_from = checkpoint.latest(root / "policy")
+        st = checkpoint.read_state(resume_from)["trainer"]
+        start_it, kl_value = int(st["iteration"]), float(st["kl_coef"])
+    critic_from = checkpoint.step_dir(root / "critic", start_it) if resume_from else None
+    if critic_from is not None and a.estimator == "gae" and not (critic_from / "state.json").is_file():
+        raise ConfigError(f"resume: {critic_from} is missing; the critic's checkpoint must match the policy's")
+
+    pmodel = policy_start(cfg, start_model)
+    cmodel = pc.critic.model or pmodel
+    kl_ctl = _kl_controller(cfg, kl_value)
+    need_labeler = any(r.type == "labeler" for r in pc.rewards) or pc.eval.win_rate
+    say(f"PPO: {len(train_prompts)} prompts ({len(held)} held out), {a.iterations} iterations of "
+        f"{a.prompts_per_iteration}x{a.samples_per_prompt} samples, estimator {a.estimator}, policy "
+        f"{pmodel.name} on {pc.policy.group.workers} worker(s) ZeRO-{pc.policy.group.zero.stage}"
+        + (f"; resuming after iteration {start_it}" if resume_from else ""))
+    tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-ppo")
+
+    t0 = time.time()
+    summary: dict[str, Any] = {}
+    history: list[dict] = []
+    ptrain = pc.policy.train.model_copy(update={"batch_size": mb})
+    ctrain = pc.critic.train.model_copy(update={"batch_size": mb})
+    # One optimizer step per minibatch; the schedule spans the whole run.
+    total_steps = a.iterations * a.epochs * a.minibatches
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ray_session(cfg.cluster))
+        policy = stack.enter_context(role_group("policy", PolicyWorker, pc.policy.group))
+        info = policy.init_model(pmodel.model_dump(), pc.policy.group.zero.model_dump(), ptrain.model_dump(),
+                                 total_steps, str(resume_from) if resume_from else None)
+        say(f"policy ready: {info['params'] / 1e6:.1f}M parameters")
+        reference = stack.enter_context(role_group("reference", LabelerWorker, pc.reference))
+        reference.init_model(pmodel.model_dump(), pc.reference.zero.model_dump(), True)
+        critic = None
+        if a.estimator == "gae":
+            critic = stack.enter_context(role_group("critic", CriticWorker, pc.critic.group))
+            critic.init_model(cmodel.model_dump(), pc.critic.group.zero.model_dump(), ctrain.model_dump(),
+                              total_steps, str(critic_from) if critic_from else None)
+        labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
+        rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
+        bar = Progress(a.iterations, "ppo", initial=start_it)
+        for it in range(start_it, a.iterations):
+            prompts = prompts_for_iteration(train_prompts, it, a.prompts_per_iteration, a.seed)
+            m = ppo_iteration(
+                policy, reference, critic, rewards, prompts, temperature=a.temperature, top_p=a.top_p,
+                max_new_tokens=a.max_new_tokens, kl_coef=kl_ctl.value, kl_estimator=a.kl.estimator,
+                estimator=a.estimator, samples_per_prompt=a.samples_per_prompt, gamma=a.gamma, lam=a.lam,
+                clip=a.clip, value_clip=a.value_clip, entropy_coef=a.entropy_coef, epochs=a.epochs,
+                minibatches=a.minibatches, missing_eos_penalty=a.missing_eos_penalty,
+                reward_clip=a.reward_clip, logprobs_from_rollout=a.logprobs_from_rollout,
+                rollout_batch_size=a.rollout_batch_size, seed=a.seed * 100_003 + it)
+            samples = m.pop("samples")
+            m.update(rewards.last_terms)
+            kl_ctl.update(m["kl"], len(samples))
+            done = it + 1
+            tracker.log("ppo", done, m)
+            history.append(m)
+            _write_samples(run_dir, done, samples)
+            bar.update(1, reward=m["reward_mean"], kl=m["kl"], s=m["iteration_s"])
+            if (a.save_every and done % a.save_every == 0) or done == a.iterations:
+                state = {"iteration": done, "kl_coef": kl_ctl.value}
+                if critic is not None:
+                    critic.save_checkpoint(str(root / "critic"), done, state, a.keep_checkpoints)
+                policy.save_checkpoint(str(root / "policy"), done, state, a.keep_checkpoints)
+        bar.close()
+        final = run_dir / "final" / "policy"
+        policy.export_hf(str(final))
+        ev: dict[str, Any] = {}
+        if pc.eval.win_rate and held:
+            ev = evaluate_win_rate(cfg, policy, reference, labeler, held)
+            tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
+        mem = policy.memory()
+    tracker.close()
+    plot_metrics(run_dir, "ppo", [["reward_mean"], ["kl"], ["approx_kl", "clipfrac"], ["value_loss"],
+                                  ["response_length"], ["generate_s", "score_s", "train_s"]],
+                 title=f"{cfg.name}: PPO")
+    from ..tracking import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl", "ppo")
+    first = rows[0] if rows else {}
+    last = rows[-1] if rows else {}
+    timed = rows[1:] or rows
+    summary = {
+        "stage": "ppo", "policy_start": pmodel.name, "estimator": a.estimator, "iterations": a.iterations,
+        "resumed_from_iteration": start_it if resume_from else None,
+        "policy_workers": pc.policy.group.workers, "zero_stage": pc.policy.group.zero.stage,
+        "reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
+        "reward_last3_mean": statistics.fmean(r["reward_mean"] for r in rows[-3:]) if rows else None,
+        "kl_last": last.get("kl"), "kl_max": max((r["kl"] for r in rows), default=None),
+        "first_update": {k: first.get(k) for k in sorted(first) if k.startswith(("approx_kl_epoch", "clipfrac_epoch"))},
+        "mean_generate_s": _mean(timed, "generate_s"), "mean_score_s": _mean(timed, "score_s"),
+        "mean_train_s": _mean(timed, "train_s"), "mean_iteration_s": _mean(timed, "iteration_s"),
+        **ev, "wall_time_s": time.time() - t0, "final_model": str(final),
+        "per_rank_state_mb": [round(x["total"] / 2**20, 1) for x in mem],
+    }
+    write_summary(run_dir, {"ppo": summary}, cfg.name)
+    return summary
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.fmean(vals) if vals else None
+
+
+def _write_samples(run_dir: Path, it: int, samples: list[dict]) -> None:
+    with (run_dir / "ppo_samples.jsonl").open("a") as fh:
+        for s in samples[:4]:
+            fh.write(json.dumps({"iteration": it, "prompt_tokens": len(s["prompt_ids"]),
+                                 "response": s["response"], "ended": s["ended"]}) + "\n")
+
+
+def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str]) -> dict[str, Any]:
+    """Greedy answers of the final policy and of the starting one (the reference) on
+    held-out prompts, judged by the labeler; and the judge's own agreement with gold pairs,
+    so the win rate comes with how far the judge can be trusted."""
+    from ..labeler import report
+
+    e = cfg.ppo.eval
+    n = len(held)
+    pad = (-n) % policy.world_size
+    after = policy.generate(held + held[:1] * pad, e.max_new_tokens, 0.0)[:n]
+    pad = (-n) % reference.world_size
+    before = reference.generate(held + held[:1] * pad, e.max_new_tokens, 0.0)[:n]
+    recs = labeler.label([{"context": q, "response_1": x.strip(), "response_2": y.strip()}
+                          for q, x, y in zip(held, after, before)])
+    wins = sum(1.0 if r["p"] > 0.5 else 0.5 if r["p"] == 0.5 else 0.0 for r in recs)
+    same = sum(x.strip() == y.strip() for x, y in zip(after, before))
+    out: dict[str, Any] = {"win_rate_vs_start": wins / n, "eval_prompts": n, "identical_answers": same,
+                           "judge": recs[0]["labeler"] if recs else None}
+    if e.judge_gold:
+        rows = data.load_rows(e.judge_gold, ["prompt", "response_1", "response_2"], None, 0)
+        rows = [r for r in rows if r.get("gold") in (1, 2, "1", "2")][:e.judge_gold_samples]
+        rep = report(labeler.label([{"context": r["prompt"], "response_1": r["response_1"],
+                                     "response_2": r["response_2"]} for r in rows]), [int(r["gold"]) for r in rows])
+        out["judge_agreement"] = rep.get("agreement")
+        out["judge_gold_pairs"] = rep.get("gold_pairs")
+    out["win_examples"] = [{"prompt": q, "final": x.strip()[:300], "start": y.strip()[:300], "p_final_better": r["p"]}
+                           for q, x, y, r in list(zip(held, after, before, recs))[:4]]
+    return out

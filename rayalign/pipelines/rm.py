@@ -24,6 +24,8 @@ def rm_model(cfg: Config) -> ModelConfig:
 
 def encode_pairs(cfg: Config) -> tuple[list[dict], list[dict]]:
     d = cfg.rm.data
+    if d.source is None:
+        raise ConfigError("rm.data.source is not set (only `rayalign run` fills it in, from its label stage)")
     mcfg = rm_model(cfg)
     tok = models.load_tokenizer(models.resolve(mcfg.name, mcfg.seed, mcfg.overrides, say=say))
     rows, origin = data.read_rows(d.source)

@@ -52,4 +52,9 @@ class CriticWorker(TrainableWorker):
             return loss * n, {"value_loss": float(loss.detach()) * float(n),
                               "vf_clipfrac": float(st["vf_clipfrac"]) * float(n), "tokens": int(n)}
 
-        return self.accumulate(samples, global_tokens, loss_of)
+        # Token-classification heads carry dropout (0.1 by default); PPO wants it off.
+        self.engine.eval()
+        try:
+            return self.accumulate(samples, global_tokens, loss_of)
+        finally:
+            self.engine.train()

@@ -99,18 +99,32 @@ class PolicyWorker(TrainableWorker):
                 chunk = chunk or prompts[:1]
                 texts = [chat_prompt(self.tok, p) for p in chunk]
                 enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                gen = module.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
+                res = module.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
                                       temperature=temperature, top_p=top_p, top_k=0,
-                                      pad_token_id=self.tok.pad_token_id, eos_token_id=eos, **sync)
+                                      pad_token_id=self.tok.pad_token_id, eos_token_id=eos,
+                                      output_logits=True, return_dict_in_generate=True, **sync)
                 width = enc["input_ids"].shape[1]
                 if idle:
                     continue
-                for row, attn, g in zip(enc["input_ids"], enc["attention_mask"], gen[:, width:]):
-                    resp = g.tolist()
+                gen = res.sequences[:, width:]
+                # The behaviour log-probs of the sampled tokens, from the raw logits of the
+                # sampling pass scaled by the temperature: the same quantity a second forward
+                # recomputes (PPO's old log-probs), without that forward.
+                step_logits = torch.stack(res.logits, 1).float()[:, :gen.shape[1]]
+                lp = torch.log_softmax(step_logits / temperature, -1).gather(-1, gen[..., None])[..., 0]
+                for row, attn, g, l in zip(enc["input_ids"], enc["attention_mask"], gen, lp):
+                    resp, lps = g.tolist(), l.tolist()
                     ended = eos in resp
-                    resp = resp[:resp.index(eos) + 1] if ended else resp
-                    resp = [t for t in resp if t != self.tok.pad_token_id] or [eos]
+                    cut = resp.index(eos) + 1 if ended else len(resp)
+                    keep = [j for j in range(cut) if resp[j] != self.tok.pad_token_id]
+                    if not keep:  # nothing but padding: score a lone EOS
+                        resp, lps = [eos], None
+                    else:
+                        resp, lps = [resp[j] for j in keep], [lps[j] for j in keep]
+                    if len(keep) != cut:
+                        lps = None  # a sampled pad was dropped: the sequence is no longer the sampled one
                     out.append({"prompt_ids": row[attn.bool()].tolist(), "response_ids": resp, "ended": ended,
+                                "rollout_logprobs": lps,
                                 "response": self.tok.decode(resp, skip_special_tokens=True)})
         module.config.use_cache = False
         module.train()
@@ -165,4 +179,9 @@ class PolicyWorker(TrainableWorker):
                            "approx_kl": float(st["approx_kl"]) * k, "entropy": float(ent.detach()) * k,
                            "tokens": int(k)}
 
-        return self.accumulate(samples, global_tokens, loss_of)
+        # Dropout off (SPECS 4): the ratio must compare the same function before and after.
+        self.engine.eval()
+        try:
+            return self.accumulate(samples, global_tokens, loss_of)
+        finally:
+            self.engine.train()

@@ -108,6 +108,21 @@ class RewardWorker(TrainableWorker):
             out = [(x - self.stats["mean"]) / max(self.stats["std"], 1e-6) for x in out]
         return out
 
+    @dispatch(SPLIT)
+    def score_texts(self, items: list[tuple[str, str]], normalize: bool = True, batch_size: int = 8) -> list[float]:
+        """Scores for (prompt, response) texts, encoded with this model's own tokenizer."""
+        from ..data import encode_rm
+
+        seqs = [encode_rm(self.tok, p, r, self.max_length) for p, r in items]
+        return self.score(seqs, normalize, batch_size)
+
+    max_length = 512
+
+    def after_load(self, src: Path) -> None:
+        f = Path(src) / STATS_FILE
+        if f.is_file():
+            self.stats = json.loads(f.read_text())
+
     @dispatch(ALL)
     def set_stats(self, mean: float, std: float) -> bool:
         self.stats = {"mean": float(mean), "std": float(std)}

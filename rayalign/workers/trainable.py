@@ -72,8 +72,12 @@ class TrainableWorker(Worker):
                 for _ in range(step):
                     self.engine.lr_scheduler.step()
             self.engine.global_steps = step
+        self.after_load(src)
         return {"load_s": time.time() - t0, "step": step,
                 "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())}
+
+    def after_load(self, src: Path) -> None:
+        """Role-specific files read beside the loaded model."""
 
     def load_kwargs(self) -> dict[str, Any]:
         return {}

@@ -1,0 +1,132 @@
+"""`rayalign run`: the whole RLAIF pipeline as stages of one run directory.
+
+SFT → two sampled responses per prompt from the SFT policy → AI labels → reward model
+on the soft labels → PPO from the SFT policy against that reward model. Each stage's
+output is the next one's input; a stage whose output exists is skipped, so a stopped run
+continues where it stopped (`--resume RUN_DIR`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError, ModelConfig
+from ..tracking import new_run_dir
+from .common import say
+
+STAGES = ("sft", "label", "rm", "ppo")
+
+
+def stage_done(run_dir: Path, stage: str) -> bool:
+    return {
+        "sft": (run_dir / "final" / "sft" / "config.json").is_file(),
+        "label": (run_dir / "label_report.json").is_file(),
+        "rm": (run_dir / "final" / "rm" / "config.json").is_file(),
+        "ppo": (run_dir / "final" / "policy" / "config.json").is_file()
+        and "ppo" in _read_summary(run_dir),
+    }[stage]
+
+
+def _read_summary(run_dir: Path) -> dict:
+    p = run_dir / "summary.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def wire(cfg: Config, run_dir: Path) -> Config:
+    """Point each stage at the outputs of the ones before it (where the config leaves it open)."""
+    cfg = cfg.model_copy(deep=True)
+    sft_out = run_dir / "final" / "sft"
+    if cfg.label is not None and cfg.label.sample is not None and cfg.label.sample.model is None and cfg.sft:
+        cfg.label.sample.model = ModelConfig(name=str(sft_out), dtype=cfg.model.dtype)
+    if cfg.rm is not None and cfg.rm.data.source is None:
+        if cfg.label is None:
+            raise ConfigError("rm.data.source is not set and the config has no label stage to take pairs from")
+        cfg.rm.data.source = str(run_dir / "labels.jsonl")
+    return cfg
+
+
+def run_pipeline(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    from .label import run_label
+    from .ppo import run_ppo
+    from .rm import run_rm
+    from .sft import run_sft
+
+    stages = [s for s in STAGES if getattr(cfg, s) is not None]
+    if not stages:
+        raise ConfigError("the config defines no pipeline stage (sft, label, rm, ppo)")
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg, "run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = wire(cfg, run_dir)
+    say(f"run directory: {run_dir}; stages: {' → '.join(stages)}")
+    times: dict[str, float] = {}
+    for stage in stages:
+        if stage_done(run_dir, stage):
+            say(f"{stage}: output exists; stage skipped")
+            continue
+        say(f"===== stage {stage} =====")
+        t = time.time()
+        if stage == "sft":
+            run_sft(cfg, run_dir=run_dir, resume=resume)
+        elif stage == "label":
+            run_label(cfg, run_dir=run_dir, resume=resume)
+        elif stage == "rm":
+            run_rm(cfg, run_dir=run_dir, resume=resume)
+        else:
+            sft_out = run_dir / "final" / "sft"
+            rm_out = run_dir / "final" / "rm"
+            run_ppo(cfg, run_dir=run_dir, resume=resume,
+                    start_model=sft_out if (sft_out / "config.json").is_file() else None,
+                    default_rm=rm_out if (rm_out / "config.json").is_file() else None)
+        times[stage] = time.time() - t
+        resume = True  # later stages of this run continue whatever a stopped earlier run left
+    headline = headline_table(run_dir, times)
+    (run_dir / "README.md").write_text(headline)
+    return {"run_dir": str(run_dir), "table": headline}
+
+
+def headline_table(run_dir: Path, times: dict[str, float]) -> str:
+    """The few figures that say whether the run worked, as a markdown table."""
+    s = _read_summary(run_dir)
+    rows: list[tuple[str, str]] = []
+
+    def f(x, fmt="{:.3f}"):
+        return "-" if x is None else fmt.format(x)
+
+    if "sft" in s:
+        rows.append(("SFT eval loss (before → after)",
+                     f"{f(s['sft'].get('eval_loss_before'))} → {f(s['sft'].get('eval_loss_after'))}"))
+    if "label" in s:
+        lab = s["label"]
+        dist = lab.get("label_distribution", {})
+        rows.append(("AI labels", f"{lab.get('pairs')} pairs by {lab.get('labeler')}; "
+                                  f"confident {f(dist.get('confident_share'), '{:.0%}')}"))
+    if "rm" in s:
+        rows.append(("reward model held-out accuracy (before → after)",
+                     f"{f(s['rm'].get('eval_accuracy_before'))} → {f(s['rm'].get('eval_accuracy'))}"))
+    if "ppo" in s:
+        p = s["ppo"]
+        rows.append(("PPO reward (first → last 3 iterations)",
+                     f"{f(p.get('reward_first'))} → {f(p.get('reward_last3_mean'))}"))
+        rows.append(("PPO KL to reference (last / max, nats per sequence)",
+                     f"{f(p.get('kl_last'))} / {f(p.get('kl_max'))}"))
+        fu = p.get("first_update") or {}
+        if fu:
+            rows.append(("first update approx KL / clipfrac (epoch 1)",
+                         f"{f(fu.get('approx_kl_epoch1'), '{:.4f}')} / {f(fu.get('clipfrac_epoch1'), '{:.3f}')}"))
+        rows.append(("PPO seconds per iteration (generate / score / train)",
+                     f"{f(p.get('mean_generate_s'), '{:.1f}')} / {f(p.get('mean_score_s'), '{:.1f}')} / "
+                     f"{f(p.get('mean_train_s'), '{:.1f}')}"))
+        if p.get("win_rate_vs_start") is not None:
+            rows.append(("win rate of the PPO policy vs the SFT policy (AI judge, held-out prompts)",
+                         f"{f(p['win_rate_vs_start'], '{:.0%}')} of {p.get('eval_prompts')} "
+                         f"({p.get('identical_answers')} identical)"))
+            rows.append(("judge agreement with gold labels (hhh-pairs)",
+                         f"{f(p.get('judge_agreement'), '{:.0%}')} on {p.get('judge_gold_pairs')} pairs "
+                         f"({p.get('judge')})"))
+    for stage, secs in times.items():
+        rows.append((f"{stage} wall time", f"{secs / 60:.1f} min"))
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    plots = sorted(p.name for p in (run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
+    return "\n".join([f"# {run_dir.name}", ""] + lines + ["", "Plots: " + ", ".join(f"plots/{x}" for x in plots), ""])

@@ -1,0 +1,185 @@
+"""Reward sources for PPO behind one call: ``scores(prompts, responses) -> floats``.
+
+A trained reward model on its own actor group, the AI labeler scoring each response
+directly (d-RLAIF), a Python function, or an HTTP endpoint; several are summed with
+their weights. Each source's raw mean is reported separately so a run shows which term
+moved.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .config import Config, ConfigError, ModelConfig, RewardSourceConfig
+from .errors import RayalignError
+
+
+class RewardError(RayalignError, RuntimeError):
+    """A reward source failed or answered something that is not one number per response."""
+
+
+def _checked(name: str, values: Any, n: int) -> list[float]:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise RewardError(f"reward source {name}: expected {n} scores, got {got}")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward source {name}: score {i} is {v!r}, not a number") from None
+        if not math.isfinite(f):
+            raise RewardError(f"reward source {name}: score {i} is {f}")
+        out.append(f)
+    return out
+
+
+class HTTPReward:
+    """POST ``{"prompts": [...], "responses": [...]}`` to ``url``; the answer is
+    ``{"rewards": [...]}``, one number per response. Timeouts and 5xx are retried with
+    back-off; an API key comes from an environment variable as a bearer token."""
+
+    def __init__(self, url: str, api_key_env: str | None = None, timeout_s: float = 30.0, retries: int = 3,
+                 batch_size: int = 64):
+        self.url, self.timeout_s, self.retries, self.batch_size = url, timeout_s, retries, batch_size
+        self.key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not self.key:
+            raise ConfigError(f"http reward: environment variable {api_key_env} is not set")
+
+    def _post(self, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    return json.loads(resp.read().decode())
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 and exc.code != 429:
+                    detail = exc.read().decode(errors="replace")[:300]
+                    raise RewardError(f"http reward {self.url}: HTTP {exc.code}: {detail}") from None
+                last = exc
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as exc:
+                last = exc
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+        raise RewardError(f"http reward {self.url}: no answer after {self.retries + 1} tries ({last})")
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(prompts), self.batch_size):
+            p, r = prompts[i:i + self.batch_size], responses[i:i + self.batch_size]
+            ans = self._post({"prompts": p, "responses": r})
+            if not isinstance(ans, dict) or "rewards" not in ans:
+                raise RewardError(f"http reward {self.url}: the answer has no 'rewards' list")
+            out += _checked(self.url, ans["rewards"], len(p))
+        return out
+
+
+def import_callable(spec: str) -> Callable:
+    from .labeler.backends import _import
+
+    try:
+        return _import(spec)
+    except Exception as exc:
+        raise ConfigError(f"cannot import reward function {spec!r}: {exc}") from None
+
+
+class RewardMix:
+    """Σ weight_i · source_i(prompts, responses); ``last_terms`` keeps each term's mean."""
+
+    def __init__(self, terms: list[tuple[str, float, Callable[[list[str], list[str]], list[float]]]]):
+        if not terms:
+            raise ConfigError("ppo.rewards: at least one reward source is needed")
+        self.terms = terms
+        self.last_terms: dict[str, float] = {}
+
+    def __call__(self, prompts: list[str], samples: list) -> list[float]:
+        """Scores for responses given as texts or as rollout samples (dicts with "response")."""
+        responses = [s["response"] if isinstance(s, dict) else s for s in samples]
+        total = [0.0] * len(prompts)
+        self.last_terms = {}
+        for name, weight, fn in self.terms:
+            vals = _checked(name, fn(prompts, responses), len(prompts))
+            self.last_terms[f"reward_{name}"] = sum(vals) / max(1, len(vals))
+            total = [t + weight * v for t, v in zip(total, vals)]
+        return total
+
+
+def _rm_scorer(group, normalize: bool) -> Callable[[list[str], list[str]], list[float]]:
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        n = len(prompts)
+        # Every rank gets work: pad to the group size, drop the padding after.
+        k = group.world_size
+        pad = (-n) % k if n >= k else k - n
+        p = prompts + prompts[:1] * pad
+        r = responses + responses[:1] * pad
+        return group.score_texts(list(zip(p, r)), normalize)[:n]
+
+    return score
+
+
+def rm_path(src: RewardSourceConfig, i: int, default_rm: Path | None) -> Path:
+    path = Path(src.path) if src.path else default_rm
+    if path is None or not (path / "config.json").is_file():
+        raise ConfigError(f"ppo.rewards[{i}]: type rm needs path: an exported reward model directory "
+                          f"(got {str(path) if path else 'none'}); `rayalign rm` writes one to RUN/final/rm")
+    return path
+
+
+def preflight(cfg: Config, default_rm: Path | None = None) -> None:
+    """Every reward source checked before any model loads: paths exist, functions import,
+    API keys are set."""
+    for i, src in enumerate(cfg.ppo.rewards):
+        if src.type == "rm":
+            rm_path(src, i, default_rm)
+        elif src.type == "function":
+            import_callable(src.function)
+        elif src.type == "http" and src.api_key_env and not os.environ.get(src.api_key_env):
+            raise ConfigError(f"ppo.rewards[{i}]: environment variable {src.api_key_env} is not set")
+
+
+@contextlib.contextmanager
+def open_rewards(cfg: Config, default_rm: Path | None = None, labeler=None) -> Iterator[RewardMix]:
+    """Start every configured source (reward groups included) for the block's duration.
+    ``labeler`` is an already opened :class:`Labeler` for ``labeler`` terms."""
+    from .pipelines.common import role_group
+    from .workers.reward import RewardWorker
+
+    terms = []
+    with contextlib.ExitStack() as stack:
+        names: dict[str, int] = {}
+        for i, src in enumerate(cfg.ppo.rewards):
+            names[src.type] = names.get(src.type, 0) + 1
+            name = src.type if names[src.type] == 1 else f"{src.type}{names[src.type]}"
+            terms.append((name, src.weight, _open_source(src, i, stack, default_rm, labeler, role_group, RewardWorker)))
+        yield RewardMix(terms)
+
+
+def _open_source(src: RewardSourceConfig, i: int, stack: contextlib.ExitStack, default_rm: Path | None,
+                 labeler, role_group, RewardWorker) -> Callable[[list[str], list[str]], list[float]]:
+    if src.type == "function":
+        fn = import_callable(src.function)
+        return lambda p, r: fn(p, r)
+    if src.type == "http":
+        return HTTPReward(src.url, src.api_key_env, src.timeout_s, src.retries, src.batch_size)
+    if src.type == "labeler":
+        if labeler is None:
+            raise ConfigError("ppo.rewards: a labeler term needs the labeler (internal: none was opened)")
+        return lambda p, r: labeler.rewards(list(zip(p, r)))
+    path = rm_path(src, i, default_rm)
+    grp = stack.enter_context(role_group(f"reward{i}" if i else "reward", RewardWorker, src.group))
+    from .config import TrainConfig
+
+    grp.init_model(ModelConfig(name=str(path)).model_dump(), src.group.zero.model_dump(),
+                   TrainConfig(batch_size=src.group.workers, micro_batch_size=1).model_dump(), 1)
+    return _rm_scorer(grp, src.normalize)
