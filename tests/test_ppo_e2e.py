@@ -84,3 +84,24 @@ def test_ppo_on_actor_groups(local_ray, stage):
         for g in groups:
             g.kill()
         placement.release(pools.values())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("estimator", ["reinforce", "rloo", "group_norm"])
+def test_critic_free_estimators_learn(tiny_dir, estimator):
+    from rayalign.cluster.group import LocalGroup
+    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.policy import PolicyWorker
+
+    pol = LocalGroup("policy", PolicyWorker, threads=1)
+    pol.init_model(MODEL, ZeroConfig().model_dump(), train_cfg().model_dump(), 200)
+    ref = LocalGroup("reference", LabelerWorker, threads=1)
+    ref.init_model(MODEL, {}, True)
+    history = []
+    for it in range(20):
+        m = ppo_iteration(pol, ref, None, even_share, PROMPTS[:8], temperature=1.0, max_new_tokens=16,
+                          kl_coef=0.05, estimator=estimator, samples_per_prompt=2, epochs=4, minibatches=2,
+                          seed=it)
+        assert "value_loss" not in m
+        history.append(m)
+    check_learns(history)

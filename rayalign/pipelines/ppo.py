@@ -47,7 +47,7 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
                   value_clip: float = 0.2, entropy_coef: float = 0.0, epochs: int = 1,
                   minibatches: int = 1, missing_eos_penalty: float | None = None,
                   reward_clip: float | None = None, logprobs_from_rollout: bool = True,
-                  rollout_batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
+                  rollout_batch_size: int = 16, min_new_tokens: int = 0, seed: int = 0) -> dict[str, Any]:
     """One PPO iteration. ``reward_fn(prompts, samples)`` gives one score per sample (the
     combined reward sources). Returns metrics and the samples."""
     if estimator == "gae" and critic is None:
@@ -56,7 +56,7 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     batch = [p for p in prompts for _ in range(samples_per_prompt)]  # a prompt's samples stay adjacent
 
     t = time.time()
-    samples = policy.rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size)
+    samples = policy.rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size, min_new_tokens)
     times["generate_s"] = time.time() - t
 
     t = time.time()

@@ -77,8 +77,10 @@ class PolicyWorker(TrainableWorker):
 
     @dispatch(SPLIT)
     def rollout(self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.7,
-                top_p: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
-        """Sample one response per prompt (left-padded batches). Each response is cut after its first EOS; ``ended`` says whether it had one."""
+                top_p: float = 1.0, seed: int = 0, batch_size: int = 8, min_new_tokens: int = 0) -> list[dict]:
+        """Sample one response per prompt (left-padded batches). Each response is cut after
+        its first EOS; ``ended`` says whether it had one. ``min_new_tokens`` keeps EOS away
+        that long (benchmarks use it for fixed-length responses)."""
         from ..data import chat_prompt
 
         module = self.engine.module
@@ -102,7 +104,7 @@ class PolicyWorker(TrainableWorker):
                 res = module.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
                                       temperature=temperature, top_p=top_p, top_k=0,
                                       pad_token_id=self.tok.pad_token_id, eos_token_id=eos,
-                                      output_logits=True, return_dict_in_generate=True, **sync)
+                                      min_new_tokens=min_new_tokens, output_logits=True, return_dict_in_generate=True, **sync)
                 width = enc["input_ids"].shape[1]
                 if idle:
                     continue

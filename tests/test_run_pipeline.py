@@ -1,0 +1,70 @@
+"""`rayalign run`: SFT → sampled pairs → AI labels → reward model → PPO in one run
+directory, on tiny models; stages with outputs are skipped when the run is resumed."""
+import json
+import os
+
+import pytest
+
+from rayalign.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+
+def test_run_all_stages_then_skip(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+name: tiny-run
+model: {{name: tiny-llama}}
+cluster: {{num_cpus: 2, object_store_memory_mb: 150}}
+tracking: {{root: {tmp_path / 'runs'}, wandb: disabled}}
+sft:
+  data: {{source: packaged:chatterbot, max_samples: 48, max_length: 48}}
+  group: {{workers: 2, cpus_per_worker: 0.5, zero: {{stage: 2}}}}
+  train: {{lr: 3.0e-3, batch_size: 8, micro_batch_size: 2, max_steps: 4}}
+labeler:
+  backend: {{type: hf, group: {{workers: 1, cpus_per_worker: 0.25}}}}
+label:
+  source: packaged:mixed-prompts
+  max_samples: 24
+  sample: {{max_new_tokens: 12, group: {{workers: 1, cpus_per_worker: 1}}}}
+rm:
+  model: {{name: tiny-bert}}
+  group: {{workers: 1, cpus_per_worker: 1}}
+  train: {{lr: 1.0e-3, batch_size: 4, micro_batch_size: 2, max_steps: 4}}
+ppo:
+  prompts: {{source: packaged:mixed-prompts, max_samples: 40, eval_prompts: 4}}
+  policy: {{group: {{workers: 1, cpus_per_worker: 0.5}}, train: {{lr: 1.0e-3, micro_batch_size: 4}}}}
+  reference: {{workers: 1, cpus_per_worker: 0.25}}
+  rewards:
+    - {{type: rm, weight: 1.0, group: {{workers: 1, cpus_per_worker: 0.25}}}}
+    - {{type: labeler, weight: 0.5}}
+    - {{type: function, weight: 2.0, function: "ppo_rewards:vowel_share"}}
+  algo: {{iterations: 2, prompts_per_iteration: 4, samples_per_prompt: 2, estimator: rloo, max_new_tokens: 8}}
+  eval: {{judge_gold_samples: 4, max_new_tokens: 8}}
+""")
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), "--run-dir", str(run)]) == 0
+    out = capsys.readouterr()
+    for f in ("final/sft/config.json", "samples.jsonl", "labels.jsonl", "label_report.json",
+              "final/rm/config.json", "final/rm/reward_stats.json", "final/policy/config.json",
+              "plots/sft.png", "plots/rm.png", "plots/ppo.png", "README.md"):
+        assert (run / f).is_file(), f
+    labels = [json.loads(x) for x in (run / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 24 and all(0 <= r["p"] <= 1 and r["response_1"] for r in labels)
+    s = json.loads((run / "summary.json").read_text())
+    assert set(s) >= {"sft", "label", "rm", "ppo"}
+    assert s["ppo"]["policy_start"] == str(run / "final" / "sft")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ppo_rows = [r for r in rows if r["stage"] == "ppo"]
+    assert len(ppo_rows) == 2 and {"reward_rm", "reward_labeler", "reward_function"} <= set(ppo_rows[0])
+    assert "win rate of the PPO policy vs the SFT policy" in out.out
+    assert "judge agreement with gold labels" in (run / "README.md").read_text()
+
+    # Everything exists: a resumed run skips every stage and changes nothing.
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["run", str(cfg), "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    for stage in ("sft", "label", "rm", "ppo"):
+        assert f"{stage}: output exists; stage skipped" in err
+    assert (run / "metrics.jsonl").read_text() == before
