@@ -63,7 +63,8 @@ def heads_dir(tmp: Path, seed: int) -> Path:
 
 # ---------------------------------------------------------------- TRL
 
-def run_trl(prompts: list[str], iterations: int, batch: int, length: int, threads: int, scalar: Path) -> dict:
+def run_trl(prompts: list[str], iterations: int, batch: int, length: int, threads: int, scalar: Path,
+            gradient_checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -87,6 +88,8 @@ def run_trl(prompts: list[str], iterations: int, batch: int, length: int, thread
 
     def timed(fn, key):
         def wrapper(*a, **k):
+            if torch.is_grad_enabled():  # a training forward (TRL reuses `forward` there)
+                return fn(*a, **k)
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
@@ -94,11 +97,11 @@ def run_trl(prompts: list[str], iterations: int, batch: int, length: int, thread
                 phase[key] += time.perf_counter() - t
         return wrapper
 
+    # Patched on the module TRL's trainer calls them through; restored below.
+    saved = (T.batch_generation, T.get_reward, T.forward)
     T.batch_generation = timed(T.batch_generation, "generate")
-    T.get_reward = timed(T.get_reward, "score")
-    # ``forward`` is the reference forward during rollout; in training TRL calls the
-    # wrapper model directly, so only rollout time lands here.
-    T.forward = timed(T.forward, "score")
+    T.get_reward = timed(T.get_reward, "score")   # value and reward forwards of the rollout
+    T.forward = timed(T.forward, "score")         # the reference forward of the rollout
 
     class Marks(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -118,15 +121,17 @@ def run_trl(prompts: list[str], iterations: int, batch: int, length: int, thread
             num_mini_batches=1, num_ppo_epochs=1, total_episodes=batch * iterations, response_length=length,
             temperature=0.7, local_rollout_forward_batch_size=batch, stop_token=None, learning_rate=3e-6,
             kl_coef=0.05, num_sample_generations=0, report_to="none", use_cpu=True, bf16=False,
-            save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+            save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+            gradient_checkpointing=gradient_checkpointing)
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                              train_dataset=ds, eval_dataset=ds, value_model=value, callbacks=[Marks()])
         trainer.train()
+    T.batch_generation, T.get_reward, T.forward = saved
     its = []
     for (t0, g0, s0), (t1, g1, s1) in zip(marks, marks[1:]):
         total, gen, score = t1 - t0, g1 - g0, s1 - s0
         its.append({"iteration_s": total, "generate_s": gen, "score_s": score, "train_s": total - gen - score})
-    return {"version": trl.__version__, "iterations": its}
+    return {"version": trl.__version__, "gradient_checkpointing": gradient_checkpointing, "iterations": its}
 
 
 # ---------------------------------------------------------------- rayalign
@@ -202,9 +207,13 @@ def main() -> None:
     prompts = prompts_for(a.batch * a.iterations)
     with tempfile.TemporaryDirectory() as tmp:
         scalar = heads_dir(Path(tmp), seed=0)
-        trl_res = run_trl(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar)
+        # TRL as it comes (its PPOConfig turns gradient checkpointing on), and tuned for
+        # speed (off, as rayalign runs).
+        trl_default = run_trl(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, True)
+        trl_fast = run_trl(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, False)
         ours = run_rayalign(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar)
-    t, r = summarise(trl_res["iterations"]), summarise(ours["iterations"])
+    t, tf, r = (summarise(x["iterations"]) for x in (trl_default, trl_fast, ours))
+    trl_res = trl_default
     result = {
         "benchmark": "ppo_vs_trl", "command": "python " + " ".join(sys.argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -213,14 +222,19 @@ def main() -> None:
                      "trl": trl_res["version"], "python": platform.python_version()},
         "settings": vars(a) | {"model": MODEL, "dtype": "float32", "ppo_epochs": 1, "minibatches": 1,
                                "temperature": 0.7},
-        "trl": {"mean": t, "iterations": trl_res["iterations"]},
+        "trl_default": {"mean": t, "iterations": trl_default["iterations"],
+                        "note": "PPOConfig defaults: gradient_checkpointing=True"},
+        "trl_no_checkpointing": {"mean": tf, "iterations": trl_fast["iterations"]},
         "rayalign": {"mean": r, "iterations": ours["iterations"]},
-        "speedup": t["iteration_s"] / r["iteration_s"],
+        "speedup_vs_trl_default": t["iteration_s"] / r["iteration_s"],
+        "speedup_vs_trl_no_checkpointing": tf["iteration_s"] / r["iteration_s"],
     }
-    print(f"\n{'phase':<12}{'TRL 1.12.0 s':>14}{'rayalign s':>12}{'ratio':>8}")
+    print(f"\n{'phase':<10}{'TRL default':>13}{'TRL no-ckpt':>13}{'rayalign':>10}{'vs default':>12}{'vs no-ckpt':>12}")
     for k in ("generate_s", "score_s", "train_s", "iteration_s"):
-        print(f"{k[:-2]:<12}{t[k]:>14.2f}{r[k]:>12.2f}{t[k] / r[k]:>7.2f}x")
-    print(f"\nrayalign is {result['speedup']:.2f}x TRL per PPO iteration (mean of iterations 2..{a.iterations})")
+        print(f"{k[:-2]:<10}{t[k]:>12.2f}s{tf[k]:>12.2f}s{r[k]:>9.2f}s{t[k] / r[k]:>11.2f}x{tf[k] / r[k]:>11.2f}x")
+    print(f"\nrayalign per PPO iteration (mean of iterations 2..{a.iterations}): "
+          f"{result['speedup_vs_trl_default']:.2f}x TRL 1.12.0 as configured by default, "
+          f"{result['speedup_vs_trl_no_checkpointing']:.2f}x TRL without gradient checkpointing")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1))

@@ -226,7 +226,7 @@ class RMDataConfig(Section):
 
 
 class RMConfig(Section):
-    data: RMDataConfig
+    data: RMDataConfig = Field(default_factory=RMDataConfig)
     model: Optional[ModelConfig] = Field(None, description="default: all-minilm-l6-v2 is a good small start")
     group: GroupConfig = Field(default_factory=GroupConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=2e-5, batch_size=16, micro_batch_size=4))
@@ -299,6 +299,10 @@ class PPOAlgoConfig(Section):
         True, description="take the behaviour log-probs from the sampling pass instead of a second forward "
         "(same quantity; saves one policy forward per iteration)")
     rollout_batch_size: int = Field(16, ge=1, description="prompts per generate() call on a rank")
+    overlap: Literal["shared_cores", "separate", "off"] = Field(
+        "shared_cores", description="run independent roles at once: shared_cores (roles packed on the same "
+        "CPUs: policy and critic updates overlap, splitting the threads), separate (roles on their own nodes or "
+        "GPUs: scoring overlaps too), off")
     seed: int = 0
     save_every: int = Field(0, ge=0, description="iterations between checkpoints (0 = at the end)")
     keep_checkpoints: int = Field(1, ge=1)

@@ -97,10 +97,12 @@ def import_callable(spec: str) -> Callable:
 class RewardMix:
     """Σ weight_i · source_i(prompts, responses); ``last_terms`` keeps each term's mean."""
 
-    def __init__(self, terms: list[tuple[str, float, Callable[[list[str], list[str]], list[float]]]]):
+    def __init__(self, terms: list[tuple[str, float, Callable[[list[str], list[str]], list[float]]]],
+                 groups: list | None = None):
         if not terms:
             raise ConfigError("ppo.rewards: at least one reward source is needed")
         self.terms = terms
+        self.groups = list(groups or [])  # actor groups behind the terms (RM, labeler)
         self.last_terms: dict[str, float] = {}
 
     def __call__(self, prompts: list[str], samples: list) -> list[float]:
@@ -125,6 +127,7 @@ def _rm_scorer(group, normalize: bool) -> Callable[[list[str], list[str]], list[
         r = responses + responses[:1] * pad
         return group.score_texts(list(zip(p, r)), normalize)[:n]
 
+    score.group = group
     return score
 
 
@@ -155,14 +158,21 @@ def open_rewards(cfg: Config, default_rm: Path | None = None, labeler=None) -> I
     from .pipelines.common import role_group
     from .workers.reward import RewardWorker
 
-    terms = []
+    terms, groups = [], []
     with contextlib.ExitStack() as stack:
         names: dict[str, int] = {}
         for i, src in enumerate(cfg.ppo.rewards):
             names[src.type] = names.get(src.type, 0) + 1
             name = src.type if names[src.type] == 1 else f"{src.type}{names[src.type]}"
-            terms.append((name, src.weight, _open_source(src, i, stack, default_rm, labeler, role_group, RewardWorker)))
-        yield RewardMix(terms)
+            fn = _open_source(src, i, stack, default_rm, labeler, role_group, RewardWorker)
+            terms.append((name, src.weight, fn))
+            if getattr(fn, "group", None) is not None:
+                groups.append(fn.group)
+        if labeler is not None and any(s.type == "labeler" for s in cfg.ppo.rewards):
+            grp = getattr(labeler.backend, "group", None)
+            if grp is not None:
+                groups.append(grp)
+        yield RewardMix(terms, groups)
 
 
 def _open_source(src: RewardSourceConfig, i: int, stack: contextlib.ExitStack, default_rm: Path | None,

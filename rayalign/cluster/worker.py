@@ -179,6 +179,18 @@ class Worker:
             n = int(t.item())
         return n
 
+    @dispatch(ALL)
+    def share_cores(self, ways: int = 1) -> int:
+        """Use 1/ways of this rank's threads while ``ways`` roles run at once on the same
+        cores (1 restores). Returns the thread count now in use."""
+        import torch
+
+        if not hasattr(self, "_own_threads"):
+            self._own_threads = self.threads or torch.get_num_threads()
+        n = max(1, self._own_threads // max(1, ways))
+        torch.set_num_threads(n)
+        return n
+
     def ping(self) -> int:
         return self.rank
 

@@ -47,9 +47,19 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
                   value_clip: float = 0.2, entropy_coef: float = 0.0, epochs: int = 1,
                   minibatches: int = 1, missing_eos_penalty: float | None = None,
                   reward_clip: float | None = None, logprobs_from_rollout: bool = True,
-                  rollout_batch_size: int = 16, min_new_tokens: int = 0, seed: int = 0) -> dict[str, Any]:
+                  rollout_batch_size: int = 16, min_new_tokens: int = 0, overlap: str = "shared_cores",
+                  seed: int = 0) -> dict[str, Any]:
     """One PPO iteration. ``reward_fn(prompts, samples)`` gives one score per sample (the
-    combined reward sources). Returns metrics and the samples."""
+    combined reward sources). Returns metrics and the samples.
+
+    ``overlap``: roles that do not depend on each other run at the same time. ``separate``
+    (roles on their own nodes or GPUs): reference, critic and reward scoring overlap, and
+    so do the policy and critic updates of each minibatch. ``shared_cores`` (roles packed
+    on the same CPUs): only the two updates overlap, each rank on its share of the
+    threads. ``off``: every call in turn.
+    """
+    if overlap not in ("shared_cores", "separate", "off"):
+        raise ValueError(f"overlap must be shared_cores, separate or off, not {overlap!r}")
     if estimator == "gae" and critic is None:
         raise ValueError("estimator gae needs a critic")
     times: dict[str, float] = {}
@@ -60,18 +70,25 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     times["generate_s"] = time.time() - t
 
     t = time.time()
-    raw = torch.tensor(reward_fn(batch, samples), dtype=torch.float32)
+    if logprobs_from_rollout and all(s.get("rollout_logprobs") is not None for s in samples):
+        old_logp = [s["rollout_logprobs"] for s in samples]
+    else:
+        old_logp = policy.token_logprobs(samples, temperature)
+    gae_on = estimator == "gae"
+    # Scoring forwards overlap only where roles have their own cores: on shared cores two
+    # threads on one forward beat one thread each on two (measured: benchmarks/README.md).
+    with contextlib.nullcontext():
+        go = overlap == "separate"
+        ref_f = reference.submit("token_logprobs", samples, temperature) if go else None
+        val_f = critic.submit("values", samples) if gae_on and go else None
+        raw = torch.tensor(reward_fn(batch, samples), dtype=torch.float32)
+        ref_logp = ref_f.result() if ref_f else reference.token_logprobs(samples, temperature)
+        values = (val_f.result() if val_f else critic.values(samples)) if gae_on else None
     scores = raw
     if missing_eos_penalty is not None:
         scores = ppo.eos_penalty(scores, torch.tensor([s["ended"] for s in samples]), missing_eos_penalty)
     if reward_clip is not None:
         scores = scores.clamp(-reward_clip, reward_clip)
-    if logprobs_from_rollout and all(s.get("rollout_logprobs") is not None for s in samples):
-        old_logp = [s["rollout_logprobs"] for s in samples]
-    else:
-        old_logp = policy.token_logprobs(samples, temperature)
-    ref_logp = reference.token_logprobs(samples, temperature)
-    values = critic.values(samples) if estimator == "gae" else None
     times["score_s"] = time.time() - t
 
     logp, mask = _frame(old_logp)
@@ -102,25 +119,9 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         raise ValueError(f"{len(samples)} samples do not split into {minibatches} minibatches")
     mbs = len(samples) // minibatches
     stats: dict[str, float] = {}
-    for epoch in range(epochs):
-        # A fixed shuffle per (seed, epoch): resumed runs see the same minibatches.
-        order = list(range(len(samples)))
-        if minibatches > 1:
-            random.Random(seed * 7919 + epoch).shuffle(order)
-        for j in range(0, len(samples), mbs):
-            part = [samples[k] for k in order[j:j + mbs]]
-            tokens = sum(len(s["response_ids"]) for s in part)
-            r = policy.ppo_update(part, tokens, clip, temperature, entropy_coef)
-            n = sum(r["tokens"])
-            for k in ("loss", "clipfrac", "approx_kl", "entropy"):
-                key = f"{k}_epoch{epoch + 1}"
-                stats[key] = stats.get(key, 0.0) + sum(r[k]) / n / minibatches
-            stats["grad_norm"] = r["grad_norm"][0]
-            if values is not None:
-                c = critic.value_update(part, tokens, value_clip)
-                share = 1.0 / (minibatches * epochs)
-                stats["value_loss"] = stats.get("value_loss", 0.0) + sum(c["value_loss"]) / sum(c["tokens"]) * share
-                stats["vf_clipfrac"] = stats.get("vf_clipfrac", 0.0) + sum(c["vf_clipfrac"]) / sum(c["tokens"]) * share
+    with _overlapped([policy, critic] if values is not None else [], overlap):
+        _updates(policy, critic if values is not None else None, samples, epochs, minibatches, mbs, clip,
+                 value_clip, temperature, entropy_coef, seed, overlap, stats)
     times["train_s"] = time.time() - t
     seq_kl = kl.sum(1)
     out = {
@@ -140,6 +141,51 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     out["iteration_s"] = sum(times.values())
     out["samples"] = samples
     return out
+
+
+@contextlib.contextmanager
+def _overlapped(groups: list, overlap: str):
+    """Split the cores among roles that run at once (``shared_cores``), then give each
+    its own threads back."""
+    from ..cluster.group import ActorGroup
+
+    groups = [g for g in groups if isinstance(g, ActorGroup)]  # in process, calls run in turn anyway
+    if overlap != "shared_cores" or len(groups) < 2:
+        yield
+        return
+    for g in groups:
+        g.share_cores(len(groups))
+    try:
+        yield
+    finally:
+        for g in groups:
+            g.share_cores(1)
+
+
+def _updates(policy, critic, samples, epochs, minibatches, mbs, clip, value_clip, temperature, entropy_coef,
+             seed, overlap, stats) -> None:
+    """PPO epochs x minibatches of policy (and critic) steps; the critic's step runs beside
+    the policy's."""
+    for epoch in range(epochs):
+        order = list(range(len(samples)))
+        if minibatches > 1:  # a fixed shuffle per (seed, epoch): resumed runs see the same minibatches
+            random.Random(seed * 7919 + epoch).shuffle(order)
+        for j in range(0, len(samples), mbs):
+            part = [samples[k] for k in order[j:j + mbs]]
+            tokens = sum(len(s["response_ids"]) for s in part)
+            pending = critic.submit("value_update", part, tokens, value_clip) \
+                if critic is not None and overlap != "off" else None
+            r = policy.ppo_update(part, tokens, clip, temperature, entropy_coef)
+            n = sum(r["tokens"])
+            for k in ("loss", "clipfrac", "approx_kl", "entropy"):
+                key = f"{k}_epoch{epoch + 1}"
+                stats[key] = stats.get(key, 0.0) + sum(r[k]) / n / minibatches
+            stats["grad_norm"] = r["grad_norm"][0]
+            if critic is not None:
+                c = pending.result() if pending else critic.value_update(part, tokens, value_clip)
+                share = 1.0 / (minibatches * epochs)
+                stats["value_loss"] = stats.get("value_loss", 0.0) + sum(c["value_loss"]) / sum(c["tokens"]) * share
+                stats["vf_clipfrac"] = stats.get("vf_clipfrac", 0.0) + sum(c["vf_clipfrac"]) / sum(c["tokens"]) * share
 
 
 # ---------------------------------------------------------------- the command
@@ -282,7 +328,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 clip=a.clip, value_clip=a.value_clip, entropy_coef=a.entropy_coef, epochs=a.epochs,
                 minibatches=a.minibatches, missing_eos_penalty=a.missing_eos_penalty,
                 reward_clip=a.reward_clip, logprobs_from_rollout=a.logprobs_from_rollout,
-                rollout_batch_size=a.rollout_batch_size, seed=a.seed * 100_003 + it)
+                rollout_batch_size=a.rollout_batch_size, overlap=a.overlap, seed=a.seed * 100_003 + it)
             samples = m.pop("samples")
             m.update(rewards.last_terms)
             kl_ctl.update(m["kl"], len(samples))

@@ -29,7 +29,9 @@ def encode_pairs(cfg: Config) -> tuple[list[dict], list[dict]]:
     mcfg = rm_model(cfg)
     tok = models.load_tokenizer(models.resolve(mcfg.name, mcfg.seed, mcfg.overrides, say=say))
     rows, origin = data.read_rows(d.source)
-    data.validate_rows(rows, [d.prompt_field, d.response_1_field, d.response_2_field], origin)
+    # A sampled response may be empty (the policy stopped at once): a poor answer, still a preference.
+    data.validate_rows(rows, [d.prompt_field, d.response_1_field, d.response_2_field], origin,
+                       allow_empty=[d.response_1_field, d.response_2_field])
     pairs = []
     for i, r in enumerate(rows, 1):
         if d.p_field not in r or r[d.p_field] is None:

@@ -112,9 +112,11 @@ def headline_table(run_dir: Path, times: dict[str, float]) -> str:
         rows.append(("PPO KL to reference (last / max, nats per sequence)",
                      f"{f(p.get('kl_last'))} / {f(p.get('kl_max'))}"))
         fu = p.get("first_update") or {}
-        if fu:
-            rows.append(("first update approx KL / clipfrac (epoch 1)",
-                         f"{f(fu.get('approx_kl_epoch1'), '{:.4f}')} / {f(fu.get('clipfrac_epoch1'), '{:.3f}')}"))
+        epochs = sorted(int(k.rsplit("epoch", 1)[1]) for k in fu if k.startswith("approx_kl_epoch"))
+        if epochs:
+            rows.append((f"first update approx KL / clipfrac, epochs {'/'.join(map(str, epochs))}",
+                         " / ".join(f(fu.get(f"approx_kl_epoch{e}"), "{:.4f}") for e in epochs) + " ; "
+                         + " / ".join(f(fu.get(f"clipfrac_epoch{e}"), "{:.3f}") for e in epochs)))
         rows.append(("PPO seconds per iteration (generate / score / train)",
                      f"{f(p.get('mean_generate_s'), '{:.1f}')} / {f(p.get('mean_score_s'), '{:.1f}')} / "
                      f"{f(p.get('mean_train_s'), '{:.1f}')}"))
