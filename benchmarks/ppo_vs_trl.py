@@ -137,7 +137,7 @@ def run_trl(prompts: list[str], iterations: int, batch: int, length: int, thread
 # ---------------------------------------------------------------- rayalign
 
 def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, threads: int,
-                 scalar: Path) -> dict:
+                 scalar: Path, defer_critic: bool = False) -> dict:
     from rayalign.cluster import placement, ray_session
     from rayalign.cluster.group import ActorGroup
     from rayalign.config import ClusterConfig, GroupConfig, ModelConfig, TrainConfig, ZeroConfig
@@ -171,10 +171,15 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
             critic.init_model(ModelConfig(name=str(scalar)).model_dump(), zero, train, iterations)
             reward.init_model(ModelConfig(name=str(scalar)).model_dump(), zero, train, 1)
             score = RewardMix([("rm", 1.0, _rm_scorer(reward, normalize=False))])
+            backlog = None
             for it in range(iterations):
+                # With --defer-critic the critic's update of iteration k runs beside the rollout
+                # of k+1 (each timed iteration still carries one critic update, like TRL's).
                 m = ppo_iteration(policy, reference, critic, score, prompts[it * batch:(it + 1) * batch],
                                   temperature=0.7, max_new_tokens=length, min_new_tokens=length,
-                                  kl_coef=0.05, epochs=1, minibatches=1, rollout_batch_size=batch, seed=it)
+                                  kl_coef=0.05, epochs=1, minibatches=1, rollout_batch_size=batch,
+                                  defer_critic=defer_critic, critic_backlog=backlog, seed=it)
+                backlog = m.pop("critic_backlog", None)
                 m.pop("samples")
                 its.append({k: m[k] for k in ("iteration_s", "generate_s", "score_s", "train_s",
                                               "response_length", "approx_kl_epoch1", "kl")})
@@ -198,6 +203,8 @@ def main() -> None:
     ap.add_argument("--response-length", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the result JSON here")
+    ap.add_argument("--defer-critic", action="store_true",
+                    help="run each critic update beside the next rollout (ppo.algo.defer_critic_update)")
     a = ap.parse_args()
 
     import ray
@@ -211,7 +218,7 @@ def main() -> None:
         # speed (off, as rayalign runs).
         trl_default = run_trl(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, True)
         trl_fast = run_trl(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, False)
-        ours = run_rayalign(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar)
+        ours = run_rayalign(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, a.defer_critic)
     t, tf, r = (summarise(x["iterations"]) for x in (trl_default, trl_fast, ours))
     trl_res = trl_default
     result = {

@@ -303,6 +303,10 @@ class PPOAlgoConfig(Section):
         "shared_cores", description="run independent roles at once: shared_cores (roles packed on the same "
         "CPUs: policy and critic updates overlap, splitting the threads), separate (roles on their own nodes or "
         "GPUs: scoring overlaps too), off")
+    defer_critic_update: bool = Field(
+        False, description="run the critic's update on a rollout beside the next rollout's sampling (same "
+        "arithmetic: the critic is read only after it); for roles on separate devices. On shared CPU cores it "
+        "loses: decoding is memory-bound and slows 2-3x beside a backward pass (benchmarks/README.md)")
     seed: int = 0
     save_every: int = Field(0, ge=0, description="iterations between checkpoints (0 = at the end)")
     keep_checkpoints: int = Field(1, ge=1)

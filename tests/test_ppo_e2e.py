@@ -102,9 +102,43 @@ def test_critic_free_estimators_learn(tiny_dir, estimator):
     ref.init_model(MODEL, {}, True)
     history = []
     for it in range(20):
-        m = ppo_iteration(pol, ref, None, even_share, PROMPTS[:8], temperature=1.0, max_new_tokens=16,
-                          kl_coef=0.05, estimator=estimator, samples_per_prompt=2, epochs=4, minibatches=2,
+        m = ppo_iteration(pol, ref, None, even_share, PROMPTS[:4], temperature=1.0, max_new_tokens=16,
+                          kl_coef=0.05, estimator=estimator, samples_per_prompt=4, epochs=4, minibatches=2,
                           seed=it)
         assert "value_loss" not in m
         history.append(m)
     check_learns(history)
+
+
+@pytest.mark.timeout(300)
+def test_deferred_critic_update_is_the_same_arithmetic(tiny_dir):
+    """Running the critic's update beside the next rollout reorders work, not math."""
+    from rayalign.cluster.group import LocalGroup
+    from rayalign.pipelines.ppo import flush_critic
+    from rayalign.workers.critic import CriticWorker
+    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.policy import PolicyWorker
+
+    def trajectory(defer):
+        tr = train_cfg().model_dump()
+        pol = LocalGroup("policy", PolicyWorker, threads=1)
+        pol.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
+        ref = LocalGroup("reference", LabelerWorker, threads=1)
+        ref.init_model(MODEL, {}, True)
+        cri = LocalGroup("critic", CriticWorker, threads=1)
+        cri.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
+        rows, backlog = [], None
+        for it in range(4):
+            m = ppo_iteration(pol, ref, cri, even_share, PROMPTS, temperature=1.0, max_new_tokens=16, kl_coef=0.05,
+                              epochs=2, minibatches=2, seed=it, defer_critic=defer, critic_backlog=backlog)
+            backlog = m.pop("critic_backlog", None)
+            rows.append(m)
+        if defer:
+            assert backlog and "value_loss" in rows[1] and "value_loss" not in rows[0]
+            assert flush_critic(cri, backlog)["value_loss"] > 0
+        return rows
+
+    a, b = trajectory(False), trajectory(True)
+    for x, y in zip(a, b):
+        for k in ("reward_mean", "kl", "policy_loss", "approx_kl_epoch2"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k

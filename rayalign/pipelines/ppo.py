@@ -48,6 +48,7 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
                   minibatches: int = 1, missing_eos_penalty: float | None = None,
                   reward_clip: float | None = None, logprobs_from_rollout: bool = True,
                   rollout_batch_size: int = 16, min_new_tokens: int = 0, overlap: str = "shared_cores",
+                  defer_critic: bool = False, critic_backlog: list | None = None,
                   seed: int = 0) -> dict[str, Any]:
     """One PPO iteration. ``reward_fn(prompts, samples)`` gives one score per sample (the
     combined reward sources). Returns metrics and the samples.
@@ -66,7 +67,16 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     batch = [p for p in prompts for _ in range(samples_per_prompt)]  # a prompt's samples stay adjacent
 
     t = time.time()
-    samples = policy.rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size, min_new_tokens)
+    backlog_in = list(critic_backlog or [])
+    with _overlapped([policy, critic] if backlog_in and overlap != "off" else [], overlap):
+        # Submitted after the cores are shared: an actor runs its calls in order.
+        pending = [critic.submit("value_update", part, tokens, value_clip) for part, tokens in backlog_in]
+        if pending and overlap == "off":
+            for p in pending:
+                p.result()
+        samples = policy.rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size,
+                                 min_new_tokens)
+        critic_stats = _critic_stats([p.result() for p in pending])
     times["generate_s"] = time.time() - t
 
     t = time.time()
@@ -104,6 +114,10 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         # (reinforce) or per prompt (rloo, group_norm); every token shares its sequence's advantage.
         seq = scores - kl_coef * kl.sum(1)
         adv = ppo.sequence_baselines(seq, samples_per_prompt, estimator)[:, None] * mask
+        if estimator != "group_norm":  # already on a unit scale per group
+            # Whitened like GAE's: the step size then does not depend on the reward's scale
+            # (as in REINFORCE++ and RLOO's normalised advantages).
+            adv = ppo.masked_whiten(adv, mask)
         returns = None
 
     for i, s in enumerate(samples):
@@ -119,9 +133,11 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         raise ValueError(f"{len(samples)} samples do not split into {minibatches} minibatches")
     mbs = len(samples) // minibatches
     stats: dict[str, float] = {}
-    with _overlapped([policy, critic] if values is not None else [], overlap):
-        _updates(policy, critic if values is not None else None, samples, epochs, minibatches, mbs, clip,
-                 value_clip, temperature, entropy_coef, seed, overlap, stats)
+    backlog: list | None = [] if values is not None and defer_critic else None
+    now = values is not None and not defer_critic
+    with _overlapped([policy, critic] if now else [], overlap):
+        _updates(policy, critic if now else None, samples, epochs, minibatches, mbs, clip,
+                 value_clip, temperature, entropy_coef, seed, overlap, stats, backlog)
     times["train_s"] = time.time() - t
     seq_kl = kl.sum(1)
     out = {
@@ -134,9 +150,13 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         **{k: v for k, v in stats.items() if "_epoch" in k},
         "grad_norm": stats["grad_norm"],
     }
-    if values is not None:
+    if now:
         out["value_loss"] = stats["value_loss"]
         out["vf_clipfrac"] = stats["vf_clipfrac"]
+    elif critic_stats:
+        out.update(critic_stats)
+    if backlog is not None:
+        out["critic_backlog"] = backlog
     out.update(times)
     out["iteration_s"] = sum(times.values())
     out["samples"] = samples
@@ -162,8 +182,22 @@ def _overlapped(groups: list, overlap: str):
             g.share_cores(1)
 
 
+def _critic_stats(results: list[dict]) -> dict[str, float]:
+    """Token-weighted mean value loss and clip fraction over finished critic updates."""
+    if not results:
+        return {}
+    n = sum(sum(r["tokens"]) for r in results)
+    return {"value_loss": sum(sum(r["value_loss"]) for r in results) / n,
+            "vf_clipfrac": sum(sum(r["vf_clipfrac"]) for r in results) / n}
+
+
+def flush_critic(critic, backlog: list | None, value_clip: float = 0.2) -> dict[str, float]:
+    """Run deferred critic updates now (in order); their loss statistics."""
+    return _critic_stats([critic.value_update(part, tokens, value_clip) for part, tokens in backlog or []])
+
+
 def _updates(policy, critic, samples, epochs, minibatches, mbs, clip, value_clip, temperature, entropy_coef,
-             seed, overlap, stats) -> None:
+             seed, overlap, stats, backlog=None) -> None:
     """PPO epochs x minibatches of policy (and critic) steps; the critic's step runs beside
     the policy's."""
     for epoch in range(epochs):
@@ -173,6 +207,8 @@ def _updates(policy, critic, samples, epochs, minibatches, mbs, clip, value_clip
         for j in range(0, len(samples), mbs):
             part = [samples[k] for k in order[j:j + mbs]]
             tokens = sum(len(s["response_ids"]) for s in part)
+            if backlog is not None:
+                backlog.append((part, tokens))
             pending = critic.submit("value_update", part, tokens, value_clip) \
                 if critic is not None and overlap != "off" else None
             r = policy.ppo_update(part, tokens, clip, temperature, entropy_coef)
@@ -319,6 +355,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
         rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
         bar = Progress(a.iterations, "ppo", initial=start_it)
+        backlog: list | None = None
+        waiting: tuple[int, dict] | None = None  # a row whose critic losses are still to come
         for it in range(start_it, a.iterations):
             prompts = prompts_for_iteration(train_prompts, it, a.prompts_per_iteration, a.seed)
             m = ppo_iteration(
@@ -328,16 +366,34 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 clip=a.clip, value_clip=a.value_clip, entropy_coef=a.entropy_coef, epochs=a.epochs,
                 minibatches=a.minibatches, missing_eos_penalty=a.missing_eos_penalty,
                 reward_clip=a.reward_clip, logprobs_from_rollout=a.logprobs_from_rollout,
-                rollout_batch_size=a.rollout_batch_size, overlap=a.overlap, seed=a.seed * 100_003 + it)
+                rollout_batch_size=a.rollout_batch_size, overlap=a.overlap,
+                defer_critic=a.defer_critic_update and a.overlap != "off", critic_backlog=backlog,
+                seed=a.seed * 100_003 + it)
             samples = m.pop("samples")
+            backlog = m.pop("critic_backlog", None)
+            done = it + 1
+            if waiting is not None:
+                # The critic update of the previous rollout finished during this rollout: its
+                # losses belong to the previous iteration's row, which is logged now.
+                prev_done, prev = waiting
+                prev.update({k: m.pop(k) for k in ("value_loss", "vf_clipfrac") if k in m})
+                tracker.log("ppo", prev_done, prev)
+                waiting = None
+            checkpoint_due = (a.save_every and done % a.save_every == 0) or done == a.iterations
+            if checkpoint_due and backlog:
+                # The checkpoint (and the run's end) holds the critic after its last update.
+                m.update(flush_critic(critic, backlog, a.value_clip))
+                backlog = None
             m.update(rewards.last_terms)
             kl_ctl.update(m["kl"], len(samples))
-            done = it + 1
-            tracker.log("ppo", done, m)
+            if backlog:
+                waiting = (done, m)
+            else:
+                tracker.log("ppo", done, m)
             history.append(m)
             _write_samples(run_dir, done, samples)
             bar.update(1, reward=m["reward_mean"], kl=m["kl"], s=m["iteration_s"])
-            if (a.save_every and done % a.save_every == 0) or done == a.iterations:
+            if checkpoint_due:
                 state = {"iteration": done, "kl_coef": kl_ctl.value}
                 if critic is not None:
                     critic.save_checkpoint(str(root / "critic"), done, state, a.keep_checkpoints)
