@@ -8,17 +8,14 @@ moved.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import Config, ConfigError, ModelConfig, RewardSourceConfig
 from .errors import RayalignError
+from .httpjson import post_json
 
 
 class RewardError(RayalignError, RuntimeError):
@@ -54,25 +51,7 @@ class HTTPReward:
             raise ConfigError(f"http reward: environment variable {api_key_env} is not set")
 
     def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read().decode())
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500 and exc.code != 429:
-                    detail = exc.read().decode(errors="replace")[:300]
-                    raise RewardError(f"http reward {self.url}: HTTP {exc.code}: {detail}") from None
-                last = exc
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as exc:
-                last = exc
-            time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        raise RewardError(f"http reward {self.url}: no answer after {self.retries + 1} tries ({last})")
+        return post_json(self.url, body, RewardError, self.key, self.timeout_s, self.retries)
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         out: list[float] = []

@@ -12,16 +12,15 @@ function.
 """
 from __future__ import annotations
 
+
 import importlib
 import json
 import math
 import os
-import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Protocol
 
 from ..errors import RayalignError
+from ..httpjson import post_json
 
 
 class LabelerError(RayalignError, RuntimeError):
@@ -134,30 +133,7 @@ class HTTPBackend:
         self.name = f"http:{self.url}"
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except json.JSONDecodeError:
-                    raise LabelerError(f"{self.url} answered with non-JSON: {raw[:200]!r}") from None
-            except urllib.error.HTTPError as exc:
-                last = exc
-                if exc.code < 500 and exc.code != 429:  # the request itself is wrong: no retry
-                    raise LabelerError(f"{self.url} refused the request: HTTP {exc.code} "
-                                       f"{exc.read()[:200]!r}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                last = exc
-            if attempt < self.retries:
-                time.sleep(self.backoff_s * 2 ** attempt)
-        raise LabelerError(f"{self.url}: no answer after {self.retries + 1} tries ({last})")
+        return post_json(self.url, body, LabelerError, self.api_key, self.timeout_s, self.retries, self.backoff_s)
 
     def _wrap(self, prompt: str) -> str:
         return f"{self.chat_prefix}{prompt}{self.chat_suffix}"
