@@ -39,8 +39,8 @@ def check_learns(history):
     assert history[0]["approx_kl_epoch1"] < 0.05  # first epoch starts from the sampling policy
 
 
-@pytest.mark.timeout(300)
-def test_ppo_in_process(tiny_dir):
+def local_roles():
+    """Policy, reference and critic in this process (no Ray), one thread each."""
     from rayalign.cluster.group import LocalGroup
     from rayalign.workers.critic import CriticWorker
     from rayalign.workers.labeler import LabelerWorker
@@ -53,7 +53,12 @@ def test_ppo_in_process(tiny_dir):
     ref.init_model(MODEL, {}, True)
     cri = LocalGroup("critic", CriticWorker, threads=1)
     cri.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
-    check_learns(run(pol, ref, cri, 20))
+    return pol, ref, cri
+
+
+@pytest.mark.timeout(300)
+def test_ppo_in_process(tiny_dir):
+    check_learns(run(*local_roles(), 20))
 
 
 @pytest.mark.ray
@@ -113,20 +118,10 @@ def test_critic_free_estimators_learn(tiny_dir, estimator):
 @pytest.mark.timeout(300)
 def test_deferred_critic_update_is_the_same_arithmetic(tiny_dir):
     """Running the critic's update beside the next rollout reorders work, not math."""
-    from rayalign.cluster.group import LocalGroup
     from rayalign.pipelines.ppo import flush_critic
-    from rayalign.workers.critic import CriticWorker
-    from rayalign.workers.labeler import LabelerWorker
-    from rayalign.workers.policy import PolicyWorker
 
     def trajectory(defer):
-        tr = train_cfg().model_dump()
-        pol = LocalGroup("policy", PolicyWorker, threads=1)
-        pol.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
-        ref = LocalGroup("reference", LabelerWorker, threads=1)
-        ref.init_model(MODEL, {}, True)
-        cri = LocalGroup("critic", CriticWorker, threads=1)
-        cri.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
+        pol, ref, cri = local_roles()
         rows, backlog = [], None
         for it in range(4):
             m = ppo_iteration(pol, ref, cri, even_share, PROMPTS, temperature=1.0, max_new_tokens=16, kl_coef=0.05,

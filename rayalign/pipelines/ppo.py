@@ -20,7 +20,7 @@ import torch
 from .. import checkpoint, data
 from ..algos import ppo
 from ..cluster import ray_session
-from ..config import Config, ConfigError, GroupConfig, ModelConfig
+from ..config import Config, ConfigError, ModelConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import prepare_run_dir, role_group, say
 
@@ -87,13 +87,12 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     gae_on = estimator == "gae"
     # Scoring forwards overlap only where roles have their own cores: on shared cores two
     # threads on one forward beat one thread each on two (measured: benchmarks/README.md).
-    with contextlib.nullcontext():
-        go = overlap == "separate"
-        ref_f = reference.submit("token_logprobs", samples, temperature) if go else None
-        val_f = critic.submit("values", samples) if gae_on and go else None
-        raw = torch.tensor(reward_fn(batch, samples), dtype=torch.float32)
-        ref_logp = ref_f.result() if ref_f else reference.token_logprobs(samples, temperature)
-        values = (val_f.result() if val_f else critic.values(samples)) if gae_on else None
+    go = overlap == "separate"
+    ref_f = reference.submit("token_logprobs", samples, temperature) if go else None
+    val_f = critic.submit("values", samples) if gae_on and go else None
+    raw = torch.tensor(reward_fn(batch, samples), dtype=torch.float32)
+    ref_logp = ref_f.result() if ref_f else reference.token_logprobs(samples, temperature)
+    values = (val_f.result() if val_f else critic.values(samples)) if gae_on else None
     scores = raw
     if missing_eos_penalty is not None:
         scores = ppo.eos_penalty(scores, torch.tensor([s["ended"] for s in samples]), missing_eos_penalty)
