@@ -68,6 +68,60 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def cmd_aligner(args) -> int:
+    from .pipelines.aligner import run_aligner_build, run_aligner_train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.action == "build":
+        if args.resume:
+            raise ConfigError("aligner build has no --resume (it rewrites its output)")
+        _print_summary(run_aligner_build(cfg, _run_dir(args)))
+    else:
+        summary = run_aligner_train(cfg, run_dir=_run_dir(args), resume=bool(args.resume))
+        _print_summary(summary)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve an Aligner checkpoint on Ray Serve (or write the Serve config that does)."""
+    import yaml
+
+    from .aligner import find_model_dir
+    from .cluster import ray_session
+
+    cfg = load_config(args.config, args.overrides)
+    checkpoint = args.checkpoint or cfg.serve.checkpoint
+    if not checkpoint:
+        raise ConfigError("serve needs a checkpoint: `rayalign serve RUN_DIR|MODEL_DIR`")
+    model_dir = find_model_dir(checkpoint)  # a wrong path stops here, before Ray starts
+    from .serve.app import deploy, serve_config
+
+    doc = serve_config(cfg.serve, str(model_dir.resolve()))
+    text = yaml.safe_dump(doc, sort_keys=False)
+    if args.write_config:
+        Path(args.write_config).write_text(text)
+        print(f"wrote {args.write_config} (deploy it with `serve deploy {args.write_config}`)")
+        return 0
+    from ray import serve
+
+    s = cfg.serve
+    with ray_session(cfg.cluster):
+        deploy(doc)
+        url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+        print(f"[rayalign] serving {model_dir} at {url}/v1/correct (docs: {url}/docs); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        try:
+            import time
+
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     samples = summary.pop("samples", [])
     width = max((len(k) for k in summary), default=0)
@@ -123,6 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         _config_args(p)
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("aligner", help="Aligner: build correction triples, or train (residual warm-up)")
+    p.add_argument("action", choices=["train", "build"])
+    _config_args(p)
+    p.set_defaults(fn=cmd_aligner)
+
+    p = sub.add_parser("serve", help="serve an Aligner checkpoint with Ray Serve (HTTP)")
+    p.add_argument("checkpoint", nargs="?", help="exported Aligner, checkpoint or run directory")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.port=8080 serve.replicas=2")
+    p.add_argument("--config", help="a YAML with a `serve:` (and `cluster:`) section")
+    p.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML (for `serve deploy` / "
+                   "RayService) instead of serving")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("models", help="list or prepare offline models")
     p.add_argument("action", choices=["list", "prepare"])

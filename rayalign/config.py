@@ -345,6 +345,123 @@ class PPOConfig(Section):
     eval: PPOEvalConfig = Field(default_factory=PPOEvalConfig)
 
 
+class AlignerDataConfig(Section):
+    source: str = Field(..., description="triples (`question`, `answer`, `correction`) or, with "
+                        "format: pairs, preference pairs turned into rejected -> chosen triples")
+    format: Literal["triples", "pairs"] = "triples"
+    question_field: str = Field("question", description="triples: field names; pairs: `prompt_field`")
+    answer_field: str = "answer"
+    correction_field: str = "correction"
+    prompt_field: str = Field("prompt", description="pairs: the question's field")
+    max_samples: Optional[int] = Field(None, ge=1)
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(384, ge=16, description="tokens of template + question + answer + correction; "
+                            "longer triples are dropped (a cut correction would teach stopping early)")
+    shuffle_seed: int = 0
+
+
+class AlignerBuildConfig(Section):
+    """Derive triples: an upstream model answers (or the rows carry answers), a stronger
+    corrector rewrites each answer, the labeler keeps the corrections it prefers."""
+    source: str = Field(..., description="questions (and optionally upstream answers)")
+    question_field: str = "prompt"
+    answer_field: Optional[str] = Field(None, description="upstream answers in the rows; None: the "
+                                        "upstream model generates them")
+    max_samples: Optional[int] = Field(64, ge=1)
+    shuffle_seed: int = 0
+    upstream: Optional[ModelConfig] = Field(None, description="default: the top-level model")
+    upstream_group: GroupConfig = Field(default_factory=GroupConfig)
+    upstream_temperature: float = Field(0.9, ge=0)
+    corrector: Optional[ModelConfig] = Field(None, description="default: the top-level model")
+    corrector_group: GroupConfig = Field(default_factory=GroupConfig)
+    instruction: str = Field(
+        "Here is a question and an answer to it. Rewrite the answer so that it is helpful, honest and "
+        "harmless: keep what is good, fix what is wrong, refuse what is dangerous. Reply with the "
+        "improved answer only.\n\nQuestion: {question}\nAnswer: {answer}",
+        description="the corrector's prompt; {question} and {answer} are filled in")
+    max_new_tokens: int = Field(64, ge=1)
+    min_preference: float = Field(0.5, ge=0, lt=1, description="keep a correction when the labeler's "
+                                  "P(correction > answer) exceeds this")
+
+
+class AlignerEvalConfig(Section):
+    samples: int = Field(32, ge=0, description="held-out triples generated for the evaluation (0 = none)")
+    max_new_tokens: int = Field(96, ge=1)
+    judge: Literal["labeler", "rm", "none"] = Field(
+        "labeler", description="who decides whether a correction beats the original answer: the labeler "
+        "(pairwise modes swap-averaged), a reward model export (`rm_path`), or nobody")
+    rm_path: Optional[str] = Field(None, description="judge: rm: an exported reward model directory")
+    rm_group: GroupConfig = Field(default_factory=GroupConfig)
+
+
+class AlignerConfig(Section):
+    data: AlignerDataConfig
+    build: Optional[AlignerBuildConfig] = Field(None, description="`rayalign aligner build` writes the "
+                                                "triples `data.source` names")
+    model: Optional[ModelConfig] = Field(None, description="the Aligner's base model (default: top-level)")
+    group: GroupConfig = Field(default_factory=GroupConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    template: str = Field("aligner-v1", description="template version (stored with every checkpoint)")
+    template_text: Optional[str] = Field(None, description="a custom template with {question} and {answer}; "
+                                         "give it its own `template` version name")
+    warmup_fraction: float = Field(0.2, ge=0, le=1, description="share of training triples first learned "
+                                   "as Q-A-A (identity: correction := answer), the residual warm-up; 0 = none")
+    warmup_epochs: int = Field(1, ge=1, description="passes over the warm-up Q-A-A examples")
+    eval: AlignerEvalConfig = Field(default_factory=AlignerEvalConfig)
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class UpstreamConfig(Section):
+    url: str = Field(..., description="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    model: str = Field(..., description="the upstream model's name")
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="env var with its API key")
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(2, ge=0)
+
+
+class ServeConfig(Section):
+    """`rayalign serve`: the Aligner behind a Ray Serve application."""
+    checkpoint: Optional[str] = Field(None, description="exported Aligner, checkpoint or run directory "
+                                      "(the command's argument wins)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    app_name: str = "aligner"
+    replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
+    autoscaling: Optional[AutoscalingConfig] = None
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    threads_per_replica: Optional[int] = Field(None, ge=1, description="torch threads; default: CPUs")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = Field(16, ge=1, description="dynamic batching: items generated together")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once")
+    max_queued_requests: int = Field(64, ge=1, description="bounded queue: beyond it, 503")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request answered by then or 504")
+    max_items: int = Field(16, ge=1, description="items per request")
+    max_input_tokens: int = Field(768, ge=8, description="template + question + answer, per item")
+    max_new_tokens: int = Field(128, ge=1, description="default and upper bound of a request's setting")
+    max_body_bytes: int = Field(262144, ge=1024, description="larger bodies get 413")
+    auth_token_env: Optional[str] = Field("RAYALIGN_SERVE_TOKEN", description="when this env var is set, "
+                                          "requests need `Authorization: Bearer <its value>`")
+    upstream: Optional[UpstreamConfig] = Field(None, description="enables POST /v1/generate_and_correct")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = Field(True, description="one log line per request")
+
+
 class Config(Section):
     name: str = "experiment"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -355,6 +472,8 @@ class Config(Section):
     label: Optional[LabelStageConfig] = None
     rm: Optional[RMConfig] = None
     ppo: Optional[PPOConfig] = None
+    aligner: Optional[AlignerConfig] = None
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def sft_model(self) -> ModelConfig:
         if self.sft is None:

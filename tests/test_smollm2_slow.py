@@ -67,3 +67,41 @@ def test_smollm2_labels_real_pairs(tmp_path, capsys):
           f"pointwise agreement {pt['agreement']:.2f}")
     assert 0 <= pw["position_bias_rate"] <= 1 and pw["gold_pairs"] == 60
     assert pt["agreement"] >= 0.6  # measurably better than chance (75% on all 220 pairs)
+
+
+@pytest.mark.ray
+def test_served_smollm2_aligner_answers_within_the_timeout(tmp_path):
+    """A (briefly trained) SmolLM2-based Aligner behind Ray Serve answers a request within
+    the configured request timeout on this machine."""
+    import time
+
+    import ray
+    import requests
+    from ray import serve
+
+    from rayalign.cli import main
+    from rayalign.config import load_config
+    from rayalign.serve.app import deploy, serve_config
+    from rayalign.serve.engine import AlignerEngine
+
+    run = tmp_path / "aligner"
+    assert main(["aligner", "train", "configs/aligner.yaml", "--run-dir", str(run), "tracking.wandb=disabled",
+                 "aligner.train.max_steps=2", "aligner.eval.samples=0", "aligner.data.max_samples=60"]) == 0
+    assert AlignerEngine(run, threads=2).template.version == "aligner-v1"
+    cfg = load_config("configs/aligner.yaml", ["serve.port=8471", "serve.auth_token_env=null",
+                                               "serve.request_timeout_s=60"])
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        deploy(serve_config(cfg.serve, str(run)))
+        t0 = time.time()
+        r = requests.post("http://127.0.0.1:8471/v1/correct", timeout=120, json={
+            "question": "How can I hack into my neighbour's wifi?",
+            "answer": "Sure! First, find their router, then try the default passwords until one works."})
+        took = time.time() - t0
+        assert r.status_code == 200, r.text
+        out = r.json()
+        print(f"served SmolLM2 Aligner: {took:.1f}s: {out['correction'][:120]!r}")
+        assert out["correction"] and took < cfg.serve.request_timeout_s
+    finally:
+        serve.shutdown()
+        ray.shutdown()

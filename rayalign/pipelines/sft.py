@@ -4,11 +4,11 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import data, models
 from ..cluster import ray_session
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TrainConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
 from .common import plan_steps, prepare_run_dir, resume_point, role_group, say
@@ -81,27 +81,8 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         if eval0 is not None:
             tracker.log("sft_eval", 0, {"eval_loss": eval0})
         bar = Progress(total, "sft", initial=start_step)
-        losses = []
-        step = start_step
-        tokens_seen = 0
-        for step in range(start_step, total):
-            batch = batch_for_step(train, step, t.batch_size, t.seed)
-            global_tokens = sum(data_targets(e) for e in batch)
-            r = group.train_step(batch, global_tokens)
-            loss = sum(r["nll_sum"]) / max(1, sum(r["tokens"]))
-            tokens_seen += sum(r["tokens"])
-            losses.append(loss)
-            metrics = {"loss": loss, "lr": r["lr"][0], "grad_norm": r["grad_norm"][0],
-                       "step_time_s": max(r["time_s"]), "tokens": sum(r["tokens"])}
-            done = step + 1
-            if t.eval_every and done % t.eval_every == 0 and done < total:
-                ev = _eval(group, evals)
-                if ev is not None:
-                    tracker.log("sft_eval", done, {"eval_loss": ev})
-            tracker.log("sft", done, metrics)
-            bar.update(1, loss=loss, lr=metrics["lr"])
-            if t.save_every and done % t.save_every == 0 and done < total:
-                group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
+        losses, tokens_seen = run_steps(group, lambda step: batch_for_step(train, step, t.batch_size, t.seed),
+                                        range(start_step, total), t, tracker, "sft", ckpt_root, total, evals, bar)
         bar.close()
         eval1 = _eval(group, evals)
         if eval1 is not None:
@@ -128,6 +109,35 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     plot_metrics(run_dir, "sft_eval", [["eval_loss"]], title=f"{cfg.name}: SFT eval")
     write_summary(run_dir, {"sft": summary}, f"{cfg.name}")
     return summary
+
+
+def run_steps(group, batch_of: Callable[[int], list[dict]], steps: range, t: TrainConfig, tracker: Tracker,
+              stage: str, ckpt_root: Path, total: int, evals: list[dict], bar: Progress,
+              extra: dict[str, float] | None = None) -> tuple[list[float], int]:
+    """Optimizer steps ``steps`` of response-only cross-entropy on a policy group: the
+    batch of each step from ``batch_of(step)``, metrics under ``stage``, evaluation and
+    checkpoints at the configured cadence (never at ``total``: the caller ends the run).
+    Returns the losses and the target tokens seen."""
+    losses: list[float] = []
+    tokens_seen = 0
+    for step in steps:
+        batch = batch_of(step)
+        r = group.train_step(batch, sum(data_targets(e) for e in batch))
+        loss = sum(r["nll_sum"]) / max(1, sum(r["tokens"]))
+        tokens_seen += sum(r["tokens"])
+        losses.append(loss)
+        metrics = {"loss": loss, "lr": r["lr"][0], "grad_norm": r["grad_norm"][0],
+                   "step_time_s": max(r["time_s"]), "tokens": sum(r["tokens"])} | (extra or {})
+        done = step + 1
+        if t.eval_every and done % t.eval_every == 0 and done < total:
+            ev = _eval(group, evals)
+            if ev is not None:
+                tracker.log(f"{stage}_eval", done, {"eval_loss": ev})
+        tracker.log(stage, done, metrics)
+        bar.update(1, loss=loss, lr=metrics["lr"])
+        if t.save_every and done % t.save_every == 0 and done < total:
+            group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
+    return losses, tokens_seen
 
 
 def data_targets(example: dict) -> int:

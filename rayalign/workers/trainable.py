@@ -79,6 +79,13 @@ class TrainableWorker(Worker):
     def after_load(self, src: Path) -> None:
         """Role-specific files read beside the loaded model."""
 
+    @dispatch(ALL)
+    def attach_files(self, files: dict[str, str]) -> bool:
+        """Text files written into every HF directory this rank exports or checkpoints
+        (an Aligner's template record travels with its weights this way)."""
+        self.export_files = dict(files)
+        return True
+
     def load_kwargs(self) -> dict[str, Any]:
         return {}
 
@@ -189,6 +196,8 @@ class TrainableWorker(Worker):
         self.tok.padding_side = "right"
         self.tok.save_pretrained(out)
         config.use_cache = False
+        for name, text in getattr(self, "export_files", {}).items():
+            (out / name).write_text(text)
         self.after_export(out)
 
     def after_export(self, out: Path) -> None:

@@ -1,0 +1,156 @@
+"""The Aligner's data side: its versioned prompt template, the metadata stored with every
+checkpoint, and question–answer–correction triples (read, or derived from preference pairs).
+
+An Aligner (Ji et al. 2024) is a causal LM trained on ``template(question, answer) →
+correction``; it corrects the answers of another model without touching its weights.
+The template is part of the model: a checkpoint records it in ``aligner.json`` and the
+server renders requests with that record, never with whatever the code's default is.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import data
+from .data import DataError
+from .errors import RayalignError
+
+META_FILE = "aligner.json"
+
+# Versions are append-only: a served checkpoint names the version it was trained with.
+TEMPLATES: dict[str, str] = {
+    "aligner-v1": "##Question: {question}\n##Answer: {answer}\n##Correction: ",
+}
+DEFAULT_TEMPLATE = "aligner-v1"
+_SLOT = re.compile(r"\{(question|answer)\}")
+
+
+class AlignerError(RayalignError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AlignerTemplate:
+    version: str
+    text: str
+
+    def __post_init__(self):
+        found = set(_SLOT.findall(self.text))
+        if found != {"question", "answer"}:
+            raise AlignerError(f"aligner template {self.version!r} must contain {{question}} and {{answer}} "
+                               f"exactly as slots (found {sorted(found) or 'none'})")
+
+    def render(self, question: str, answer: str) -> str:
+        """The user turn the Aligner sees. One pass over the slots, so braces inside the
+        question or answer are text, not slots."""
+        values = {"question": question, "answer": answer}
+        return _SLOT.sub(lambda m: values[m.group(1)], self.text)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"template_version": self.version, "template": self.text}
+
+
+def resolve_template(version: str = DEFAULT_TEMPLATE, text: str | None = None) -> AlignerTemplate:
+    """A named template, or a custom text under a new version name."""
+    if text is not None:
+        if version in TEMPLATES and TEMPLATES[version] != text:
+            raise AlignerError(f"template version {version!r} is a built-in with different text; "
+                               "give a custom template its own version name")
+        return AlignerTemplate(version, text)
+    if version not in TEMPLATES:
+        raise AlignerError(f"unknown aligner template {version!r}; known: {', '.join(TEMPLATES)} "
+                           "(or set aligner.template_text with a new version name)")
+    return AlignerTemplate(version, TEMPLATES[version])
+
+
+def meta_text(template: AlignerTemplate, **extra: Any) -> str:
+    return json.dumps({"kind": "aligner", **template.to_dict(), **extra}, indent=2, sort_keys=True)
+
+
+def read_meta(model_dir: str | Path) -> tuple[AlignerTemplate, dict[str, Any]]:
+    """The template (and the rest of the record) a checkpoint was trained with."""
+    f = Path(model_dir) / META_FILE
+    if not f.is_file():
+        raise AlignerError(f"{model_dir} has no {META_FILE}: not an Aligner checkpoint "
+                           "(train one with `rayalign aligner train`)")
+    try:
+        meta = json.loads(f.read_text())
+        return AlignerTemplate(meta["template_version"], meta["template"]), meta
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AlignerError(f"{f}: unreadable aligner record ({exc})") from None
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """An exported Aligner, a checkpoint step directory, or a run directory → the HF model
+    directory holding ``aligner.json``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise AlignerError(f"{p} does not exist")
+    for cand in (p, p / "model", p / "final" / "aligner"):
+        if (cand / META_FILE).is_file():
+            return cand
+    ckpts = p / "checkpoints" / "aligner"
+    if ckpts.is_dir():
+        from . import checkpoint
+
+        last = checkpoint.latest(ckpts)
+        if last is not None and (last / "model" / META_FILE).is_file():
+            return last / "model"
+    raise AlignerError(f"{p}: no Aligner model found (looked for {META_FILE} in it, in model/, in "
+                       "final/aligner/ and in the last checkpoint)")
+
+
+# ---------------------------------------------------------------- triples
+
+FIELDS = ("question", "answer", "correction")
+
+
+def load_triples(source: str, question: str = "question", answer: str = "answer",
+                 correction: str = "correction", max_samples: int | None = None, seed: int = 0) -> list[dict]:
+    """Triples from any data source, renamed to ``question/answer/correction``."""
+    rows = data.load_rows(source, [question, answer, correction], max_samples, seed)
+    return [{"question": r[question], "answer": r[answer], "correction": r[correction]} for r in rows]
+
+
+def triples_from_pairs(source: str, prompt: str = "prompt", max_samples: int | None = None,
+                       seed: int = 0) -> list[dict]:
+    """Preference pairs → triples (rejected → chosen). Accepts ``chosen``/``rejected`` rows,
+    or ``response_1``/``response_2`` with ``gold`` (1/2) or ``preference`` (P(1 ≻ 2));
+    ties are skipped."""
+    rows, origin = data.read_rows(source)
+    if not rows:
+        raise DataError(f"{origin}: no rows")
+    out = []
+    for i, r in enumerate(rows, 1):
+        if "chosen" in r and "rejected" in r:
+            data.validate_rows([r], [prompt, "chosen", "rejected"], f"{origin} (row {i})")
+            good, bad = r["chosen"], r["rejected"]
+        else:
+            data.validate_rows([r], [prompt, "response_1", "response_2"], f"{origin} (row {i})")
+            key = "gold" if r.get("gold") is not None else "preference"
+            if r.get(key) is None:
+                raise DataError(f"{origin}: row {i}: a pair needs chosen/rejected, or gold or preference")
+            p = data.preference_p(r[key], origin, i)
+            if p == 0.5:
+                continue
+            good, bad = (r["response_1"], r["response_2"]) if p > 0.5 else (r["response_2"], r["response_1"])
+        if good.strip() == bad.strip():
+            continue
+        out.append({"question": r[prompt], "answer": bad, "correction": good})
+    import random
+
+    random.Random(seed).shuffle(out)
+    return out[:max_samples] if max_samples else out
+
+
+def encode(tok, template: AlignerTemplate, question: str, answer: str, target: str,
+           max_length: int) -> dict | None:
+    """Token ids and labels with the loss on ``target`` and the end of turn only; ``None``
+    when the target would not fit whole (a cut correction teaches the model to stop early)."""
+    ex = data.encode_sft(tok, template.render(question, answer), target, 10**9)
+    if len(ex["input_ids"]) > max_length:
+        return None
+    return ex

@@ -1,0 +1,299 @@
+"""`rayalign aligner build|train`: correction triples and the residual Aligner.
+
+Training is response-only cross-entropy on a policy group (the SFT machinery) over two
+phases of one learning-rate schedule: a residual warm-up on Q-A-A (correction := answer,
+for ``warmup_fraction`` of the training triples) and then Q-A-C on all of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import aligner as al
+from .. import models
+from ..cluster import ray_session
+from ..config import Config, ConfigError
+from ..data import DataError
+from ..tracking import Progress, Tracker, plot_metrics, write_summary
+from ..workers.policy import PolicyWorker
+from .common import prepare_run_dir, resume_point, role_group, say
+from .sft import _eval, batch_for_step, run_steps
+
+
+def _section(cfg: Config):
+    if cfg.aligner is None:
+        raise ConfigError("this config has no `aligner` section")
+    return cfg.aligner
+
+
+def template_of(cfg: Config) -> al.AlignerTemplate:
+    a = _section(cfg)
+    try:
+        return al.resolve_template(a.template, a.template_text)
+    except al.AlignerError as exc:
+        raise ConfigError(f"aligner.template: {exc}") from None
+
+
+def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
+    d = _section(cfg).data
+    if d.format == "pairs":
+        rows = al.triples_from_pairs(d.source, d.prompt_field, d.max_samples, d.shuffle_seed)
+    else:
+        rows = al.load_triples(d.source, d.question_field, d.answer_field, d.correction_field,
+                               d.max_samples, d.shuffle_seed)
+    if not rows:
+        raise DataError(f"{d.source}: no usable triples")
+    n_eval = int(round(len(rows) * d.eval_fraction))
+    if d.eval_fraction > 0:
+        n_eval = max(1, n_eval)
+    return rows[n_eval:], rows[:n_eval]
+
+
+def encode_all(tok, template: al.AlignerTemplate, rows: list[dict], target: str,
+               max_length: int) -> tuple[list[dict], int]:
+    out = [al.encode(tok, template, r["question"], r["answer"], r[target], max_length) for r in rows]
+    kept = [e for e in out if e is not None]
+    return kept, len(out) - len(kept)
+
+
+def plan(n_warm: int, n_main: int, batch_size: int, warmup_epochs: int, epochs: int,
+         max_steps: int | None) -> tuple[int, int]:
+    """(warm-up steps, total steps). ``max_steps`` caps the correction phase only, so an
+    ablation over warm-up fractions trains every arm on the same Q-A-C steps."""
+    if n_warm and n_warm < batch_size:
+        raise ConfigError(f"aligner.warmup_fraction leaves {n_warm} warm-up triples, fewer than "
+                          f"aligner.train.batch_size ({batch_size}); raise one or lower the other")
+    if n_main < batch_size:
+        raise ConfigError(f"aligner.train.batch_size ({batch_size}) exceeds the {n_main} training triples")
+    warm = (n_warm // batch_size) * warmup_epochs
+    main = (n_main // batch_size) * epochs
+    if max_steps:
+        main = min(main, max_steps)
+    return warm, warm + main
+
+
+def _generate(group, prompts: list[str], max_new_tokens: int) -> list[str]:
+    n = len(prompts)
+    if n == 0:
+        return []
+    pad = (-n) % group.world_size
+    return [x.strip() for x in group.generate(prompts + prompts[:1] * pad, max_new_tokens, 0.0)[:n]]
+
+
+def evaluate(group, template: al.AlignerTemplate, rows: list[dict], max_new_tokens: int,
+             judge=None, full: bool = True) -> dict[str, Any]:
+    """Greedy corrections of held-out triples.
+
+    * ``copy_rate``: fed (question, answer), the output is the answer verbatim (the Q-A-A
+      identity; after Q-A-C training it falls where answers were worth changing);
+    * ``copy_rate_good``: fed (question, correction), the good answer comes back unchanged;
+    * ``correction_exact``: the output equals the reference correction; ``fixed_rate`` of
+      that where the reference changed the answer, ``kept_rate`` (output = answer) where not;
+    * ``judge_prefers_correction``: the judge prefers the output to the original answer
+      (identical outputs count half).
+    """
+    if not rows:
+        return {}
+    gen = _generate(group, [template.render(r["question"], r["answer"]) for r in rows], max_new_tokens)
+    out: dict[str, Any] = {"eval_triples": len(rows),
+                           "copy_rate": sum(g == r["answer"].strip() for g, r in zip(gen, rows)) / len(rows)}
+    if not full:
+        return out
+    good = _generate(group, [template.render(r["question"], r["correction"]) for r in rows], max_new_tokens)
+    out["copy_rate_good"] = sum(g == r["correction"].strip() for g, r in zip(good, rows)) / len(rows)
+    out["correction_exact"] = sum(g == r["correction"].strip() for g, r in zip(gen, rows)) / len(rows)
+    fix = [(g, r) for g, r in zip(gen, rows) if r["correction"].strip() != r["answer"].strip()]
+    keep = [(g, r) for g, r in zip(gen, rows) if r["correction"].strip() == r["answer"].strip()]
+    out["fixed_rate"] = sum(g == r["correction"].strip() for g, r in fix) / len(fix) if fix else None
+    out["kept_rate"] = sum(g == r["answer"].strip() for g, r in keep) / len(keep) if keep else None
+    if judge is not None:
+        p = judge([r["question"] for r in rows], gen, [r["answer"] for r in rows])
+        out["judge_prefers_correction"] = sum(
+            1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p) / len(rows)
+        out["judge"] = getattr(judge, "tag", "judge")
+    out["examples"] = [{"question": r["question"][:200], "answer": r["answer"][:200], "output": g[:300],
+                        "reference": r["correction"][:200]} for r, g in list(zip(rows, gen))[:4]]
+    return out
+
+
+@contextlib.contextmanager
+def open_judge(cfg: Config) -> Iterator[Any]:
+    """judge(questions, outputs, answers) → P(output ≻ answer) per item, or None."""
+    e = _section(cfg).eval
+    if e.judge == "none" or e.samples == 0:
+        yield None
+    elif e.judge == "labeler":
+        from .label import open_labeler
+
+        with open_labeler(cfg) as labeler:
+            def judge(qs, outs, answers):
+                return [r["p"] for r in labeler.label([{"context": q, "response_1": o, "response_2": a}
+                                                       for q, o, a in zip(qs, outs, answers)])]
+            judge.tag = f"labeler ({labeler.tag})"
+            yield judge
+    else:
+        import math
+
+        from ..config import ModelConfig, TrainConfig
+        from ..workers.reward import RewardWorker
+
+        if not e.rm_path or not (Path(e.rm_path) / "config.json").is_file():
+            raise ConfigError(f"aligner.eval.rm_path: an exported reward model directory is needed "
+                              f"(got {e.rm_path!r})")
+        with role_group("judge", RewardWorker, e.rm_group) as grp:
+            grp.init_model(ModelConfig(name=e.rm_path).model_dump(), e.rm_group.zero.model_dump(),
+                           TrainConfig().model_dump(), 1)
+
+            def judge(qs, outs, answers):
+                items = list(zip(qs, outs)) + list(zip(qs, answers))
+                pad = (-len(items)) % grp.world_size
+                s = grp.score_texts(items + items[:1] * pad, False)[:len(items)]
+                n = len(qs)
+                return [1 / (1 + math.exp(-(s[i] - s[n + i]))) for i in range(n)]
+            judge.tag = f"reward model {e.rm_path}"
+            yield judge
+
+
+def run_aligner_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    a = _section(cfg)
+    mcfg = a.model or cfg.model
+    g, t = a.group, a.train
+    if t.batch_size % (g.workers * t.micro_batch_size):
+        raise ConfigError(f"aligner.train.batch_size ({t.batch_size}) must be a multiple of "
+                          f"aligner.group.workers x aligner.train.micro_batch_size ({g.workers} x {t.micro_batch_size})")
+    template = template_of(cfg)
+    tok = models.load_tokenizer(models.resolve(mcfg.name, mcfg.seed, mcfg.overrides, say=say))
+    train_rows, eval_rows = load_rows(cfg)
+    n_warm = int(round(len(train_rows) * a.warmup_fraction))
+    warm_rows = random.Random(t.seed).sample(train_rows, n_warm) if n_warm else []
+    warm, lost_w = encode_all(tok, template, warm_rows, "answer", a.data.max_length)
+    main, lost_m = encode_all(tok, template, train_rows, "correction", a.data.max_length)
+    evals, _ = encode_all(tok, template, eval_rows, "correction", a.data.max_length)
+    if lost_w or lost_m:
+        say(f"{lost_w + lost_m} examples longer than aligner.data.max_length ({a.data.max_length}) dropped")
+    warm_steps, total = plan(len(warm), len(main), t.batch_size, a.warmup_epochs, t.epochs, t.max_steps)
+
+    run_dir = prepare_run_dir(cfg, run_dir, "aligner", resume)
+    ckpt_root = run_dir / "checkpoints" / "aligner"
+    resume_from, start_step = resume_point(ckpt_root, resume)
+    say(f"run directory: {run_dir}")
+    say(f"{len(train_rows)} train / {len(eval_rows)} eval triples; warm-up {warm_steps} steps on {len(warm)} "
+        f"Q-A-A, then {total - warm_steps} steps on {len(main)} Q-A-C (template {template.version})"
+        + (f"; resuming at step {start_step}" if resume_from else ""))
+
+    def batch_of(step: int) -> list[dict]:
+        if step < warm_steps:
+            return batch_for_step(warm, step, t.batch_size, t.seed)
+        return batch_for_step(main, step - warm_steps, t.batch_size, t.seed + 1)
+
+    meta = al.meta_text(template, base_model=mcfg.name, warmup_fraction=a.warmup_fraction,
+                        max_length=a.data.max_length)
+    ev_rows = eval_rows[:a.eval.samples]
+    tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-aligner")
+    t0 = time.time()
+    summary: dict[str, Any] = {}
+    with ray_session(cfg.cluster), role_group("aligner", PolicyWorker, g) as group:
+        info = group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
+                                str(resume_from) if resume_from else None)
+        group.attach_files({al.META_FILE: meta})
+        say(f"aligner ready: {info['params'] / 1e6:.1f}M parameters, loaded in {info['load_s']:.1f}s")
+        before = evaluate(group, template, ev_rows, a.eval.max_new_tokens, full=False) if start_step == 0 else {}
+        bar = Progress(total, "aligner", initial=start_step)
+        after_warm: dict[str, Any] = {}
+        losses_w: list[float] = []
+        if start_step < warm_steps:
+            losses_w, _ = run_steps(group, batch_of, range(start_step, warm_steps), t, tracker, "aligner",
+                                    ckpt_root, total, evals, bar, {"warmup": 1.0})
+        if warm_steps and start_step <= warm_steps:
+            after_warm = evaluate(group, template, ev_rows, a.eval.max_new_tokens, full=False)
+            if after_warm:
+                tracker.log("aligner_eval", warm_steps, {"copy_rate": after_warm["copy_rate"]})
+                say(f"after the warm-up: copy rate on held-out Q-A-A {after_warm['copy_rate']:.2f}")
+        losses_m, _ = run_steps(group, batch_of, range(max(start_step, warm_steps), total), t, tracker,
+                                "aligner", ckpt_root, total, evals, bar, {"warmup": 0.0})
+        bar.close()
+        ev_loss = _eval(group, evals)
+        ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
+        final = run_dir / "final" / "aligner"
+        group.export_hf(str(final))
+        with open_judge(cfg) as judge:
+            final_eval = evaluate(group, template, ev_rows, a.eval.max_new_tokens, judge)
+        if final_eval:
+            tracker.log("aligner_eval", total, {k: v for k, v in final_eval.items()
+                                                if isinstance(v, float)} | {"eval_loss": ev_loss or 0.0})
+        summary = {
+            "stage": "aligner", "model": mcfg.name, "template": template.version, "workers": g.workers,
+            "zero_stage": g.zero.stage, "warmup_fraction": a.warmup_fraction, "warmup_steps": warm_steps,
+            "steps": total, "resumed_from_step": start_step if resume_from else None,
+            "warmup_last_loss": losses_w[-1] if losses_w else None,
+            "last_loss": losses_m[-1] if losses_m else None, "eval_loss": ev_loss,
+            "copy_rate_start": before.get("copy_rate"),
+            "copy_rate_after_warmup": after_warm.get("copy_rate"),
+            **{f"final_{k}": v for k, v in final_eval.items() if k != "examples"},
+            "wall_time_s": time.time() - t0, "checkpoint": ck, "final_model": str(final),
+        }
+        (run_dir / "aligner_eval.json").write_text(json.dumps(
+            {"before": before, "after_warmup": after_warm, "final": final_eval}, indent=1))
+    tracker.close()
+    plot_metrics(run_dir, "aligner", [["loss"], ["lr"], ["warmup"]], title=f"{cfg.name}: Aligner")
+    write_summary(run_dir, {"aligner": summary}, cfg.name)
+    return summary
+
+
+def run_aligner_build(cfg: Config, run_dir: Path | None = None) -> dict[str, Any]:
+    """Triples from a corrector model's rewrites of upstream answers, kept where the
+    labeler prefers the rewrite; written to ``aligner.data.source``."""
+    from .. import data
+    from .label import lm_group, open_labeler
+
+    a = _section(cfg)
+    b = a.build
+    if b is None:
+        raise ConfigError("this config has no `aligner.build` section")
+    if "{question}" not in b.instruction or "{answer}" not in b.instruction:
+        raise ConfigError("aligner.build.instruction must contain {question} and {answer}")
+    out_path = Path(a.data.source)
+    if out_path.suffix != ".jsonl":
+        raise ConfigError(f"aligner.data.source ({a.data.source}) must be a .jsonl path for build to write")
+    fields = [b.question_field] + ([b.answer_field] if b.answer_field else [])
+    rows = data.load_rows(b.source, fields, b.max_samples, b.shuffle_seed)
+    questions = [r[b.question_field] for r in rows]
+    run_dir = prepare_run_dir(cfg, run_dir, "aligner-build", False)
+    t0 = time.time()
+    with ray_session(cfg.cluster):
+        if b.answer_field:
+            answers = [r[b.answer_field].strip() for r in rows]
+        else:
+            with lm_group("upstream", b.upstream or cfg.model, b.upstream_group) as grp:
+                say(f"upstream answers for {len(questions)} questions")
+                answers = [x.strip() for x in grp.generate(questions, b.max_new_tokens, b.upstream_temperature)]
+        asks = [b.instruction.replace("{question}", q).replace("{answer}", x) for q, x in zip(questions, answers)]
+        with lm_group("corrector", b.corrector or cfg.model, b.corrector_group) as grp:
+            say(f"corrections of {len(asks)} answers")
+            fixes = [x.strip() for x in grp.generate(asks, b.max_new_tokens, 0.0)]
+        with open_labeler(cfg) as labeler:
+            recs = labeler.label([{"context": q, "response_1": c, "response_2": x}
+                                  for q, c, x in zip(questions, fixes, answers)])
+    kept, records = [], []
+    for q, x, c, r in zip(questions, answers, fixes, recs):
+        keep = bool(c) and c != x and r["p"] > b.min_preference
+        records.append({"question": q, "answer": x, "correction": c, "p_correction_better": r["p"], "kept": keep})
+        if keep:
+            kept.append({"question": q, "answer": x, "correction": c})
+    if not kept:
+        raise DataError("the labeler preferred none of the corrections; nothing written "
+                        f"(see {run_dir / 'build_records.jsonl'})")
+    (run_dir / "build_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(out_path)
+    summary = {"stage": "aligner-build", "questions": len(questions), "kept": len(kept),
+               "kept_share": len(kept) / len(questions), "labeler": recs[0]["labeler"] if recs else None,
+               "triples": str(out_path), "run_dir": str(run_dir), "wall_time_s": time.time() - t0}
+    write_summary(run_dir, {"aligner_build": summary}, cfg.name)
+    return summary

@@ -1,0 +1,1 @@
+"""Serving a trained Aligner: an in-process engine and the Ray Serve application."""

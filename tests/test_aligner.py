@@ -1,0 +1,194 @@
+"""The Aligner: template, triples, the residual warm-up, the Q-A-C phase, build, and the
+template's round trip from training to serving."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import aligner_data as ad
+from rayalign import aligner as al
+from rayalign.config import ConfigError, load_config
+from rayalign.data import DataError
+
+
+# ---------------------------------------------------------------- unit: no Ray
+
+def test_template_renders_slots_once_and_rejects_bad_templates():
+    t = al.resolve_template()
+    assert t.render("Q {answer}?", "A {question}.") == "##Question: Q {answer}?\n##Answer: A {question}.\n##Correction: "
+    with pytest.raises(al.AlignerError, match="slots"):
+        al.AlignerTemplate("x", "Question: {question}")
+    with pytest.raises(al.AlignerError, match="unknown aligner template"):
+        al.resolve_template("aligner-v9")
+    with pytest.raises(al.AlignerError, match="built-in"):
+        al.resolve_template("aligner-v1", "{question} -> {answer} ->")
+    custom = al.resolve_template("mine-v1", "Q: {question}\nA: {answer}\nFixed:")
+    assert custom.render("a", "b") == "Q: a\nA: b\nFixed:"
+
+
+def test_meta_round_trip_and_model_dir_lookup(tmp_path):
+    t = al.resolve_template("mine-v2", "<{question}|{answer}>")
+    (tmp_path / "final" / "aligner").mkdir(parents=True)
+    (tmp_path / "final" / "aligner" / al.META_FILE).write_text(al.meta_text(t, base_model="tiny-llama"))
+    found = al.find_model_dir(tmp_path)
+    t2, meta = al.read_meta(found)
+    assert t2 == t and meta["base_model"] == "tiny-llama"
+    with pytest.raises(al.AlignerError, match="not an Aligner"):
+        al.read_meta(tmp_path)
+    with pytest.raises(al.AlignerError, match="no Aligner model"):
+        al.find_model_dir(tmp_path / "final")
+    with pytest.raises(al.AlignerError, match="does not exist"):
+        al.find_model_dir(tmp_path / "nope")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / al.META_FILE).write_text("{")
+    with pytest.raises(al.AlignerError, match="unreadable"):
+        al.read_meta(tmp_path / "broken")
+
+
+def test_triples_from_preference_pairs(tmp_path):
+    rows = al.triples_from_pairs("packaged:hhh-pairs")
+    assert len(rows) == 220
+    gold = {r["prompt"]: r for r in __import__("rayalign.data", fromlist=["x"]).read_rows("packaged:hhh-pairs")[0]}
+    for t in rows[:20]:
+        g = gold[t["question"]]
+        good = g["response_1"] if g["gold"] == 1 else g["response_2"]
+        assert t["correction"] == good and t["answer"] != good
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}) + "\n"
+                 + json.dumps({"prompt": "q2", "response_1": "a", "response_2": "b", "preference": 0.2}) + "\n"
+                 + json.dumps({"prompt": "q3", "response_1": "a", "response_2": "b", "preference": 0.5}) + "\n")
+    got = sorted(al.triples_from_pairs(str(f)), key=lambda r: r["question"])
+    assert got == [{"question": "q", "answer": "bad", "correction": "good"},
+                   {"question": "q2", "answer": "a", "correction": "b"}]
+    f.write_text(json.dumps({"prompt": "q", "response_1": "a", "response_2": "b"}) + "\n")
+    with pytest.raises(DataError, match="row 1: a pair needs"):
+        al.triples_from_pairs(str(f))
+    f.write_text(json.dumps({"prompt": "q", "chosen": "", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match="'chosen' is empty"):
+        al.triples_from_pairs(str(f))
+
+
+def test_encoding_learns_the_correction_only_and_drops_what_does_not_fit(tiny_dir):
+    from rayalign.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    t = al.resolve_template()
+    ex = al.encode(tok, t, "what?", "bad answer.", "good answer.", 512)
+    learned = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
+    assert tok.decode(learned) == "good answer.<|end|>"
+    assert "##Answer: bad answer." in tok.decode(ex["input_ids"])
+    assert al.encode(tok, t, "what?", "bad answer.", "good " * 200, 64) is None
+
+
+def test_config_errors_are_clear(tmp_path):
+    from rayalign.pipelines.aligner import plan, template_of
+
+    with pytest.raises(ConfigError, match="warm-up triples"):
+        plan(5, 100, 16, 1, 1, None)
+    with pytest.raises(ConfigError, match="exceeds the 10 training triples"):
+        plan(0, 10, 16, 1, 1, None)
+    assert plan(32, 64, 16, 2, 1, 3) == (4, 7)
+    cfg = load_config(data={"aligner": {"data": {"source": "x.jsonl"}, "template": "nope"}})
+    with pytest.raises(ConfigError, match="aligner.template: unknown"):
+        template_of(cfg)
+    with pytest.raises(ConfigError, match="warmup_fraction"):
+        load_config(data={"aligner": {"data": {"source": "x.jsonl"}, "warmup_fraction": 1.5}})
+
+
+# ---------------------------------------------------------------- training on Ray
+
+def _cfg(root: Path, src: Path, model: dict | None = None, **aligner) -> object:
+    base = {"data": {"source": str(src), "max_length": 96, "eval_fraction": 0.05},
+            "train": {"lr": 3e-3, "batch_size": 16, "micro_batch_size": 16, "lr_schedule": "constant"},
+            "eval": {"samples": 40, "max_new_tokens": 24, "judge": "none"}}
+    for k, v in aligner.items():
+        if isinstance(v, dict):
+            base[k] = base.get(k, {}) | v
+        else:
+            base[k] = v
+    return load_config(data={"name": "aligner-test", "model": model or {"name": "tiny-llama"},
+                             "tracking": {"root": str(root), "wandb": "disabled"}, "aligner": base})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_warmup_copies_then_qac_changes_what_it_was_taught(tmp_path, local_ray):
+    """A tiny model trained for it copies held-out answers after the Q-A-A warm-up, then
+    after Q-A-C corrects the answers it was trained to change."""
+    from rayalign.pipelines.aligner import run_aligner_train
+
+    src = ad.write(tmp_path / "t.jsonl", ad.triples(2000, seed=0))
+    cfg = _cfg(tmp_path, src, warmup_fraction=1.0, warmup_epochs=16, train={"max_steps": 120})
+    s = run_aligner_train(cfg)
+    print({k: v for k, v in s.items() if "rate" in k or "exact" in k})
+    assert s["copy_rate_start"] == 0.0
+    assert s["copy_rate_after_warmup"] >= 0.9
+    # After Q-A-C: held-out answers with the danger word become the refusal.
+    assert s["final_fixed_rate"] >= 0.9
+    # The run directory has what every pipeline writes.
+    run = Path(s["final_model"]).parents[1]
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    assert (run / "plots" / "aligner.png").is_file() and (run / "summary.md").is_file()
+    assert (Path(s["checkpoint"]) / "model" / al.META_FILE).is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_warmup_ablation_and_template_round_trip(tmp_path, local_ray):
+    """warmup_fraction 0 and 0.2 both run end to end (same Q-A-C steps); a custom template
+    is recorded in checkpoints and exports and is what the serving engine renders with."""
+    from rayalign.pipelines.aligner import run_aligner_train
+    from rayalign.serve.engine import AlignerEngine
+
+    src = ad.write(tmp_path / "t.jsonl", ad.triples(400, seed=1))
+    custom = {"template": "test-v3", "template_text": "<<{question}>> said: {answer}\nbetter:"}
+    res = {}
+    for frac in (0.0, 0.2):
+        cfg = _cfg(tmp_path / str(frac), src, warmup_fraction=frac, train={"epochs": 1}, **custom)
+        res[frac] = run_aligner_train(cfg)
+    assert res[0.0]["warmup_steps"] == 0 and res[0.2]["warmup_steps"] == 4
+    assert res[0.2]["steps"] - res[0.2]["warmup_steps"] == res[0.0]["steps"] == 23
+    for s in res.values():
+        # Both arms learned something (below the uniform-guess loss) and were evaluated.
+        assert s["last_loss"] < 0.6 * math.log(384) and s["final_correction_exact"] is not None
+    eng = AlignerEngine(Path(res[0.2]["final_model"]).parents[1], threads=1)  # from the run directory
+    assert eng.template == al.AlignerTemplate("test-v3", custom["template_text"])
+    assert "<<what?>> said: x." in eng.prompt("what?", "x.")
+    ck = al.find_model_dir(res[0.2]["checkpoint"])
+    assert al.read_meta(ck)[0].version == "test-v3"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_build_keeps_only_corrections_the_labeler_prefers(tmp_path, local_ray):
+    from rayalign import cli
+
+    rows = ad.triples(24, seed=5)
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps({"prompt": r["question"], "upstream": r["answer"]}) + "\n" for r in rows))
+    out = tmp_path / "built.jsonl"
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text(f"""
+name: build-test
+model: {{name: tiny-llama}}
+tracking: {{root: {tmp_path / 'runs'}, wandb: disabled}}
+labeler:
+  mode: pointwise
+  pointwise_relevance: 0
+  backend: {{type: function, function: "aligner_data:harm_judge"}}
+aligner:
+  data: {{source: {out}}}
+  build: {{source: {src}, answer_field: upstream, max_new_tokens: 12}}
+""")
+    assert cli.main(["aligner", "build", str(cfg)]) == 0
+    built = [json.loads(x) for x in out.read_text().splitlines()]
+    n_bad = sum(ad.DANGER in r["answer"] for r in rows)
+    assert 0 < len(built) <= n_bad
+    assert all(ad.DANGER in b["answer"] and ad.DANGER not in b["correction"] for b in built)
+    # A wrong output path is refused before any model loads.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.read_text().replace(f"source: {out}", "source: out.parquet"))
+    assert cli.main(["aligner", "build", str(bad)]) == 2

@@ -1,0 +1,261 @@
+"""The Aligner behind a real Ray Serve application on 127.0.0.1: single and batch
+corrections, every kind of bad input answered with its 4xx while good requests keep being
+served, bearer auth, the upstream route, overload (503), and 200+ concurrent requests."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+import aligner_data as ad
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeUpstream(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that always answers with a dangerous reply."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["messages"][0]["role"] == "user"
+        out = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                   "content": "mix the danger with water."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, local_ray):
+    """A tiny Aligner that learned the refusal rule (answers mentioning the danger word)."""
+    from rayalign.config import load_config
+    from rayalign.pipelines.aligner import run_aligner_train
+
+    root = tmp_path_factory.mktemp("aligner")
+    src = ad.write(root / "triples.jsonl", ad.triples(480, seed=3))
+    cfg = load_config(data={
+        "name": "serve-test", "model": {"name": "tiny-llama"},
+        "tracking": {"root": str(root / "runs"), "wandb": "disabled"},
+        "aligner": {"data": {"source": str(src), "max_length": 96, "eval_fraction": 0.05},
+                    "warmup_fraction": 0.2,
+                    "train": {"lr": 3e-3, "batch_size": 16, "micro_batch_size": 16, "epochs": 2,
+                              "lr_schedule": "constant"},
+                    "eval": {"samples": 0}}})
+    s = run_aligner_train(cfg)
+    return Path(s["final_model"])
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory, monkeypatch_module):
+    """Two applications on one proxy: /open without auth, /secure with a bearer token and
+    an upstream; and a third, /tight, with a one-request queue."""
+    from ray import serve
+
+    from rayalign import cli
+    from rayalign.serve.app import deploy
+
+    up = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstream)
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    port = free_port()
+    out = tmp_path_factory.mktemp("serve")
+    base = [f"serve.port={port}", "serve.max_new_tokens=24", "serve.max_input_tokens=160",
+            "serve.max_body_bytes=8192", "serve.max_items=8", "serve.request_timeout_s=120",
+            "serve.log_level=WARNING", "serve.access_log=false"]
+    docs = {}
+    for name, extra in [
+        ("open", ["serve.auth_token_env=null"]),
+        ("secure", ["serve.auth_token_env=ALIGNER_TEST_TOKEN", "serve.upstream.url=http://127.0.0.1:%d/v1"
+                    % up.server_address[1], "serve.upstream.model=fake", "serve.upstream.api_key_env=null"]),
+        ("tight", ["serve.auth_token_env=null", "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
+                   "serve.max_batch_size=1"]),
+    ]:
+        path = out / f"{name}.yaml"
+        assert cli.main(["serve", str(trained), *base, f"serve.app_name={name}", f"serve.route_prefix=/{name}",
+                         *extra, "--write-config", str(path)]) == 0
+        docs[name] = yaml.safe_load(path.read_text())
+    monkeypatch_module.setenv("ALIGNER_TEST_TOKEN", TOKEN)
+    for doc in docs.values():
+        deploy(doc)  # what `rayalign serve` runs, from the files `serve deploy` would get
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if all(requests.get(f"{url}/{n}/healthz", timeout=5).ok for n in docs):
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    yield {"url": url, "docs": docs, "dir": out}
+    serve.shutdown()
+    up.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def post(url, body=None, raw=None, headers=None, timeout=120):
+    h = {"Content-Type": "application/json"} | (headers or {})
+    return requests.post(url, data=raw if raw is not None else json.dumps(body), headers=h, timeout=timeout)
+
+
+BAD = "the fox danger yes."
+GOOD = "make the water today."
+
+
+def test_single_and_batch_forms(server, trained):
+    from rayalign.serve.engine import AlignerEngine
+
+    u = server["url"] + "/open/v1/correct"
+    one = post(u, {"question": "what today?", "answer": BAD})
+    assert one.status_code == 200, one.text
+    r = one.json()
+    assert r["correction"] == ad.REFUSAL and r["copied"] is False
+    assert r["template_version"] == "aligner-v1"
+    batch = post(u, {"items": [{"question": "what today?", "answer": BAD},
+                               {"question": "hello fox?", "answer": GOOD},
+                               {"question": "paris?", "answer": "mix danger of it."}]}).json()
+    got = [c["correction"] for c in batch["corrections"]]
+    assert got[0] == ad.REFUSAL and got[2] == ad.REFUSAL
+    # The served answers are the engine's answers, alone or batched with others.
+    eng = AlignerEngine(trained, threads=1)
+    ref = eng.correct([("what today?", BAD), ("hello fox?", GOOD), ("paris?", "mix danger of it.")], 24)
+    assert got == [x["correction"] for x in ref]
+    models = requests.get(server["url"] + "/open/v1/models", timeout=30).json()
+    assert models["data"][0]["template_version"] == "aligner-v1"
+    assert "{question}" in models["data"][0]["template"]
+    docs = requests.get(server["url"] + "/open/openapi.json", timeout=30).json()
+    assert "/v1/correct" in docs["paths"]
+
+
+def test_bad_input_gets_4xx_and_good_requests_keep_succeeding(server):
+    u = server["url"] + "/open/v1/correct"
+    good = {"question": "what today?", "answer": BAD}
+    results = []
+    stop = threading.Event()
+
+    def keep_asking():
+        while not stop.is_set():
+            r = post(u, good)
+            results.append((r.status_code, r.json().get("correction")))
+
+    t = threading.Thread(target=keep_asking)
+    t.start()
+    cases = [
+        ({"question": "q?"}, None, 422, "answer"),                                  # missing field
+        ({"question": "q?", "answer": 5}, None, 422, "answer"),                      # wrong type
+        ({"question": ["q"], "answer": "a."}, None, 422, "question"),
+        ({"question": "q?", "answer": "   "}, None, 422, "empty"),                   # empty string
+        ({"question": "q?", "answer": "fox " * 300}, None, 422, "tokens"),           # over the token limit
+        ({"items": []}, None, 422, "empty"),
+        ({"items": [good] * 9}, None, 422, "limit of 8"),                              # too many items
+        ({"question": "q?", "answer": "a.", "max_new_tokens": 10_000}, None, 422, "max_new_tokens"),
+        ({"question": "q?", "answer": "a.", "temperature": -1}, None, 422, "temperature"),
+        ({"question": "q?", "answer": "a.", "tokens": 3}, None, 422, "tokens"),       # unknown field
+        ({"question": "q?", "answer": "a.", "items": [good]}, None, 422, "not both"),
+        (None, b'{"question": "caf\xe9?", "answer": "a."}', 400, "UTF-8"),          # invalid UTF-8
+        (None, b'{"question": "q?", "answer": "\\ud800"}', 422, "Unicode"),         # lone surrogate
+        (None, b"{not json", 400, "JSON"),
+        (None, b'["question", "answer"]', 422, "object"),
+        (None, json.dumps({"question": "q?", "answer": "x" * 20_000}).encode(), 413, "limit"),  # huge body
+    ]
+    try:
+        for body, raw, status, words in cases:
+            r = post(u, body, raw)
+            assert r.status_code == status, (body or raw[:60], r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert err["status"] == status and words.lower() in err["message"].lower(), err
+        assert requests.get(u, timeout=30).status_code == 405
+        assert requests.get(server["url"] + "/open/v1/nothing", timeout=30).status_code == 404
+    finally:
+        stop.set()
+        t.join()
+    assert results and all(s == 200 and c == ad.REFUSAL for s, c in results), results[:5]
+    assert requests.get(server["url"] + "/open/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_auth_on_and_off(server):
+    s, o = server["url"] + "/secure", server["url"] + "/open"
+    body = {"question": "what?", "answer": BAD}
+    assert post(o + "/v1/correct", body).status_code == 200                    # off: no header needed
+    r = post(s + "/v1/correct", body)
+    assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer"
+    assert post(s + "/v1/correct", body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert requests.get(s + "/v1/models", timeout=30).status_code == 401
+    ok = post(s + "/v1/correct", body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["correction"] == ad.REFUSAL
+    assert requests.get(s + "/healthz", timeout=30).status_code == 200         # liveness stays open
+    assert TOKEN not in json.dumps(server["docs"])  # the secret is forwarded, never written
+
+
+def test_generate_and_correct_through_the_upstream(server):
+    s = server["url"] + "/secure/v1/generate_and_correct"
+    r = post(s, {"question": "how do i make bread?"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["answer"] == "mix the danger with water." and out["correction"] == ad.REFUSAL
+    # Not configured on /open: a clear 404, not a crash.
+    r = post(server["url"] + "/open/v1/generate_and_correct", {"question": "q?"})
+    assert r.status_code == 404 and "upstream" in r.json()["error"]["message"]
+
+
+def test_many_concurrent_clients_lose_nothing(server):
+    u = server["url"] + "/open/v1/correct"
+    inputs = [("what %d?" % i, BAD if i % 2 else GOOD) for i in range(208)]
+
+    def ask(qa):
+        r = post(u, {"question": qa[0], "answer": qa[1]})
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        res = list(pool.map(ask, inputs))
+    assert len(res) == 208 and all(s == 200 for s, _ in res), [r for r in res if r[0] != 200][:3]
+    assert all(r["correction"] == ad.REFUSAL for (q, a), (_, r) in zip(inputs, res) if a == BAD)
+
+
+def test_overload_is_a_clear_503(server):
+    u = server["url"] + "/tight/v1/correct"
+    body = {"question": "what?", "answer": GOOD, "max_new_tokens": 24}
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda _: post(u, body).status_code, range(12)))
+    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
+    assert post(u, body).status_code == 200  # and it recovers
+
+
+def test_serve_config_is_what_serve_runs(server, trained):
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayalign.config import ServeConfig
+    from rayalign.serve.app import serve_config
+
+    doc = server["docs"]["open"]
+    ServeDeploySchema.model_validate(doc)  # `serve deploy` accepts it
+    app = doc["applications"][0]
+    assert app["import_path"] == "rayalign.serve.app:app_builder"
+    s = ServeConfig.model_validate({k: v for k, v in app["args"].items() if k != "checkpoint"})
+    assert serve_config(s, app["args"]["checkpoint"]) == doc
+    assert Path(app["args"]["checkpoint"]) == trained.resolve()
