@@ -57,6 +57,7 @@ class H(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(res))); self.end_headers(); self.wfile.write(res)
     def log_message(self, *a): pass
 
+HTTPServer.request_queue_size = 128  # queue waiting clients (the default 5 resets them)
 HTTPServer(("127.0.0.1", port), H).serve_forever()
 '''
 
@@ -93,10 +94,13 @@ def load(url: str, items: list[dict], clients: int, per_client: int, max_new: in
             if max_new:
                 item["max_new_tokens"] = max_new
             t = time.perf_counter()
-            r = requests.post(url, json=item, timeout=600)
+            try:
+                r = requests.post(url, json=item, timeout=600)
+            except requests.RequestException:
+                r = None
             dt = time.perf_counter() - t
             with lock:
-                if r.ok:
+                if r is not None and r.ok:
                     lat.append(dt)
                     tokens += int(r.json().get("new_tokens", 0))
                 else:
@@ -161,7 +165,7 @@ def main() -> int:
     s = ServeConfig(port=port, cpus_per_replica=args.threads, threads_per_replica=args.threads,
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s,
                     max_new_tokens=args.max_new_tokens, max_ongoing_requests=64, max_queued_requests=256,
-                    request_timeout_s=600, auth_token_env=None)
+                    request_timeout_s=600, auth_token_env=None, log_level="WARNING", access_log=False)
     ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="error", configure_logging=True)
     try:
         deploy(serve_config(s, str(model_dir)))
@@ -189,7 +193,7 @@ def main() -> int:
         "checkpoint": str(model_dir), "base_model": json.loads((model_dir / al.META_FILE).read_text()).get("base_model"),
         "max_new_tokens": args.max_new_tokens, "greedy": True, "threads": args.threads,
         "requests_per_client": args.requests, "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1},
+        "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1, "serve_access_log": False},
         machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                  "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__},
         command=" ".join([Path(sys.executable).name] + sys.argv),

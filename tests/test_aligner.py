@@ -192,3 +192,30 @@ aligner:
     bad = tmp_path / "bad.yaml"
     bad.write_text(cfg.read_text().replace(f"source: {out}", "source: out.parquet"))
     assert cli.main(["aligner", "build", str(bad)]) == 2
+
+
+def test_engine_decoding_matches_transformers_generate(tiny_dir, tmp_path):
+    """The serving engine's packed prefill (shared-prefix KV, no padding) and shrinking
+    decode batch give what transformers' generate gives on a padded batch, alone or
+    batched; min_new_tokens and sampling behave."""
+    import shutil
+
+    from rayalign.serve.engine import AlignerEngine
+
+    d = tmp_path / "tiny-aligner"
+    shutil.copytree(tiny_dir, d)
+    (d / al.META_FILE).write_text(al.meta_text(al.resolve_template(), base_model="tiny-llama"))
+    eng = AlignerEngine(d, threads=1)
+    items = [(r["question"], r["answer"]) for r in ad.triples(7, seed=9)] + [("why?", "no.")]
+    ref = eng.correct_with_generate(items, 12)
+    got = eng.correct(items, 12)
+    assert [g["correction"] for g in got] == ref
+    assert [eng.correct([it], 12)[0]["correction"] for it in items[:3]] == ref[:3]
+    assert all(g["new_tokens"] <= 12 and g["truncated"] == (g["new_tokens"] == 12) for g in got)
+    forced = eng.correct(items[:2], 6, min_new_tokens=6)
+    assert all(f["new_tokens"] == 6 for f in forced)
+    import torch
+
+    torch.manual_seed(0)
+    sampled = eng.correct(items, 8, temperature=1.0, top_p=0.9)
+    assert len(sampled) == len(items) and all(isinstance(s["correction"], str) for s in sampled)

@@ -84,9 +84,20 @@ def _generate(group, prompts: list[str], max_new_tokens: int) -> list[str]:
     return [x.strip() for x in group.generate(prompts + prompts[:1] * pad, max_new_tokens, 0.0)[:n]]
 
 
-def evaluate(group, template: al.AlignerTemplate, rows: list[dict], max_new_tokens: int,
-             judge=None, full: bool = True) -> dict[str, Any]:
-    """Greedy corrections of held-out triples.
+def generate_eval(group, template: al.AlignerTemplate, rows: list[dict], max_new_tokens: int,
+                  full: bool = True) -> dict[str, list[str]]:
+    """Greedy outputs for held-out triples, fed (question, answer) and, with ``full``, fed
+    (question, correction)."""
+    out = {"from_answer": _generate(group, [template.render(r["question"], r["answer"]) for r in rows],
+                                    max_new_tokens)}
+    if full:
+        out["from_correction"] = _generate(
+            group, [template.render(r["question"], r["correction"]) for r in rows], max_new_tokens)
+    return out
+
+
+def score_eval(rows: list[dict], outs: dict[str, list[str]], judge=None) -> dict[str, Any]:
+    """What the outputs say about the Aligner.
 
     * ``copy_rate``: fed (question, answer), the output is the answer verbatim (the Q-A-A
       identity; after Q-A-C training it falls where answers were worth changing);
@@ -98,26 +109,30 @@ def evaluate(group, template: al.AlignerTemplate, rows: list[dict], max_new_toke
     """
     if not rows:
         return {}
-    gen = _generate(group, [template.render(r["question"], r["answer"]) for r in rows], max_new_tokens)
-    out: dict[str, Any] = {"eval_triples": len(rows),
-                           "copy_rate": sum(g == r["answer"].strip() for g, r in zip(gen, rows)) / len(rows)}
-    if not full:
-        return out
-    good = _generate(group, [template.render(r["question"], r["correction"]) for r in rows], max_new_tokens)
-    out["copy_rate_good"] = sum(g == r["correction"].strip() for g, r in zip(good, rows)) / len(rows)
-    out["correction_exact"] = sum(g == r["correction"].strip() for g, r in zip(gen, rows)) / len(rows)
+    gen = outs["from_answer"]
+    n = len(rows)
+    res: dict[str, Any] = {"eval_triples": n, "copy_rate": sum(g == r["answer"].strip() for g, r in zip(gen, rows)) / n}
+    if "from_correction" not in outs:
+        return res
+    res["copy_rate_good"] = sum(g == r["correction"].strip() for g, r in zip(outs["from_correction"], rows)) / n
+    res["correction_exact"] = sum(g == r["correction"].strip() for g, r in zip(gen, rows)) / n
     fix = [(g, r) for g, r in zip(gen, rows) if r["correction"].strip() != r["answer"].strip()]
     keep = [(g, r) for g, r in zip(gen, rows) if r["correction"].strip() == r["answer"].strip()]
-    out["fixed_rate"] = sum(g == r["correction"].strip() for g, r in fix) / len(fix) if fix else None
-    out["kept_rate"] = sum(g == r["answer"].strip() for g, r in keep) / len(keep) if keep else None
+    res["fixed_rate"] = sum(g == r["correction"].strip() for g, r in fix) / len(fix) if fix else None
+    res["kept_rate"] = sum(g == r["answer"].strip() for g, r in keep) / len(keep) if keep else None
     if judge is not None:
         p = judge([r["question"] for r in rows], gen, [r["answer"] for r in rows])
-        out["judge_prefers_correction"] = sum(
-            1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p) / len(rows)
-        out["judge"] = getattr(judge, "tag", "judge")
-    out["examples"] = [{"question": r["question"][:200], "answer": r["answer"][:200], "output": g[:300],
+        res["judge_prefers_correction"] = sum(1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p) / n
+        res["judge"] = getattr(judge, "tag", "judge")
+    res["examples"] = [{"question": r["question"][:200], "answer": r["answer"][:200], "output": g[:300],
                         "reference": r["correction"][:200]} for r, g in list(zip(rows, gen))[:4]]
-    return out
+    return res
+
+
+def evaluate(group, template: al.AlignerTemplate, rows: list[dict], max_new_tokens: int,
+             full: bool = True) -> dict[str, Any]:
+    """Generation and scores without a judge (during training, where the group is live)."""
+    return score_eval(rows, generate_eval(group, template, rows, max_new_tokens, full)) if rows else {}
 
 
 @contextlib.contextmanager
@@ -196,48 +211,51 @@ def run_aligner_train(cfg: Config, run_dir: Path | None = None, resume: bool = F
     tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-aligner")
     t0 = time.time()
     summary: dict[str, Any] = {}
-    with ray_session(cfg.cluster), role_group("aligner", PolicyWorker, g) as group:
-        info = group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
-                                str(resume_from) if resume_from else None)
-        group.attach_files({al.META_FILE: meta})
-        say(f"aligner ready: {info['params'] / 1e6:.1f}M parameters, loaded in {info['load_s']:.1f}s")
-        before = evaluate(group, template, ev_rows, a.eval.max_new_tokens, full=False) if start_step == 0 else {}
-        bar = Progress(total, "aligner", initial=start_step)
-        after_warm: dict[str, Any] = {}
-        losses_w: list[float] = []
-        if start_step < warm_steps:
-            losses_w, _ = run_steps(group, batch_of, range(start_step, warm_steps), t, tracker, "aligner",
-                                    ckpt_root, total, evals, bar, {"warmup": 1.0})
-        if warm_steps and start_step <= warm_steps:
-            after_warm = evaluate(group, template, ev_rows, a.eval.max_new_tokens, full=False)
-            if after_warm:
-                tracker.log("aligner_eval", warm_steps, {"copy_rate": after_warm["copy_rate"]})
-                say(f"after the warm-up: copy rate on held-out Q-A-A {after_warm['copy_rate']:.2f}")
-        losses_m, _ = run_steps(group, batch_of, range(max(start_step, warm_steps), total), t, tracker,
-                                "aligner", ckpt_root, total, evals, bar, {"warmup": 0.0})
-        bar.close()
-        ev_loss = _eval(group, evals)
-        ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
-        final = run_dir / "final" / "aligner"
-        group.export_hf(str(final))
+    with ray_session(cfg.cluster):
+        with role_group("aligner", PolicyWorker, g) as group:
+            info = group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
+                                    str(resume_from) if resume_from else None)
+            group.attach_files({al.META_FILE: meta})
+            say(f"aligner ready: {info['params'] / 1e6:.1f}M parameters, loaded in {info['load_s']:.1f}s")
+            before = evaluate(group, template, ev_rows, a.eval.max_new_tokens, full=False) if start_step == 0 else {}
+            bar = Progress(total, "aligner", initial=start_step)
+            after_warm: dict[str, Any] = {}
+            losses_w: list[float] = []
+            if start_step < warm_steps:
+                losses_w, _ = run_steps(group, batch_of, range(start_step, warm_steps), t, tracker, "aligner",
+                                        ckpt_root, total, evals, bar, {"warmup": 1.0})
+            if warm_steps and start_step <= warm_steps:
+                after_warm = evaluate(group, template, ev_rows, a.eval.max_new_tokens, full=False)
+                if after_warm:
+                    tracker.log("aligner_eval", warm_steps, {"copy_rate": after_warm["copy_rate"]})
+                    say(f"after the warm-up: copy rate on held-out Q-A-A {after_warm['copy_rate']:.2f}")
+            losses_m, _ = run_steps(group, batch_of, range(max(start_step, warm_steps), total), t, tracker,
+                                    "aligner", ckpt_root, total, evals, bar, {"warmup": 0.0})
+            bar.close()
+            ev_loss = _eval(group, evals)
+            ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
+            final = run_dir / "final" / "aligner"
+            group.export_hf(str(final))
+            outs = generate_eval(group, template, ev_rows, a.eval.max_new_tokens) if ev_rows else {}
+        # The judge is opened once the Aligner's group has given its resources back.
         with open_judge(cfg) as judge:
-            final_eval = evaluate(group, template, ev_rows, a.eval.max_new_tokens, judge)
-        if final_eval:
-            tracker.log("aligner_eval", total, {k: v for k, v in final_eval.items()
-                                                if isinstance(v, float)} | {"eval_loss": ev_loss or 0.0})
-        summary = {
-            "stage": "aligner", "model": mcfg.name, "template": template.version, "workers": g.workers,
-            "zero_stage": g.zero.stage, "warmup_fraction": a.warmup_fraction, "warmup_steps": warm_steps,
-            "steps": total, "resumed_from_step": start_step if resume_from else None,
-            "warmup_last_loss": losses_w[-1] if losses_w else None,
-            "last_loss": losses_m[-1] if losses_m else None, "eval_loss": ev_loss,
-            "copy_rate_start": before.get("copy_rate"),
-            "copy_rate_after_warmup": after_warm.get("copy_rate"),
-            **{f"final_{k}": v for k, v in final_eval.items() if k != "examples"},
-            "wall_time_s": time.time() - t0, "checkpoint": ck, "final_model": str(final),
-        }
-        (run_dir / "aligner_eval.json").write_text(json.dumps(
-            {"before": before, "after_warmup": after_warm, "final": final_eval}, indent=1))
+            final_eval = score_eval(ev_rows, outs, judge) if ev_rows else {}
+            if final_eval:
+                tracker.log("aligner_eval", total, {k: v for k, v in final_eval.items()
+                                                    if isinstance(v, float)} | {"eval_loss": ev_loss or 0.0})
+            summary = {
+                "stage": "aligner", "model": mcfg.name, "template": template.version, "workers": g.workers,
+                "zero_stage": g.zero.stage, "warmup_fraction": a.warmup_fraction, "warmup_steps": warm_steps,
+                "steps": total, "resumed_from_step": start_step if resume_from else None,
+                "warmup_last_loss": losses_w[-1] if losses_w else None,
+                "last_loss": losses_m[-1] if losses_m else None, "eval_loss": ev_loss,
+                "copy_rate_start": before.get("copy_rate"),
+                "copy_rate_after_warmup": after_warm.get("copy_rate"),
+                **{f"final_{k}": v for k, v in final_eval.items() if k != "examples"},
+                "wall_time_s": time.time() - t0, "checkpoint": ck, "final_model": str(final),
+            }
+            (run_dir / "aligner_eval.json").write_text(json.dumps(
+                {"before": before, "after_warmup": after_warm, "final": final_eval}, indent=1))
     tracker.close()
     plot_metrics(run_dir, "aligner", [["loss"], ["lr"], ["warmup"]], title=f"{cfg.name}: Aligner")
     write_summary(run_dir, {"aligner": summary}, cfg.name)

@@ -149,6 +149,8 @@ class AlignerServer:
         self._batch.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
         self.engine.correct([("Warm-up question?", "Warm-up answer.")], max_new_tokens=2)
         self.served = 0
+        self.batches = 0
+        self.batched_items = 0
 
     # ------------------------------------------------------------ checks
 
@@ -216,16 +218,18 @@ class AlignerServer:
         out: list[Any] = [None] * len(jobs)
         for (n, temp, top_p), idx in groups.items():
             items = [(jobs[i][0], jobs[i][1]) for i in idx]
-            res = await loop.run_in_executor(self.pool, lambda: self.engine.correct(items, n, temp, top_p))
+            res = await loop.run_in_executor(self.pool, self.engine.correct, items, n, temp, top_p)
             for i, r in zip(idx, res):
                 out[i] = r
+        self.batches += 1
+        self.batched_items += len(jobs)
         return out
 
     async def _correct(self, items: list[tuple[str, str]], opts: tuple) -> list[dict]:
         try:
             return await asyncio.wait_for(asyncio.gather(*[self._batch((q, a, opts)) for q, a in items]),
                                           self.s.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HTTPError(504, f"no answer within the request timeout of {self.s.request_timeout_s} s") from None
 
     def _info(self) -> dict[str, Any]:
@@ -279,7 +283,8 @@ class AlignerServer:
 
     @api.get("/healthz", summary="Liveness")
     async def healthz(self):
-        return {"status": "ok", "served_items": self.served}
+        return {"status": "ok", "served_items": self.served, "batches": self.batches,
+                "mean_batch_size": round(self.batched_items / self.batches, 2) if self.batches else None}
 
     @api.get("/v1/models", summary="The served Aligner and its template version")
     async def models(self, request: Request):
@@ -298,6 +303,14 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": s.max_queued_requests,
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
     }
+    if not s.gpus_per_replica:
+        # CPU replicas on jemalloc with freed pages kept: batches of varying shapes churn
+        # hundreds of MB per call, and glibc page-faults them back in every time.
+        from ..cluster.group import cpu_allocator_env
+
+        env = cpu_allocator_env()
+        if env:
+            opts["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     if s.autoscaling:
         opts["autoscaling_config"] = s.autoscaling.model_dump()
     else:
@@ -321,7 +334,8 @@ def _application(args: dict[str, Any], env_vars: dict[str, str] | None = None):
     s = ServeConfig.model_validate(args)
     opts = deployment_options(s)
     if env_vars:
-        opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(env_vars)}
+        old = opts["ray_actor_options"].get("runtime_env", {}).get("env_vars", {})
+        opts["ray_actor_options"]["runtime_env"] = {"env_vars": old | dict(env_vars)}
     return AlignerServer.options(**opts).bind(str(find_model_dir(checkpoint)), s.model_dump(mode="json"))
 
 
