@@ -448,6 +448,8 @@ class ServeConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: items generated together")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="how long a batch waits to fill")
+    rejoin_wait_s: float = Field(0.25, ge=0, description="after a batch of several, how long the next one "
+                                 "waits to fill (lets the clients just answered rejoin; a full batch starts at once)")
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once")
     max_queued_requests: int = Field(64, ge=1, description="bounded queue: beyond it, 503")
     request_timeout_s: float = Field(60.0, gt=0, description="a request answered by then or 504")

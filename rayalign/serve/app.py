@@ -223,6 +223,13 @@ class AlignerServer:
                 out[i] = r
         self.batches += 1
         self.batched_items += len(jobs)
+        # The window of the next batch opens with its first request. After a batch of
+        # several, the clients just answered need a round trip to ask again; with the
+        # short window the next batch would start without them, and from then on two
+        # groups of clients take turns, each turn paying a whole decode. A lone request
+        # keeps the short window.
+        self._batch.set_batch_wait_timeout_s(
+            max(self.s.batch_wait_timeout_s, self.s.rejoin_wait_s) if len(jobs) > 1 else self.s.batch_wait_timeout_s)
         return out
 
     async def _correct(self, items: list[tuple[str, str]], opts: tuple) -> list[dict]:
