@@ -126,6 +126,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--batch-wait-s", type=float, default=0.05)
+    ap.add_argument("--rejoin-wait-s", type=float, default=0.25)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -164,6 +165,7 @@ def main() -> int:
     port = free_port()
     s = ServeConfig(port=port, cpus_per_replica=args.threads, threads_per_replica=args.threads,
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s,
+                    rejoin_wait_s=args.rejoin_wait_s,
                     max_new_tokens=args.max_new_tokens, max_ongoing_requests=64, max_queued_requests=256,
                     request_timeout_s=600, auth_token_env=None, log_level="WARNING", access_log=False)
     ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="error", configure_logging=True)
@@ -193,7 +195,7 @@ def main() -> int:
         "checkpoint": str(model_dir), "base_model": json.loads((model_dir / al.META_FILE).read_text()).get("base_model"),
         "max_new_tokens": args.max_new_tokens, "greedy": True, "threads": args.threads,
         "requests_per_client": args.requests, "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1, "serve_access_log": False},
+        "batch_wait_timeout_s": args.batch_wait_s, "rejoin_wait_s": args.rejoin_wait_s, "replicas": 1, "serve_access_log": False},
         machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                  "torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__},
         command=" ".join([Path(sys.executable).name] + sys.argv),
