@@ -168,7 +168,7 @@ def main() -> int:
                     rejoin_wait_s=args.rejoin_wait_s,
                     max_new_tokens=args.max_new_tokens, max_ongoing_requests=64, max_queued_requests=256,
                     request_timeout_s=600, auth_token_env=None, log_level="WARNING", access_log=False)
-    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="error", configure_logging=True)
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, logging_level="error", configure_logging=True)
     try:
         deploy(serve_config(s, str(model_dir)))
         url = f"http://127.0.0.1:{port}/v1/correct"

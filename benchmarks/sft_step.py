@@ -97,7 +97,7 @@ def main():
     results = {}
     # The first step of each arm is a warm-up and is left out of the mean.
     results["plain_torch_1proc_2threads"] = plain_torch(args.model, tok, bs, 2, args.micro)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
         results["rayalign_1worker_zero0"] = rayalign_group(args.model, bs, 1, 0, args.micro, args.batch)
         results["rayalign_2workers_zero2"] = rayalign_group(args.model, bs, 2, 2, args.micro, args.batch)

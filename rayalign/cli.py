@@ -105,18 +105,21 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     s = cfg.serve
-    with ray_session(cfg.cluster):
-        deploy(doc)
-        url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
-        print(f"[rayalign] serving {model_dir} at {url}/v1/correct (docs: {url}/docs); Ctrl-C stops",
-              file=sys.stderr, flush=True)
-        try:
-            import time
+    import time
 
+    with ray_session(cfg.cluster):
+        try:  # Ctrl-C at any point, even mid-deployment, takes the application down cleanly
+            deploy(doc)
+            url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+            print(f"[rayalign] serving {model_dir} at {url}/v1/correct (docs: {url}/docs); Ctrl-C stops",
+                  file=sys.stderr, flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            pass
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+            print("[rayalign] stopping", file=sys.stderr, flush=True)
         finally:
             serve.shutdown()
     return 0

@@ -35,7 +35,7 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20,
              logging_level="warning", configure_logging=True,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                        "DS_ACCELERATOR": "cpu"}})

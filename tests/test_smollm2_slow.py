@@ -90,7 +90,7 @@ def test_served_smollm2_aligner_answers_within_the_timeout(tmp_path):
     assert AlignerEngine(run, threads=2).template.version == "aligner-v1"
     cfg = load_config("configs/aligner.yaml", ["serve.port=8471", "serve.auth_token_env=null",
                                                "serve.request_timeout_s=60"])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
     try:
         deploy(serve_config(cfg.serve, str(run)))
         t0 = time.time()

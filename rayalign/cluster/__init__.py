@@ -27,7 +27,10 @@ def ray_session(cfg: ClusterConfig):
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus,
+        # address="local": a new embedded Ray even when another local cluster runs on this
+        # machine (`ray start`, a test's head node), which ray.init() would otherwise join
+        # and then refuse the CPU count for.
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus,
                  include_dashboard=False, object_store_memory=cfg.object_store_memory_mb * 2**20,
                  runtime_env={"env_vars": env_vars}, log_to_driver=True,
                  configure_logging=True, logging_level="warning")
