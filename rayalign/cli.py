@@ -9,6 +9,8 @@ from pathlib import Path
 from .config import ConfigError, load_config
 from .errors import RayalignError
 
+DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (see configs/)")
@@ -134,6 +136,75 @@ def _print_summary(summary: dict) -> None:
         print(f"\nQ: {s['prompt']}\n  before: {s['before'].strip()[:200]}\n  after:  {s['after'].strip()[:200]}")
 
 
+def cmd_plan(args) -> int:
+    """Per-rank memory of every role and the layout's fit, before launching anything."""
+    from .cluster.plan import PlanError, format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        plan = make_plan(cfg, args.cluster, prompt_tokens=args.prompt_tokens, reserve_gb=args.reserve_gb)
+    except PlanError as exc:
+        print(f"rayalign: plan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan, indent=1))
+    else:
+        print(format_plan(plan))
+    return 0 if plan["ok"] else 1
+
+
+def cmd_submit(args) -> int:
+    """A pipeline config (or a script) as a job on a running Ray cluster."""
+    from . import jobs
+
+    env = {}
+    for kv in args.env or []:
+        if "=" not in kv:
+            raise jobs.JobError(f"--env {kv!r}: expected NAME=VALUE")
+        k, v = kv.split("=", 1)
+        env[k] = v
+    job = jobs.prepare(args.target, args.overrides, command=args.command, working_dir=args.working_dir,
+                       runtime_env_file=args.runtime_env, env=env, ship_package=not args.no_ship_package,
+                       script_args=args.script_args or "")
+    if args.dry_run:
+        print(json.dumps(job, indent=1))
+        return 0
+    job_id = jobs.submit(job, args.address, args.submission_id, args.entrypoint_num_cpus, args.entrypoint_num_gpus)
+    url = jobs.address_of(args.address)
+    print(f"submitted {job_id} to {url}: {job['entrypoint']}")
+    if not args.follow:
+        print(f"follow it: rayalign jobs logs {job_id} --address {url}   (status, stop: rayalign jobs ...)")
+        return 0
+    final = jobs.follow(args.address, job_id)
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from . import jobs
+
+    if args.action == "list":
+        for j in jobs.list_jobs(args.address):
+            print(f"{j['job_id']}  {j['status']:<9}  {j['entrypoint']}")
+        return 0
+    if not args.job_id:
+        raise jobs.JobError(f"`rayalign jobs {args.action}` needs a job id")
+    if args.action == "status":
+        st = jobs.status(args.address, args.job_id)
+        print(f"{st['job_id']}: {st['status']}" + (f" ({st['message']})" if st["message"] else ""))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            final = jobs.follow(args.address, args.job_id)
+            print(f"job {args.job_id}: {final}")
+            return 0
+        sys.stdout.write(jobs.logs(args.address, args.job_id))
+        return 0
+    stopped = jobs.stop(args.address, args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'not running (nothing to stop)'}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from . import models
 
@@ -193,6 +264,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML (for `serve deploy` / "
                    "RayService) instead of serving")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("plan", help="preflight: per-rank memory of every role and whether the layout fits")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--cluster", metavar="SPEC", help="a YAML with `nodes:` (see clusters/), or e.g. 8x80GB, "
+                   "2*8x80GB,cpus=96,mem=1TB; default: this machine")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="PPO/sampling prompt length assumed")
+    p.add_argument("--reserve-gb", type=float, help="runtime memory outside tensors per rank (default 1 GPU, "
+                   "0.5 CPU)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("submit", help="run a pipeline config (or a .py script) as a job on a Ray cluster")
+    p.add_argument("target", metavar="CONFIG", help="pipeline YAML (validated here first) or a .py script, "
+                   "inside the working directory")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the config")
+    p.add_argument("--address", help=f"the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS, "
+                   f"else {DEFAULT_JOBS_ADDRESS})")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if "
+                   "it succeeded")
+    p.add_argument("--command", help="run, sft, label, rm, ppo, aligner-train, aligner-build (default: from the "
+                   "config's stages)")
+    p.add_argument("--working-dir", help="directory uploaded with the job (default: the current one)")
+    p.add_argument("--runtime-env", help="a runtime_env YAML merged in (e.g. clusters/runtime_env.yaml)")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE", help="an environment variable for the job")
+    p.add_argument("--no-ship-package", action="store_true", help="use the rayalign installed on the cluster "
+                   "instead of uploading this one")
+    p.add_argument("--script-args", help="arguments for a .py target, one quoted string")
+    p.add_argument("--submission-id", help="the job id to use (default: Ray picks one)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0)
+    p.add_argument("--entrypoint-num-gpus", type=float, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the job (entrypoint, runtime env), send nothing")
+    p.set_defaults(fn=cmd_submit)
+
+    p = sub.add_parser("jobs", help="status, logs, stop or list jobs on a Ray cluster")
+    p.add_argument("action", choices=["status", "logs", "stop", "list"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", help="the cluster's dashboard (default: RAY_ADDRESS, else "
+                   f"{DEFAULT_JOBS_ADDRESS})")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(fn=cmd_jobs)
 
     p = sub.add_parser("models", help="list or prepare offline models")
     p.add_argument("action", choices=["list", "prepare"])

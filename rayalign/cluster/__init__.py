@@ -24,7 +24,11 @@ def ray_session(cfg: ClusterConfig):
     for key in ("RAYALIGN_CACHE", "XDG_CACHE_HOME", "PYTHONPATH"):
         if os.environ.get(key):
             env_vars[key] = os.environ[key]
-    if address:
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A submitted job (`rayalign submit`): its runtime env (working dir, shipped code,
+        # these variables) already reaches every actor; a second one here would conflict.
+        ray.init(address=address or "auto", log_to_driver=True)
+    elif address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
         # address="local": a new embedded Ray even when another local cluster runs on this

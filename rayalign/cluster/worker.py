@@ -73,6 +73,48 @@ def live_tensor_bytes() -> int:
     return sum(v for k, v in seen.items() if k)
 
 
+class SavedActivations:
+    """Bytes autograd saves for backward inside the block (distinct storages, parameters
+    left out: they are model state), and the bytes of ZeRO-3 parameters gathered at the
+    block's end: what a micro-batch's forward adds on top of the state."""
+
+    def __init__(self, module):
+        self.module = module
+        self.sizes: dict[int, int] = {}
+        self.gathered = 0
+
+    def _pack(self, t):
+        try:
+            st = t.untyped_storage()
+            if st.data_ptr() not in self._params:
+                self.sizes[st.data_ptr()] = max(self.sizes.get(st.data_ptr(), 0), st.nbytes())
+        except Exception:
+            pass
+        return t
+
+    def __enter__(self):
+        import torch
+
+        self._params = {p.data.untyped_storage().data_ptr() for p in self.module.parameters()}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        for p in self.module.parameters():
+            # Gathered ZeRO-3 weights are saved for backward too: counted once, here.
+            self.sizes.pop(p.data.untyped_storage().data_ptr(), None)
+            status = getattr(p, "ds_status", None)
+            if status is not None and status.name == "AVAILABLE" and not getattr(p, "ds_persist", False):
+                self.gathered += p.numel() * p.element_size()
+        return False
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
+
+
 def _quiet_libraries() -> None:
     """Workers' logs reach the driver's console through Ray: keep them to what matters."""
     import logging

@@ -1,11 +1,12 @@
 """The policy role: a causal LM that trains (SFT now, PPO later) and generates."""
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
 from ..algos.lm import shifted_nll_sum
-from ..cluster.worker import SPLIT, dispatch, live_tensor_bytes
+from ..cluster.worker import SPLIT, SavedActivations, dispatch, live_tensor_bytes
 from ..data import collate
 from .trainable import TrainableWorker
 
@@ -16,20 +17,30 @@ class PolicyWorker(TrainableWorker):
     @dispatch(SPLIT)
     def train_step(self, examples: list[dict], global_tokens: int,
                    measure_memory: bool = False) -> dict[str, list]:
-        """One SFT optimizer step; the loss is the token mean over the *global* batch."""
+        """One SFT optimizer step; the loss is the token mean over the *global* batch.
+
+        ``measure_memory``: this rank's tensor bytes after the last backward (parameters,
+        gradients, optimizer state), the bytes autograd saved for one micro-batch, and the
+        ZeRO-3 parameters gathered during its forward (what ``rayalign plan`` estimates)."""
         held = [0]
+        acts: list[SavedActivations] = []
 
         def loss_of(chunk):
             batch = {k: v.to(self.device) for k, v in collate(chunk, self.tok.pad_token_id).items()}
-            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            nll, n = shifted_nll_sum(out.logits, batch["labels"])
+            ctx = SavedActivations(self.engine.module) if measure_memory else contextlib.nullcontext()
+            with ctx:
+                out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                nll, n = shifted_nll_sum(out.logits, batch["labels"])
+            if measure_memory:
+                acts[:] = [ctx]
             return nll, {"nll_sum": float(nll.detach()), "tokens": n}
 
         def measure():
             held[0] = live_tensor_bytes()
 
         r = self.accumulate(examples, global_tokens, loss_of, measure if measure_memory else None)
-        return r | {"held_bytes": [held[0]]}
+        return r | {"held_bytes": [held[0]], "activation_bytes": [acts[0].bytes if acts else 0],
+                    "gathered_bytes": [acts[0].gathered if acts else 0]}
 
     @dispatch(SPLIT)
     def eval_nll(self, examples: list[dict]) -> dict[str, list]:

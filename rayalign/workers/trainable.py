@@ -130,6 +130,8 @@ class TrainableWorker(Worker):
         optimizer state are all alive.
         """
         t0 = time.time()
+        if at_peak is None and getattr(self, "_track_memory", False):
+            at_peak = self._note_held
         ga = self.engine.gradient_accumulation_steps()
         mb = self.train_cfg.micro_batch_size
         n_micro = -(-len(items) // mb)
@@ -203,9 +205,21 @@ class TrainableWorker(Worker):
     def after_export(self, out: Path) -> None:
         """Role-specific files beside the exported model."""
 
+    @dispatch(ALL)
+    def track_memory(self, on: bool = True) -> None:
+        """While on, every optimizer step (SFT, PPO, RM alike) notes the tensor bytes alive
+        after its last backward; ``memory()`` reports the largest as ``held_at_step``."""
+        self._track_memory = on
+        self._held_at_step = 0
+
+    def _note_held(self) -> None:
+        self._held_at_step = max(getattr(self, "_held_at_step", 0), live_tensor_bytes())
+
     @dispatch(EACH)
     def memory(self) -> dict[str, int]:
-        """Per-rank bytes: the engine's own tensors and every live tensor in the process."""
+        """Per-rank bytes: the engine's own tensors, every live tensor in the process, and
+        (with ``track_memory``) the most alive at an optimizer step."""
         rep = eng.memory_report(self.engine)
         rep["live_tensors"] = live_tensor_bytes()
+        rep["held_at_step"] = getattr(self, "_held_at_step", 0)
         return rep
