@@ -1,6 +1,7 @@
 """`rayalign plan`: estimates against hand-computed values and against memory measured on
 real ranks, cluster specs, and the exit code of layouts that cannot fit."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,7 @@ from rayalign.cli import main
 from rayalign.cluster.plan import (GB, PlanError, RoleLoad, estimate, model_shape, parse_cluster)
 from rayalign.config import GroupConfig, ModelConfig, TrainConfig, ZeroConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
              "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
@@ -94,11 +96,11 @@ def test_70b_zero0_on_8x80gb_is_rejected_and_zero3_offload_accepted(llama70b, tm
 
 
 def test_feasible_layouts_pass(capsys):
-    assert main(["plan", "configs/quickstart.yaml", "--cluster", "1*0x0GB,cpus=2,mem=24GB"]) == 0
+    assert main(["plan", str(ROOT / "configs/quickstart.yaml"), "--cluster", "1*0x0GB,cpus=2,mem=24GB"]) == 0
     out = capsys.readouterr().out
     for role in ("sft", "labeler", "reward", "critic", "reference"):
         assert role in out
-    assert main(["plan", "configs/aligner.yaml"]) in (0, 1)  # this machine: whatever it has
+    assert main(["plan", str(ROOT / "configs/aligner.yaml")]) in (0, 1)  # this machine: whatever it has
 
 
 def test_cluster_specs(tmp_path):
@@ -119,9 +121,9 @@ def test_cluster_specs(tmp_path):
 
 
 def test_plan_cli_errors(tmp_path, capsys):
-    assert main(["plan", "configs/quickstart.yaml", "--cluster", "nonsense"]) == 2
+    assert main(["plan", str(ROOT / "configs/quickstart.yaml"), "--cluster", "nonsense"]) == 2
     assert "expected a YAML file" in capsys.readouterr().err
-    assert main(["plan", "configs/quickstart.yaml", "sft.group.workers=0"]) == 2
+    assert main(["plan", str(ROOT / "configs/quickstart.yaml"), "sft.group.workers=0"]) == 2
     assert "sft.group.workers" in capsys.readouterr().err
 
 
