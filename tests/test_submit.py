@@ -166,6 +166,16 @@ def test_submit_follow_status_logs_and_stop(head_node, tmp_path, capsys):
         time.sleep(1)
     assert "STOPPED" in status
 
+    # A script runs as a job too: the scaling benchmark, unchanged, on the cluster.
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "scaling"
+    rc = main(["submit", str(root / "benchmarks" / "scaling.py"), "--working-dir", str(root), "--address", head_node,
+               "--follow", "--script-args", f"--address auto --zero 0 --workers 1 --steps 1 --no-ppo --seq 32 "
+               f"--out {out}", *env])
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    assert "sft  ZeRO-0 x1" in text and out.with_suffix(".json").is_file() and out.with_suffix(".png").is_file()
+
     # Unknown ids and unreachable clusters get a clear error.
     assert main(["jobs", "status", "no-such-job", "--address", head_node]) == 2
     assert "no job 'no-such-job'" in capsys.readouterr().err
