@@ -173,8 +173,15 @@ def main() -> int:
         deploy(serve_config(s, str(model_dir)))
         url = f"http://127.0.0.1:{port}/v1/correct"
         wait_ready(url, items[0])
+        health = url.replace("/v1/correct", "/healthz")
         for c in levels:
+            before = requests.get(health, timeout=30).json()
             r = load(url, items, c, args.requests, args.max_new_tokens)
+            after = requests.get(health, timeout=30).json()
+            # the share of the wall the replica spent inside the engine; the rest is serving
+            r["engine_busy"] = round((after["engine_s"] - before["engine_s"]) / r["wall_s"], 3)
+            r["mean_batch"] = round((after["served_items"] - before["served_items"]) /
+                                    max(1, after["batches"] - before["batches"]), 2)
             print("rayalign serve", r, flush=True)
             results["rayalign_serve"].append(r)
     finally:
