@@ -404,7 +404,8 @@ def format_plan(plan: dict[str, Any]) -> str:
                       + f", {n['memory_gb']:.0f} GB RAM)" for n in plan["nodes"])
     out += ["", f"cluster: {plan['cluster']}: {nodes}",
             f"tensor memory per rank; fit adds {plan['reserve_gb']:g} GB runtime reserve per rank; "
-            f"PPO prompts assumed {plan['prompt_tokens']} tokens"]
+            f"prompts for PPO and sampling assumed {plan['prompt_tokens']} tokens (--prompt-tokens), a labeler's "
+            f"{LABELER_TOKENS}"]
     out.append("fits: yes" if plan["ok"] else "DOES NOT FIT:\n" + "\n".join(f"  - {p}" for p in plan["problems"]))
     return "\n".join(out)
 
