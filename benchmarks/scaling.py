@@ -19,6 +19,7 @@ gets), GPUs per rank with ``--gpus-per-worker``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -53,25 +54,6 @@ def group_cfg(args, workers: int, stage: int):
                        ready_timeout_s=300)
 
 
-def open_group(role, worker_cls, cfg):
-    from rayalign.cluster import placement
-    from rayalign.cluster.group import ActorGroup
-
-    pools = placement.place({role: cfg})
-    try:
-        return ActorGroup(role, worker_cls, cfg, pools), pools
-    except BaseException:
-        placement.release(pools.values())
-        raise
-
-
-def close(grp, pools):
-    from rayalign.cluster import placement
-
-    grp.kill()
-    placement.release(pools.values())
-
-
 def sft_examples(n: int, seq: int, vocab: int, seed: int) -> list[dict]:
     import random
 
@@ -94,12 +76,12 @@ def estimate_for(args, model: dict, role: str, cfg, train, tokens: int, head: st
 
 def run_sft(args, model: dict, stage: int, workers: int) -> dict:
     from rayalign.config import ModelConfig, TrainConfig
+    from rayalign.pipelines.common import role_group
     from rayalign.workers.policy import PolicyWorker
 
     train = TrainConfig(lr=1e-4, batch_size=args.batch, micro_batch_size=1, lr_schedule="constant")
     cfg = group_cfg(args, workers, stage)
-    grp, pools = open_group("policy", PolicyWorker, cfg)
-    try:
+    with role_group("policy", PolicyWorker, cfg) as grp:
         info = grp.init_model(ModelConfig(**model, dtype=args.dtype).model_dump(), cfg.zero.model_dump(),
                               train.model_dump(), args.steps + 2)
         from rayalign.cluster.plan import model_shape
@@ -114,8 +96,6 @@ def run_sft(args, model: dict, stage: int, workers: int) -> dict:
             t0 = time.perf_counter()
             grp.train_step(examples, tokens)
             times.append(time.perf_counter() - t0)
-    finally:
-        close(grp, pools)
     est = estimate_for(args, model, "policy", cfg, train, args.seq)
     held, act, gat = max(r["held_bytes"]), max(r["activation_bytes"]), max(r["gathered_bytes"])
     measured = held + act + gat
@@ -131,6 +111,7 @@ def run_sft(args, model: dict, stage: int, workers: int) -> dict:
 
 def run_ppo(args, model: dict, stage: int, workers: int) -> dict:
     from rayalign.config import ModelConfig, TrainConfig
+    from rayalign.pipelines.common import role_group
     from rayalign.pipelines.ppo import ppo_iteration
     from rayalign.workers.critic import CriticWorker
     from rayalign.workers.labeler import LabelerWorker
@@ -141,16 +122,12 @@ def run_ppo(args, model: dict, stage: int, workers: int) -> dict:
                         lr_schedule="constant")
     cfg = group_cfg(args, workers, stage)
     mdict = ModelConfig(**model, dtype=args.dtype).model_dump()
-    opened = []
-    try:
-        pol, pp = open_group("policy", PolicyWorker, cfg)
-        opened.append((pol, pp))
+    with contextlib.ExitStack() as stack:
+        pol = stack.enter_context(role_group("policy", PolicyWorker, cfg))
         info = pol.init_model(mdict, cfg.zero.model_dump(), train.model_dump(), 10)
-        ref, rp = open_group("reference", LabelerWorker, cfg)
-        opened.append((ref, rp))
+        ref = stack.enter_context(role_group("reference", LabelerWorker, cfg))
         ref.init_model(mdict, cfg.zero.model_dump(), True)
-        cri, cp = open_group("critic", CriticWorker, cfg)
-        opened.append((cri, cp))
+        cri = stack.enter_context(role_group("critic", CriticWorker, cfg))
         cri.init_model(mdict, cfg.zero.model_dump(), train.model_dump(), 10)
         prompts = [f"Question {i}: say something." for i in range(n_prompts)]
         kw = dict(temperature=1.0, max_new_tokens=args.ppo_new_tokens, min_new_tokens=args.ppo_new_tokens,
@@ -168,9 +145,6 @@ def run_ppo(args, model: dict, stage: int, workers: int) -> dict:
             m = ppo_iteration(pol, ref, cri, even_share, prompts, seed=it + 1, **kw)
             times.append(time.perf_counter() - t0)
             parts.append({k: m.get(k) for k in ("generate_s", "score_s", "train_s")})
-    finally:
-        for g, p in reversed(opened):
-            close(g, p)
     seq = 16 + args.ppo_new_tokens  # the prompts above are ~12-16 tokens with the chat wrapper
     est_p = estimate_for(args, model, "policy", cfg, train, seq, gen_batch=max(1, n_prompts // workers),
                          gen_tokens=seq)
@@ -185,6 +159,18 @@ def run_ppo(args, model: dict, stage: int, workers: int) -> dict:
             "policy_state_mb": held_p / 2**20, "critic_state_mb": held_c / 2**20,
             "est_policy_state_mb": est_p["state"] / 2**20, "est_critic_state_mb": est_c["state"] / 2**20,
             "policy_state_error": est_p["state"] / held_p - 1, "critic_state_error": est_c["state"] / held_c - 1}
+
+
+def sft_line(r: dict) -> str:
+    return (f"sft  ZeRO-{r['zero']} x{r['workers']}: {r['step_s']:.2f} s/step, {r['tokens_per_s']:.0f} tok/s, per rank "
+            f"measured {r['measured_mb']:.1f} MiB (held {r['held_mb']:.1f} + saved {r['activations_mb']:.1f} + "
+            f"gathered {r['gathered_mb']:.1f}), plan {r['est_mb']:.1f} MiB ({100 * r['error']:+.1f}%)")
+
+
+def ppo_line(r: dict) -> str:
+    return (f"ppo  ZeRO-{r['zero']} x{r['workers']}: {r['iteration_s']:.2f} s/iteration, policy state "
+            f"{r['policy_state_mb']:.1f} MiB (plan {100 * r['policy_state_error']:+.1f}%), critic "
+            f"{r['critic_state_mb']:.1f} MiB (plan {100 * r['critic_state_error']:+.1f}%)")
 
 
 def _panel_row(axes, rows: list[dict], keys: tuple[str, str, str, str], titles: tuple[str, str, str],
@@ -281,23 +267,14 @@ def main() -> int:
     model_shape(ModelConfig(**model))  # prepares the model once, before any rank needs it
     rows: list[dict] = []
     grid = [(z, w) for z in map(int, args.zero.split(",")) for w in map(int, args.workers.split(","))]
+    tasks = [(run_sft, sft_line)] + ([] if args.no_ppo else [(run_ppo, ppo_line)])
     try:
-        for z, w in grid:
-            t0 = time.time()
-            r = run_sft(args, model, z, w)
-            rows.append(r)
-            print(f"sft  ZeRO-{z} x{w}: {r['step_s']:.2f} s/step, {r['tokens_per_s']:.0f} tok/s, per rank "
-                  f"measured {r['measured_mb']:.1f} MiB (held {r['held_mb']:.1f} + saved {r['activations_mb']:.1f}"
-                  f" + gathered {r['gathered_mb']:.1f}), plan {r['est_mb']:.1f} MiB ({100 * r['error']:+.1f}%)"
-                  f"  [{time.time() - t0:.0f} s]", flush=True)
-        if not args.no_ppo:
+        for run, line in tasks:
             for z, w in grid:
                 t0 = time.time()
-                r = run_ppo(args, model, z, w)
+                r = run(args, model, z, w)
                 rows.append(r)
-                print(f"ppo  ZeRO-{z} x{w}: {r['iteration_s']:.2f} s/iteration, policy state {r['policy_state_mb']:.1f}"
-                      f" MiB (plan {100 * r['policy_state_error']:+.1f}%), critic {r['critic_state_mb']:.1f} MiB "
-                      f"(plan {100 * r['critic_state_error']:+.1f}%)  [{time.time() - t0:.0f} s]", flush=True)
+                print(f"{line(r)}  [{time.time() - t0:.0f} s]", flush=True)
     finally:
         ray.shutdown()
         if cluster is not None:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .errors import RayalignError
-
-DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"
+from .jobs import DEFAULT_ADDRESS as DEFAULT_JOBS_ADDRESS
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +225,6 @@ def follow(address: str | None, job_id: str, out=None) -> str:
         asyncio.run(tail())
     except Exception as exc:  # the stream can drop when the job ends; the status tells
         print(f"rayalign: log stream ended: {exc}", file=sys.stderr)
-    import time
-
     for _ in range(120):
         st = status(address, job_id)["status"]
         if st in TERMINAL:

@@ -135,8 +135,7 @@ def test_estimate_within_25_percent_of_measured(local_ray, workers, stage):
     backward + gathered by ZeRO-3) against the estimate for the same layout."""
     import random
 
-    from rayalign.cluster import placement
-    from rayalign.cluster.group import ActorGroup
+    from rayalign.pipelines.common import role_group
     from rayalign.workers.policy import PolicyWorker
 
     model = ModelConfig(name="tiny-llama", overrides={"hidden_size": 128, "intermediate_size": 384,
@@ -149,15 +148,10 @@ def test_estimate_within_25_percent_of_measured(local_ray, workers, stage):
     for _ in range(4):
         ids = [rng.randrange(3, 300) for _ in range(seq)]
         examples.append({"input_ids": ids, "attention_mask": [1] * seq, "labels": ids})
-    pools = placement.place({"policy": g})
-    grp = ActorGroup("policy", PolicyWorker, g, pools)
-    try:
+    with role_group("policy", PolicyWorker, g) as grp:
         grp.init_model(model.model_dump(), g.zero.model_dump(), train.model_dump(), 4)
         grp.train_step(examples, 4 * (seq - 1))
         r = grp.train_step(examples, 4 * (seq - 1), measure_memory=True)
-    finally:
-        grp.kill()
-        placement.release(pools.values())
     measured = max(h + a + x for h, a, x in zip(r["held_bytes"], r["activation_bytes"], r["gathered_bytes"]))
     est = estimate(RoleLoad("sft", "policy", model, g, train=train, train_tokens=seq))["device"]
     err = est / measured - 1
