@@ -170,10 +170,25 @@ class LabelerConfig(Section):
         "beats chance, SPECS 2); pairwise '1'/'2'; score: direct 1-10 (d-RLAIF).")
     template: str = Field("helpfulness", description="a preset: helpfulness, harmlessness, summarization")
     template_overrides: dict[str, Any] = Field(default_factory=dict, description="replace template parts")
+    criteria: list[str] = Field(
+        default_factory=list, description="pointwise: ask these per-criterion questions of the template "
+        "(helpful, honest, harmless, correct, good; overall = the template's overall question) and combine their "
+        "log-odds by weighted mean; [] = the overall question alone")
+    criterion_weights: dict[str, float] = Field(default_factory=dict, description="pointwise: weight per "
+                                                "criterion (default 1 each)")
+    calibration: Literal["none", "content_free"] = Field(
+        "none", description="pointwise: subtract the log-odds the judge gives a content-free response ('N/A') "
+        "to the same question (Zhao et al. 2021). Cancels within a pair; changes rewards across prompts")
+    length_coef: float = Field(0.0, description="pointwise: subtract this x log(1 + words) from the log-odds "
+                               "(length debiasing; negative favours longer responses)")
+    few_shot: int = Field(0, ge=0, description="pointwise: exemplars judged in the prompt, half good and half "
+                          "bad, drawn from `few_shot_source`")
+    few_shot_source: str = Field("packaged:human-pairs-dev", description="gold pairs the exemplars come from "
+                                 "(the dev half of the human-labelled pairs; never a set you report on)")
     pointwise_relevance: float = Field(
-        1.0, ge=0, description="pointwise: weight of the question-response relevance term (PMI per token) "
-        "added to the Yes/No log-odds; 0 = Yes/No alone. On packaged:hhh-pairs with SmolLM2-135M: "
-        "75% agreement at 0, 85% at 1 (off-topic answers are what a Yes/No question misses).")
+        0.0, ge=0, description="pointwise: weight of the question-response relevance term (PMI per token) "
+        "added to the log-odds; 0 = off. It was the default once, chosen on template-built pairs; on "
+        "human-labelled pairs it did not help (README, labeler table)")
     swap: bool = Field(True, description="pairwise: average both presentation orders (position debiasing)")
     cot: bool = Field(False, description="pairwise: ask for a rationale first (two-step chain of thought)")
     self_consistency: int = Field(1, ge=1, description="pairwise+cot: rationales sampled and averaged")
@@ -188,6 +203,8 @@ class SampleConfig(Section):
     group: GroupConfig = Field(default_factory=GroupConfig)
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.9, gt=0)
+    batch_size: int = Field(16, ge=1, description="prompts decoded together on a rank (larger batches decode "
+                            "faster per answer on CPUs, where decoding is bound by reading the weights)")
     seed: int = 0
 
 
@@ -237,7 +254,9 @@ class PromptDataConfig(Section):
     source: str = Field(..., description="prompts: `packaged:NAME`, .jsonl/.json/.parquet, or a saved dataset")
     prompt_field: str = "prompt"
     max_samples: Optional[int] = Field(None, ge=1)
-    eval_prompts: int = Field(16, ge=0, description="held out for the final evaluation (win rate)")
+    eval_prompts: int = Field(16, ge=0, description="held out for the evaluations (win rate, refusal rates, the "
+                              "held-out reward curve)")
+    kind_field: str = Field("kind", description="where a prompt says whether it is harmful or benign (optional)")
     shuffle_seed: int = 0
 
 
@@ -328,10 +347,17 @@ class PPORoleConfig(Section):
 class PPOEvalConfig(Section):
     win_rate: bool = Field(True, description="judge final vs initial policy on the held-out prompts with the labeler")
     max_new_tokens: int = Field(48, ge=1)
+    reward_every: int = Field(0, ge=0, description="iterations between evaluations of the reward on a fixed set "
+                              "of held-out prompts (greedy answers; the curve to read, batch rewards are too "
+                              "noisy); also before the first and after the last iteration. 0 = off")
+    reward_prompts: int = Field(16, ge=1, description="held-out prompts in that fixed set (the first ones)")
+    refusal: bool = Field(True, description="rule-based refusal rate on held-out prompts marked harmful and "
+                          "answer rate on those marked benign (a `kind` field: harmful/benign), final vs start: "
+                          "a measure that does not ask the labeler")
     judge_gold: Optional[str] = Field(
-        "packaged:hhh-pairs", description="gold pairs on which the judge's agreement is measured and reported "
-        "beside the win rate (None = skip)")
-    judge_gold_samples: int = Field(40, ge=1)
+        "packaged:human-pairs-heldout", description="gold pairs on which the judge's agreement with people is "
+        "measured and reported beside the win rate (None = skip)")
+    judge_gold_samples: int = Field(64, ge=1)
 
 
 class PPOConfig(Section):

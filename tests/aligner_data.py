@@ -37,7 +37,7 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 
 def harm_judge(prompt: str, options: list[str]) -> list[float]:
-    """A pointwise labeler rule: a reply that mentions the danger word is harmful ("Yes")."""
-    # (a whole word: the pointwise question itself says "dangerous")
-    yes = -0.1 if re.search(rf"\b{DANGER}\b", prompt) else -5.0
+    """A pointwise labeler rule: a response that mentions the danger word is not acceptable
+    (the answer to "is it helpful, honest and harmless?" is "No")."""
+    yes = -5.0 if re.search(rf"\b{DANGER}\b", prompt.split("Response:")[-1]) else -0.1
     return [yes if o.strip().lower() == "yes" else -5.0 - yes for o in options]

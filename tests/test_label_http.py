@@ -38,9 +38,9 @@ class Handler(BaseHTTPRequestHandler):
         else:
             # A judge that says Yes when the response mentions 'good', and prefers slot 1.
             prompt = body["prompt"]
-            good = "good" in prompt.split("Reply:")[-1] if "Reply:" in prompt else False
-            # Asked whether the reply is bad: "No" for good replies.
-            top = {"No": math.log(0.8 if good else 0.3), "Yes": math.log(0.2 if good else 0.7),
+            good = "good" in prompt.split("Response:")[-1] if "Response:" in prompt else False
+            # Asked whether the response is helpful, honest and harmless: "Yes" for good ones.
+            top = {"Yes": math.log(0.8 if good else 0.3), "No": math.log(0.2 if good else 0.7),
                    "1": math.log(0.6), "2": math.log(0.4)}
             payload = {"choices": [{"text": "Yes", "logprobs": {"top_logprobs": [top]}}]}
         data = json.dumps(payload).encode()

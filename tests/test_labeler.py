@@ -26,8 +26,8 @@ def biased_judge(bias: float, weight: float = 1.0):
         if options == ["1", "2"]:
             a, b = slot_responses(prompt)
             return [bias + weight * (content_quality(a) - content_quality(b)), 0.0]
-        if options == ["No", "Yes"]:  # "is the reply bad?" -- No is the good answer
-            resp = re.search(r"Reply: (.*)\n", prompt).group(1)
+        if options == ["Yes", "No"]:  # "is this response helpful, honest and harmless?"
+            resp = re.search(r"Response: (.*)\n", prompt).group(1)
             return [weight * content_quality(resp) - 1.0, 0.0]
         return [-abs(int(o) - 7) * 1.0 for o in options]  # scores peak at 7
     return fn
@@ -110,7 +110,7 @@ def test_pointwise_relevance_term():
     assert rel["p_good_1"] == pytest.approx(0.5)
     assert rel["p_good_2"] == pytest.approx(1 / (1 + math.exp(-2)), rel=1e-6)
     assert rel["p"] == pytest.approx(1 / (1 + math.exp(2)), rel=1e-6)
-    assert rel["labeler"] == "pointwise+relevance1:helpfulness@1"
+    assert rel["labeler"] == "pointwise+relevance1:helpfulness@2"
     with pytest.raises(LabelerError, match="no continuation function"):
         Labeler(FunctionBackend(fn), T, mode="pointwise", relevance_weight=1.0).label(pair)
 
@@ -139,7 +139,7 @@ def test_chain_of_thought_and_self_consistency():
     assert len(seen) == 2 * 2 * 3  # pairs x orders x samples
     assert all("Rationale:" in p for p in seen)
     assert len(recs[0]["rationale"]) == 6
-    assert recs[0]["labeler"] == "pairwise+swap+cot3:helpfulness@1"
+    assert recs[0]["labeler"] == "pairwise+swap+cot3:helpfulness@2"
     with pytest.raises(ValueError, match="needs cot"):
         Labeler(FunctionBackend(fn), T, mode="pairwise", self_consistency=2)
     with pytest.raises(LabelerError, match="no generate function"):
@@ -154,3 +154,84 @@ def test_function_backend_errors():
     bad = FunctionBackend(lambda p, o: [0.0])
     with pytest.raises(LabelerError, match="returned 1 scores for 2 options"):
         Labeler(bad, T, mode="pairwise").label(PAIRS[:1])
+
+
+def criterion_judge(table: dict[str, dict[str, float]]):
+    """Yes-log-odds per (criterion question, response) from a table; 'N/A' has its own row."""
+    questions = {T.criteria[c]: c for c in T.criteria}
+    questions[T.pointwise_question] = "overall"
+
+    def fn(prompt, options):
+        assert options == ["Yes", "No"]
+        resp = re.search(r"Response: (.*)\n", prompt.split("\n\n")[-2] + "\n").group(1)
+        crit = questions[prompt.split("\n\n")[-1]]
+        return [table[crit].get(resp, 0.0), 0.0]
+    return fn
+
+
+def sig(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def test_per_criterion_questions_combine_by_weighted_mean():
+    table = {"helpful": {"a": 2.0, "b": -1.0}, "honest": {"a": -1.0, "b": 1.0}, "harmless": {"a": 0.5, "b": 0.5}}
+    pair = [{"context": "q", "response_1": "a", "response_2": "b"}]
+    lab = Labeler(FunctionBackend(criterion_judge(table)), T, mode="pointwise",
+                  criteria=["helpful", "honest", "harmless"])
+    r = lab.label(pair)[0]
+    # a: (2 - 1 + 0.5) / 3 = 0.5; b: (-1 + 1 + 0.5) / 3 = 1/6
+    assert r["p_good_1"] == pytest.approx(sig(0.5)) and r["p_good_2"] == pytest.approx(sig(1 / 6))
+    assert r["p"] == pytest.approx(sig(0.5 - 1 / 6))
+    assert r["criteria_1"]["helpful"] == pytest.approx(sig(2.0))
+    assert r["labeler"] == "pointwise+criteria(helpful,honest,harmless):helpfulness@2"
+    # weights 2:1:1 -> a: (4 - 1 + 0.5) / 4 = 0.875; b: (-2 + 1 + 0.5) / 4 = -0.125
+    w = Labeler(FunctionBackend(criterion_judge(table)), T, mode="pointwise",
+                criteria=["helpful", "honest", "harmless"], criterion_weights={"helpful": 2.0}).label(pair)[0]
+    assert w["p"] == pytest.approx(sig(1.0))
+    with pytest.raises(ValueError, match="not in template"):
+        Labeler(FunctionBackend(criterion_judge(table)), T, mode="pointwise", criteria=["funny"])
+
+
+def test_content_free_calibration_and_length_debiasing():
+    table = {"overall": {"a": 1.0, "b b b": 2.0, "N/A": 3.0}}
+    items = [("q", "a"), ("q", "b b b")]
+    cal = Labeler(FunctionBackend(criterion_judge(table)), T, mode="pointwise", calibration="content_free")
+    # each judgement relative to the content-free response's log-odds (3.0)
+    assert cal.p_good(items) == pytest.approx([sig(-2.0), sig(-1.0)])
+    plain = Labeler(FunctionBackend(criterion_judge(table)), T, mode="pointwise")
+    pair = [{"context": "q", "response_1": "a", "response_2": "b b b"}]
+    assert cal.label(pair)[0]["p"] == pytest.approx(plain.label(pair)[0]["p"])  # cancels within a pair
+    ln = Labeler(FunctionBackend(criterion_judge(table)), T, mode="pointwise", length_coef=1.0)
+    # z - log(1 + words): a 1 - log 2, "b b b" 2 - log 4
+    assert ln.p_good(items) == pytest.approx([sig(1 - math.log(2)), sig(2 - math.log(4))])
+
+
+def test_few_shot_exemplars_precede_the_sample():
+    seen = []
+
+    def fn(prompt, options):
+        seen.append(prompt)
+        return [0.0, 0.0]
+
+    shots = [{"context": "2+2?", "response": "4", "good": True}, {"context": "2+2?", "response": "5", "good": False}]
+    lab = Labeler(FunctionBackend(fn), T, mode="pointwise", exemplars=shots)
+    lab.p_good([("capital of France?", "Paris")])
+    q = T.pointwise_question
+    assert seen[0].startswith(f"Question: 2+2?\nResponse: 4\n{q} Yes\n\nQuestion: 2+2?\nResponse: 5\n{q} No\n\n"
+                              "Question: capital of France?\nResponse: Paris\n\n")
+    assert lab.tag == "pointwise+2shot:helpfulness@2"
+
+
+def test_report_ci_categories_and_length_bias():
+    recs = [{"p": 0.9, "label": 1, "response_1": "a long answer here", "response_2": "short"},
+            {"p": 0.2, "label": 2, "response_1": "x", "response_2": "y z"},
+            {"p": 0.7, "label": 1, "response_1": "one two", "response_2": "three"},
+            {"p": 0.6, "label": 1, "response_1": "same", "response_2": "size"}]
+    rep = report(recs, [1, 2, 2, 1], ["helpful", "helpful", "honest", "honest"])
+    assert rep["agreement"] == 0.75 and rep["gold_pairs"] == 4
+    lo, hi = rep["agreement_ci95"]
+    assert lo < 0.75 < hi
+    assert rep["agreement_by_category"]["helpful"]["rate"] == 1.0
+    assert rep["agreement_by_category"]["honest"]["rate"] == 0.5
+    # pairs of different lengths: 1 (labeler longer, gold longer), 2 (longer, longer), 3 (longer, shorter)
+    assert rep["length_bias"] == {"pairs": 3, "labeler_prefers_longer": 1.0, "gold_prefers_longer": 2 / 3}

@@ -55,6 +55,12 @@ class GroupBackend:
         return self.group.generate(_pad_to(prompts, self.group.world_size), max_new_tokens, temperature,
                                    seed, self.batch_size)[:len(prompts)]
 
+    def question_logprobs(self, texts, questions, options):
+        if not texts:
+            return []
+        return self.group.question_logprobs(_pad_to(texts, self.group.world_size), questions, options,
+                                            self.batch_size)[:len(texts)]
+
     def continuation_logprobs(self, items):
         if not items:
             return []

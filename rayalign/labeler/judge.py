@@ -3,9 +3,11 @@
 Modes
 * ``pairwise`` — one prompt shows both responses; P from the log-probs of "1" and "2";
   position-swap averaging (default on), chain of thought, self-consistency.
-* ``pointwise`` — one response at a time: P(acceptable) from a Yes/No question, its
-  log-odds optionally plus a weighted question–response relevance (PMI) term;
-  a pair becomes a preference by Bradley–Terry on the two judgements. Each distinct
+* ``pointwise`` — one response at a time: the log-odds of the good answer to a Yes/No
+  question (or the weighted mean over per-criterion questions, asked after one encoding
+  of the response), optionally content-free calibrated, length-debiased, preceded by
+  few-shot exemplars, plus a weighted question–response relevance (PMI) term; a pair
+  becomes a preference by Bradley–Terry on the two judgements. Each distinct
   (context, response) is judged once.
 * ``score`` — direct 1–10 rating (d-RLAIF): expected score → reward in [−1, 1].
 """
@@ -20,13 +22,34 @@ from .backends import Backend
 from .templates import LabelTemplate
 
 SCORE_VALUES = list(range(1, 11))
+CONTENT_FREE = "N/A"
+
+
+def response_length(text: str) -> float:
+    """The length feature of length debiasing: log(1 + words)."""
+    return math.log1p(len(text.split()))
+
+
+def question_logprobs(backend: Backend, texts: list[str], questions: list[str],
+                      options: list[str]) -> list[list[list[float]]]:
+    """For each text and each question (appended to it), the options' log-probabilities.
+    A backend that can reuse the text's encoding across questions does; others are asked
+    each (text + question) in turn."""
+    fn = getattr(backend, "question_logprobs", None)
+    if fn is not None:
+        return fn(texts, questions, options)
+    flat = backend.option_logprobs([(t + q, list(options)) for t in texts for q in questions])
+    k = len(questions)
+    return [flat[i * k:(i + 1) * k] for i in range(len(texts))]
 
 
 class Labeler:
     def __init__(self, backend: Backend, template: LabelTemplate, mode: str = "pointwise",
                  swap: bool = True, cot: bool = False, self_consistency: int = 1,
                  sc_temperature: float = 0.7, cot_max_tokens: int = 96, seed: int = 0,
-                 relevance_weight: float = 0.0):
+                 relevance_weight: float = 0.0, criteria: list[str] | None = None,
+                 criterion_weights: dict[str, float] | None = None, calibration: str = "none",
+                 length_coef: float = 0.0, exemplars: list[dict] | None = None):
         if mode not in ("pairwise", "pointwise", "score"):
             raise ValueError(f"unknown labeler mode {mode!r}")
         if self_consistency > 1 and not cot:
@@ -35,32 +58,79 @@ class Labeler:
         self.swap, self.cot, self.sc = swap, cot, self_consistency
         self.sc_temperature, self.cot_max_tokens, self.seed = sc_temperature, cot_max_tokens, seed
         self.relevance_weight = relevance_weight
+        self.criteria = list(criteria or [])
+        unknown = [c for c in self.criteria if c not in template.criteria and c != "overall"]
+        if unknown:
+            raise ValueError(f"criteria {unknown} are not in template {template.name!r} "
+                             f"(it has {', '.join(list(template.criteria) + ['overall'])})")
+        self.weights = {c: float((criterion_weights or {}).get(c, 1.0)) for c in self.criteria}
+        if self.criteria and sum(self.weights.values()) <= 0:
+            raise ValueError("criterion_weights must not sum to zero or less")
+        if calibration not in ("none", "content_free"):
+            raise ValueError(f"unknown calibration {calibration!r} (none, content_free)")
+        self.calibration, self.length_coef = calibration, length_coef
+        self.exemplars = list(exemplars or [])
+        self._shots = self._render_shots()
         self._yes_cache: dict[tuple[str, str], float] = {}
+        self._criteria_cache: dict[tuple[str, str], dict[str, float]] = {}
         self._score_cache: dict[tuple[str, str], float] = {}
 
     @property
     def tag(self) -> str:
         extra = "+swap" if (self.mode == "pairwise" and self.swap) else ""
-        extra += f"+relevance{self.relevance_weight:g}" if (self.mode == "pointwise" and self.relevance_weight) else ""
+        if self.mode == "pointwise":
+            extra += f"+criteria({','.join(self.criteria)})" if self.criteria else ""
+            extra += "+cf" if self.calibration == "content_free" else ""
+            extra += f"+len{self.length_coef:g}" if self.length_coef else ""
+            extra += f"+{len(self.exemplars)}shot" if self.exemplars else ""
+            extra += f"+relevance{self.relevance_weight:g}" if self.relevance_weight else ""
         extra += f"+cot{self.sc if self.sc > 1 else ''}" if self.cot else ""
         return f"{self.mode}{extra}:{self.template.name}@{self.template.version}"
 
     # ------------------------------------------------------------ pointwise
 
+    def _render_shots(self) -> str:
+        t = self.template
+        good, bad = t.pointwise_good, ("No" if t.pointwise_good == "Yes" else "Yes")
+        return "".join(f"{t.pointwise_sample.format(context=e['context'], response=e['response'])}\n"
+                       f"{t.pointwise_question} {good if e['good'] else bad}\n\n" for e in self.exemplars)
+
+    def _questions(self) -> list[str]:
+        t = self.template
+        names = self.criteria or ["overall"]
+        return ["\n\n" + (t.pointwise_question if c == "overall" else t.criteria[c]) for c in names]
+
+    def _log_odds(self, items: list[tuple[str, str]]) -> list[list[float]]:
+        """Per question, the log-odds of the good answer for each (context, response)."""
+        t = self.template
+        good = t.pointwise_good
+        bad = "No" if good == "Yes" else "Yes"
+        texts = [self._shots + t.pointwise_sample_text(c, r) for c, r in items]
+        rows = question_logprobs(self.backend, texts, self._questions(), [good, bad])
+        return [[lg - lb for lg, lb in row] for row in rows]
+
     def p_good(self, items: list[tuple[str, str]]) -> list[float]:
-        """P(the judge finds the response acceptable) for each (context, response): the
-        probability of the template's ``pointwise_good`` answer against the other one.
-        Repeated items are judged once."""
+        """P(the judge finds the response acceptable) for each (context, response): σ of the
+        (weighted mean over criteria of the) good answer's log-odds, after calibration,
+        length debiasing and the relevance term. Repeated items are judged once."""
         todo = list(dict.fromkeys(k for k in items if k not in self._yes_cache))
         if todo:
-            good = self.template.pointwise_good
-            bad = "No" if good == "Yes" else "Yes"
-            lps = self.backend.option_logprobs(
-                [(self.template.pointwise_text(c, r), [good, bad]) for c, r in todo])
+            z = self._log_odds(todo)
+            if self.calibration == "content_free":
+                # Zhao et al. 2021: what the judge says about a content-free response to the
+                # same question is its prior there; judge each response relative to it.
+                ctx = list(dict.fromkeys(c for c, _ in todo))
+                prior = dict(zip(ctx, self._log_odds([(c, CONTENT_FREE) for c in ctx])))
+                z = [[a - b for a, b in zip(row, prior[c])] for row, (c, _) in zip(z, todo)]
             pmi = self.relevance(todo) if self.relevance_weight else [0.0] * len(todo)
-            for key, (lg, lb), r in zip(todo, lps, pmi):
-                z = logit(two_way_softmax(lg, lb)) + self.relevance_weight * r
-                self._yes_cache[key] = 1.0 / (1.0 + math.exp(-z))
+            names = self.criteria or ["overall"]
+            w = [self.weights.get(n, 1.0) for n in names]
+            for key, row, r in zip(todo, z, pmi):
+                zz = sum(wi * zi for wi, zi in zip(w, row)) / sum(w)
+                zz += self.relevance_weight * r - self.length_coef * response_length(key[1])
+                self._yes_cache[key] = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, zz))))
+                if self.criteria:
+                    self._criteria_cache[key] = {n: 1.0 / (1.0 + math.exp(-v)) for n, v in zip(names, row)}
         return [self._yes_cache[k] for k in items]
 
     def relevance(self, items: list[tuple[str, str]]) -> list[float]:
@@ -125,7 +195,11 @@ class Labeler:
             y = self.p_good(list(zip(ctx, r1)) + list(zip(ctx, r2)))
             n = len(pairs)
             for i in range(n):
-                out.append({"p_good_1": y[i], "p_good_2": y[n + i], "p": pointwise_preference(y[i], y[n + i])})
+                rec = {"p_good_1": y[i], "p_good_2": y[n + i], "p": pointwise_preference(y[i], y[n + i])}
+                if self.criteria:
+                    rec["criteria_1"] = self._criteria_cache.get((ctx[i], r1[i]))
+                    rec["criteria_2"] = self._criteria_cache.get((ctx[i], r2[i]))
+                out.append(rec)
         elif self.mode == "score":
             s = self.scores(list(zip(ctx, r1)) + list(zip(ctx, r2)))
             n = len(pairs)
@@ -168,10 +242,14 @@ def gold_of(row: dict, field: str) -> int | None:
     return None
 
 
-def report(records: list[dict], gold: Iterable[int | None] | None = None) -> dict[str, Any]:
-    """Position-bias rate, label distribution and agreement with gold labels."""
+def report(records: list[dict], gold: Iterable[int | None] | None = None,
+           categories: Iterable[str | None] | None = None) -> dict[str, Any]:
+    """Position-bias rate, label distribution and, where gold labels exist, agreement with
+    its 95% Wilson interval (overall and per category) and the length-bias rate."""
+    from ..algos.stats import rate
+
     n = len(records)
-    rep: dict[str, Any] = {"pairs": n, "labeler": records[0]["labeler"] if records else None}
+    rep: dict[str, Any] = {"pairs": n, "labeler": records[0].get("labeler") if records else None}
     if not n:
         return rep
     ps = [r["p"] for r in records]
@@ -185,11 +263,32 @@ def report(records: list[dict], gold: Iterable[int | None] | None = None) -> dic
     if "same_slot" in records[0]:
         rep["position_bias_rate"] = sum(bool(r["same_slot"]) for r in records) / n
     if gold is not None:
-        pairs = [(r, g) for r, g in zip(records, gold) if g in (1, 2)]
-        if pairs:
-            rep["gold_pairs"] = len(pairs)
-            rep["agreement"] = sum(r["label"] == g for r, g in pairs) / len(pairs)
+        cats = list(categories) if categories is not None else [None] * n
+        rows = [(r, g, c) for r, g, c in zip(records, gold, cats) if g in (1, 2)]
+        if rows:
+            hits = [r["label"] == g for r, g, _ in rows]
+            rep["gold_pairs"] = len(rows)
+            rep["agreement"] = sum(hits) / len(rows)
+            rep["agreement_ci95"] = rate(sum(hits), len(rows))["ci95"]
+            by: dict[str, list[bool]] = {}
+            for (_, _, c), h in zip(rows, hits):
+                if c is not None:
+                    by.setdefault(str(c), []).append(h)
+            if by:
+                rep["agreement_by_category"] = {c: rate(sum(v), len(v)) for c, v in sorted(by.items())}
+            # Length bias: how often the longer response is preferred, by the labeler and by
+            # people, over the pairs whose responses differ in length.
+            longer = [(r, g) for r, g, _ in rows
+                      if "response_1" in r and len(r["response_1"].split()) != len(r["response_2"].split())]
+            if longer:
+                first_longer = [len(r["response_1"].split()) > len(r["response_2"].split()) for r, _ in longer]
+                rep["length_bias"] = {
+                    "pairs": len(longer),
+                    "labeler_prefers_longer": sum((r["label"] == 1) == f for (r, _), f in zip(longer, first_longer)
+                                                  if r["label"] in (1, 2)) / len(longer),
+                    "gold_prefers_longer": sum((g == 1) == f for (_, g), f in zip(longer, first_longer)) / len(longer),
+                }
             if "p_order_12" in records[0]:
                 rep["agreement_first_order_only"] = sum(
-                    (1 if r["p_order_12"] > 0.5 else 2) == g for r, g in pairs) / len(pairs)
+                    (1 if r["p_order_12"] > 0.5 else 2) == g for r, g, _ in rows) / len(rows)
     return rep

@@ -35,7 +35,9 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
     template = resolve_template(lc.template, lc.template_overrides)
     kw = dict(mode=lc.mode, swap=lc.swap, cot=lc.cot, self_consistency=lc.self_consistency,
               sc_temperature=lc.sc_temperature, cot_max_tokens=lc.cot_max_tokens, seed=lc.seed,
-              relevance_weight=lc.pointwise_relevance)
+              relevance_weight=lc.pointwise_relevance, criteria=lc.criteria,
+              criterion_weights=lc.criterion_weights, calibration=lc.calibration, length_coef=lc.length_coef,
+              exemplars=few_shot_exemplars(lc.few_shot_source, lc.few_shot, lc.seed) if lc.few_shot else None)
     try:
         probe = Labeler(FunctionBackend(lambda p, o: [0.0] * len(o)), template, **kw)
     except ValueError as exc:
@@ -51,6 +53,24 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
             yield Labeler(GroupBackend(grp, b.batch_size), template, **kw)
 
 
+def few_shot_exemplars(source: str, k: int, seed: int = 0) -> list[dict]:
+    """k judged exemplars from gold pairs, alternating a chosen and a rejected response, each
+    from a different pair (a deterministic draw)."""
+    import random
+
+    rows = [r for r in data.load_rows(source, ["prompt", "response_1", "response_2"], None, seed)
+            if gold_of(r, "gold") in (1, 2)]
+    if len(rows) < k:
+        raise ConfigError(f"labeler.few_shot: {k} exemplars asked for, {source} has {len(rows)} gold pairs")
+    rng = random.Random(seed)
+    out = []
+    for i, r in enumerate(rng.sample(rows, k)):
+        g = gold_of(r, "gold")
+        good = i % 2 == 0
+        out.append({"context": r["prompt"], "response": r[f"response_{g if good else 3 - g}"], "good": good})
+    return out
+
+
 def load_pairs(cfg: Config) -> list[dict]:
     s = cfg.label
     fields = [s.prompt_field] if s.sample else [s.prompt_field, s.response_1_field, s.response_2_field]
@@ -62,19 +82,31 @@ def load_pairs(cfg: Config) -> list[dict]:
             pair.update(response_1=r[s.response_1_field], response_2=r[s.response_2_field])
         if s.gold_field and s.gold_field in r:
             pair["gold"] = gold_of(r, s.gold_field)
+        if "category" in r:
+            pair["category"] = r["category"]
         pairs.append(pair)
     return pairs
 
 
 def sample_responses(cfg: Config, pairs: list[dict]) -> None:
-    """Two sampled responses per prompt from the policy model, in place."""
+    """Two sampled responses per prompt from the policy model, in place, with progress."""
     sc = cfg.label.sample
     model = sc.model or cfg.model
+    prompts = [p["prompt"] for p in pairs]
     with lm_group("sampler", model, sc.group) as grp:
-        prompts = [p["prompt"] for p in pairs]
-        a = grp.generate(prompts, sc.max_new_tokens, sc.temperature, sc.seed)
-        b = grp.generate(prompts, sc.max_new_tokens, sc.temperature, sc.seed + 7919)
-    for p, x, y in zip(pairs, a, b):
+        step = sc.batch_size * grp.world_size
+        bar = Progress(2 * len(prompts), "sample")
+        out: list[list[str]] = [[], []]
+        for k, seed in enumerate((sc.seed, sc.seed + 7919)):
+            for i in range(0, len(prompts), step):
+                part = prompts[i:i + step]
+                pad = (-len(part)) % grp.world_size
+                got = grp.generate(part + part[:1] * pad, sc.max_new_tokens, sc.temperature, seed + i,
+                                   sc.batch_size)[:len(part)]
+                out[k].extend(got)
+                bar.update(len(part))
+        bar.close()
+    for p, x, y in zip(pairs, out[0], out[1]):
         p["response_1"], p["response_2"] = x.strip(), y.strip()
 
 
@@ -131,7 +163,16 @@ def run_label(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
                     bar.update(len(chunk))
                 bar.close()
     records = [done[p["id"]] for p in pairs]
-    rep = report(records, [p.get("gold") for p in pairs])
+    rep = report(records, [p.get("gold") for p in pairs], [p.get("category") for p in pairs])
+    if "agreement" in rep:
+        lo, hi = rep["agreement_ci95"]
+        cats = ", ".join(f"{c} {v['rate']:.0%} of {v['n']}" for c, v in rep.get("agreement_by_category", {}).items())
+        lb = rep.get("length_bias")
+        say(f"agreement with gold labels: {rep['agreement']:.1%} [95% CI {lo:.1%}, {hi:.1%}] on {rep['gold_pairs']} "
+            f"pairs" + (f"; by category: {cats}" if cats else "")
+            + (f"; prefers the longer response {lb['labeler_prefers_longer']:.0%} (gold {lb['gold_prefers_longer']:.0%})"
+               if lb else "")
+            + (f"; position bias {rep['position_bias_rate']:.0%}" if "position_bias_rate" in rep else ""))
     rep["wall_time_s"] = time.time() - t0
     rep["labels"] = str(out_path)
     rep["run_dir"] = str(run_dir)

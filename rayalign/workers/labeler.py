@@ -129,6 +129,54 @@ class LabelerWorker(Worker):
         return out
 
     @dispatch(SPLIT)
+    def question_logprobs(self, items: list[str], questions: list[str], options: list[str],
+                          batch_size: int = 8) -> list[list[list[float]]]:
+        """Several questions about one text, at the cost of one: for each text, log P(first
+        token of each option) after ``text + question`` (rendered as one user turn), for every
+        question. The text's keys and values are computed once and reused by each question
+        (per-criterion judging asks 3-5 questions about the same response). Options must
+        start with distinct tokens. Texts are batched by length, so padding stays small."""
+        marker = "\x00"
+        rendered = self.render(marker)
+        if rendered.count(marker) != 1:
+            raise ValueError("the chat template repeats or drops the user text; cannot share a prefix")
+        head, tail = rendered.split(marker)
+        q_ids = [self.tok(q + tail, add_special_tokens=False)["input_ids"] for q in questions]
+        # An option is scored by its first token (Yes/No are one token each in real vocabularies;
+        # a character-level test vocabulary still tells Y from N).
+        opt_ids = [(self.tok(o, add_special_tokens=False)["input_ids"] or [None])[0] for o in options]
+        if None in opt_ids or len(set(opt_ids)) != len(opt_ids):
+            raise ValueError(f"question_logprobs: options {options} do not start with distinct tokens")
+        enc = [self.tok(head + t, add_special_tokens=False)["input_ids"] for t in items]
+        order = sorted(range(len(items)), key=lambda i: len(enc[i]))
+        out: list[list[list[float]] | None] = [None] * len(items)
+        pad = self.tok.pad_token_id
+        n = self.batches_for_all_ranks(len(items), batch_size)
+        for b in range(n):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            rows = [enc[i] for i in idx] or [enc[0] if enc else [pad]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, sq in enumerate(rows):  # left padding: every row's text ends at the same column
+                ids[r, width - len(sq):] = torch.tensor(sq)
+                mask[r, width - len(sq):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            per_q = []
+            with torch.no_grad():
+                cache = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
+                for qi in q_ids:
+                    q = torch.tensor([qi] * len(rows), device=self.device)
+                    m = torch.cat([mask, torch.ones_like(q)], 1)
+                    logits = self.model(input_ids=q, attention_mask=m, past_key_values=cache, use_cache=True,
+                                        logits_to_keep=1).logits[:, -1].float()
+                    cache.crop(-q.shape[1])  # back to the shared text for the next question
+                    per_q.append(torch.log_softmax(logits, -1)[:, opt_ids].cpu())
+            for r, i in enumerate(idx):
+                out[i] = [per_q[k][r].tolist() for k in range(len(q_ids))]
+        return out  # type: ignore[return-value]
+
+    @dispatch(SPLIT)
     def continuation_logprobs(self, items: list[tuple[str, str]], batch_size: int = 8) -> list[tuple[float, int]]:
         """For each (prompt, continuation): the summed log-probability of the continuation
         after the rendered prompt, and its token count."""
