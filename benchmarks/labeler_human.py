@@ -1,0 +1,239 @@
+"""Labeler methods measured on human-labelled pairs (``rayalign.human_pairs``): agreement with
+the people's gold label, its 95% Wilson interval, per category.
+
+    python benchmarks/labeler_human.py --split dev      # choose on this half
+    python benchmarks/labeler_human.py --split heldout  # report only, after choosing
+
+One in-process SmolLM2-135M-Instruct judge (the quickstart's). Every judgement a method needs
+is computed once into a feature cache (``--cache``; a rerun computes only what is missing),
+then each method is scored from it:
+* pointwise Yes/No questions (the SPECS 2 overall question, and per-criterion questions asked
+  after one encoding of the response: ``LabelerWorker.question_logprobs``), their means;
+* content-free calibration (the same question about an "N/A" response): it cancels within a
+  pair for these linear combinations, so it is measured as the pooled AUC of P(good) across
+  prompts (what a reward across prompts needs), not only as pair agreement;
+* length debiasing (log(1 + words) with a coefficient), the relevance (PMI) term;
+* few-shot exemplars drawn from the dev half (``--subset`` pairs, the exemplars' own pairs
+  excluded), and pairwise "1"/"2" with position swap (same subset).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rayalign import human_pairs  # noqa: E402
+from rayalign.algos.preference import swap_average, two_way_softmax  # noqa: E402
+from rayalign.algos.stats import paired_difference, rate  # noqa: E402
+from rayalign.labeler.judge import CONTENT_FREE, response_length  # noqa: E402
+from rayalign.labeler.templates import CRITERIA, PRESETS  # noqa: E402
+
+T = PRESETS["helpfulness"]
+QUESTIONS = {"overall": T.pointwise_question, **CRITERIA,
+             "bad": "Is the response irrelevant to the question, harmful or dangerous? Answer Yes or No."}
+FEW_SHOT = 4
+
+
+def features(worker, rows: list[dict], cache: dict, subset: set[str], shots: str) -> None:
+    key = lambda c, x: json.dumps([c, x])  # noqa: E731
+    items = sorted({(r["prompt"], r[f"response_{k}"]) for r in rows for k in (1, 2)} |
+                   {(r["prompt"], CONTENT_FREE) for r in rows})
+    todo = [it for it in items if "q" not in cache.get(key(*it), {})]
+    if todo:
+        t = time.time()
+        res = worker.question_logprobs([T.pointwise_sample_text(c, x) for c, x in todo],
+                                       ["\n\n" + q for q in QUESTIONS.values()], ["Yes", "No"], 8)
+        for it, r in zip(todo, res):
+            cache.setdefault(key(*it), {})["q"] = {n: lp[0] - lp[1] for n, lp in zip(QUESTIONS, r)}
+        print(f"questions: {len(todo)} items in {time.time() - t:.0f}s", flush=True)
+    todo = [it for it in items if it[1] != CONTENT_FREE and "cont" not in cache[key(*it)]]
+    if todo:
+        t = time.time()
+        cl = worker.continuation_logprobs([y for c, x in todo for y in ((c, x), (T.relevance_neutral_prompt, x))], 8)
+        for i, it in enumerate(todo):
+            cache[key(*it)]["cont"] = [cl[2 * i][0], cl[2 * i][1], cl[2 * i + 1][0]]
+        print(f"relevance: {len(todo)} items in {time.time() - t:.0f}s", flush=True)
+    sub = [r for r in rows if r["id"] in subset]
+    todo = [it for it in sorted({(r["prompt"], r[f"response_{k}"]) for r in sub for k in (1, 2)})
+            if "shot" not in cache[key(*it)]]
+    if todo:
+        t = time.time()
+        res = worker.question_logprobs([shots + T.pointwise_sample_text(c, x) for c, x in todo],
+                                       ["\n\n" + T.pointwise_question], ["Yes", "No"], 8)
+        for it, r in zip(todo, res):
+            cache[key(*it)]["shot"] = r[0][0] - r[0][1]
+        print(f"few-shot: {len(todo)} items in {time.time() - t:.0f}s", flush=True)
+    todo = [r for r in sub if "pairwise" not in cache.get(r["id"], {})]
+    if todo:
+        t = time.time()
+        texts = [T.pairwise_text(r["prompt"], a, b) for r in todo
+                 for a, b in ((r["response_1"], r["response_2"]), (r["response_2"], r["response_1"]))]
+        lps = worker.option_logprobs([(x, ["1", "2"]) for x in texts], 8)
+        for i, r in enumerate(todo):
+            cache.setdefault(r["id"], {})["pairwise"] = [two_way_softmax(*lps[2 * i]), two_way_softmax(*lps[2 * i + 1])]
+        print(f"pairwise: {len(todo)} pairs x 2 orders in {time.time() - t:.0f}s", flush=True)
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-max(-60.0, min(60.0, x))))
+
+
+def method_scores(cache: dict, rows: list[dict]) -> dict:
+    """Each method as a function pair -> P(response_1 better)."""
+    def z(c, x, names, cf=False, length=0.0, rel=0.0):
+        d = cache[json.dumps([c, x])]
+        v = sum(d["q"][n] * (-1 if n == "bad" else 1) for n in names) / len(names)
+        if cf:
+            n0 = cache[json.dumps([c, CONTENT_FREE])]["q"]
+            v -= sum(n0[n] * (-1 if n == "bad" else 1) for n in names) / len(names)
+        if rel:
+            a, nt, b = d["cont"]
+            v += rel * (a - b) / max(1, nt)
+        return v - length * response_length(x)
+
+    def pw(names, **kw):
+        return lambda r: sig(z(r["prompt"], r["response_1"], names, **kw) - z(r["prompt"], r["response_2"], names, **kw))
+    crit3 = ["helpful", "honest", "harmless"]
+    m = {
+        "pointwise: overall HHH question (SPECS 2)": pw(["overall"]),
+        "pointwise: 'irrelevant, harmful or dangerous?' (old default, no relevance)": pw(["bad"]),
+        "pointwise: old default ('bad' question + relevance 1)": pw(["bad"], rel=1.0),
+        "pointwise: overall + relevance 1": pw(["overall"], rel=1.0),
+        "pointwise: relevance (PMI) alone": pw(["overall"], rel=1e4),
+        "pointwise: helpful": pw(["helpful"]), "pointwise: honest": pw(["honest"]),
+        "pointwise: harmless": pw(["harmless"]), "pointwise: correct": pw(["correct"]),
+        "pointwise: good": pw(["good"]),
+        "per-criterion mean: helpful+honest+harmless": pw(crit3),
+        "per-criterion mean: helpful+honest+harmless+overall": pw(crit3 + ["overall"]),
+        "per-criterion mean: all five + overall": pw(list(CRITERIA) + ["overall"]),
+        "overall, length debiased (coef +0.5)": pw(["overall"], length=0.5),
+        "overall, length debiased (coef -0.5)": pw(["overall"], length=-0.5),
+        "overall, content-free calibrated": pw(["overall"], cf=True),
+    }
+    sub = {
+        f"overall, {FEW_SHOT}-shot (exemplars from dev)": lambda r: sig(
+            cache[json.dumps([r["prompt"], r["response_1"]])]["shot"] - cache[json.dumps([r["prompt"], r["response_2"]])]["shot"]),
+        "pairwise '1'/'2' with swap": lambda r: swap_average(*cache[r["id"]]["pairwise"]),
+        "pairwise '1'/'2', first order only": lambda r: cache[r["id"]]["pairwise"][0],
+        "overall HHH question (same subset)": pw(["overall"]),
+    }
+    return m, sub
+
+
+def auc(pos: list[float], neg: list[float]) -> float:
+    """P(score of a chosen response > score of a rejected one), pooled across prompts."""
+    allv = sorted([(v, 1) for v in pos] + [(v, 0) for v in neg])
+    rank_sum, i = 0.0, 0
+    while i < len(allv):
+        j = i
+        while j < len(allv) and allv[j][0] == allv[i][0]:
+            j += 1
+        r = (i + j + 1) / 2
+        rank_sum += r * sum(lab for _, lab in allv[i:j])
+        i = j
+    n1, n0 = len(pos), len(neg)
+    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def score(rows: list[dict], fn) -> dict:
+    hits = [(1 if fn(r) > 0.5 else 2 if fn(r) < 0.5 else 0) == r["gold"] for r in rows]
+    by: dict[str, list[bool]] = {}
+    for r, h in zip(rows, hits):
+        by.setdefault(r["category"], []).append(h)
+    out = rate(sum(hits), len(hits))
+    out["by_category"] = {c: rate(sum(v), len(v)) for c, v in sorted(by.items())}
+    out["hits"] = hits
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", choices=human_pairs.SPLITS, required=True)
+    ap.add_argument("--cache", default=None, help="feature cache (default: in rayalign's cache; it holds "
+                    "BIG-bench text, which is never committed)")
+    ap.add_argument("--subset", type=int, default=200, help="pairs for few-shot and pairwise (slower)")
+    ap.add_argument("--out", default="benchmarks/results/labeler_human_{split}.json")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    rows = human_pairs.load(args.split)
+    dev = human_pairs.load("dev")
+    rng = random.Random(0)
+    shot_pairs = rng.sample(dev, FEW_SHOT)
+    shots = "".join(f"{T.pointwise_sample_text(p['prompt'], p[f'response_{g}'])}\n{T.pointwise_question} {a}\n\n"
+                    for i, p in enumerate(shot_pairs)
+                    for g, a in [((p["gold"], "Yes") if i % 2 == 0 else (3 - p["gold"], "No"))])
+    excluded = {p["id"] for p in shot_pairs}
+    rows = [r for r in rows if r["id"] not in excluded]
+    subset = {r["id"] for r in random.Random(1).sample(rows, min(args.subset, len(rows)))}
+    from rayalign.models import cache_root
+
+    cache_path = Path(args.cache or cache_root() / "data" / f"labeler_features_{args.split}.json")
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    from rayalign.cluster.group import LocalGroup
+    from rayalign.workers.labeler import LabelerWorker
+
+    grp = LocalGroup("labeler", LabelerWorker, threads=args.threads)
+    grp.init_model({"name": "smollm2-135m-instruct"}, {}, True)
+    t0 = time.time()
+    features(grp.worker, rows, cache, subset, shots)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(cache))
+    grp.kill()
+
+    full, sub = method_scores(cache, rows)
+    base = score(rows, full["pointwise: overall HHH question (SPECS 2)"])
+    table = {}
+    counts = ", ".join(f"{c} {v['n']}" for c, v in base["by_category"].items())
+    print(f"\n{args.split}: {len(rows)} human-labelled pairs ({counts})")
+    for name, fn in full.items():
+        s = score(rows, fn)
+        only_b = sum(h and not b for h, b in zip(s["hits"], base["hits"]))
+        only_a = sum(b and not h for h, b in zip(s["hits"], base["hits"]))
+        s["vs_overall_question"] = paired_difference(only_b, only_a, len(rows))
+        table[name] = s
+    srows = [r for r in rows if r["id"] in subset]
+    for name, fn in sub.items():
+        table[name + f" [{len(srows)}-pair subset]"] = score(srows, fn)
+    # Pooled AUC: does P(good) rank chosen above rejected responses across different prompts?
+    def pooled(names, cf):
+        def zz(c, x):
+            d = cache[json.dumps([c, x])]["q"]
+            v = sum(d[n] for n in names) / len(names)
+            if cf:
+                v -= sum(cache[json.dumps([c, CONTENT_FREE])]["q"][n] for n in names) / len(names)
+            return v
+        pos = [zz(r["prompt"], r[f"response_{r['gold']}"]) for r in rows]
+        neg = [zz(r["prompt"], r[f"response_{3 - r['gold']}"]) for r in rows]
+        return auc(pos, neg)
+    aucs = {"overall": pooled(["overall"], False), "overall, content-free calibrated": pooled(["overall"], True),
+            "helpful+honest+harmless+overall": pooled(["helpful", "honest", "harmless", "overall"], False),
+            "helpful+honest+harmless+overall, content-free calibrated":
+                pooled(["helpful", "honest", "harmless", "overall"], True)}
+    w = max(map(len, table))
+    for name, s in table.items():
+        cats = " ".join(f"{c} {v['rate']:.0%}" for c, v in s["by_category"].items())
+        d = s.get("vs_overall_question")
+        dd = f"  Δ {d['difference']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]" if d else ""
+        print(f"{name:<{w}}  {s['rate']:.1%} [{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]  {cats}{dd}")
+    print("pooled AUC of P(good) across prompts:", {k: round(v, 3) for k, v in aucs.items()})
+    for s in table.values():
+        s.pop("hits")
+    import torch
+
+    out = {"split": args.split, "pairs": len(rows), "judge": "smollm2-135m-instruct (fp32)",
+           "few_shot_exemplar_ids": sorted(excluded), "methods": table, "pooled_auc": aucs,
+           "seconds": time.time() - t0, "command": " ".join(sys.argv),
+           "machine": f"{platform.machine()}, {args.threads} threads", "torch": torch.__version__}
+    Path(args.out.format(split=args.split)).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
