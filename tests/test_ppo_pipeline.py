@@ -40,7 +40,7 @@ ppo:
     - {{type: function, function: "ppo_rewards:vowel_share"}}
   algo: {{iterations: {iterations}, prompts_per_iteration: 8, max_new_tokens: 16, temperature: 1.0,
           epochs: 2, minibatches: 2, save_every: {save_every}, defer_critic_update: true}}
-  eval: {{judge_gold_samples: 8, max_new_tokens: 8}}
+  eval: {{judge_gold: "packaged:hhh-pairs", judge_gold_samples: 8, max_new_tokens: 8}}
 {extra}""")
     return cfg
 

@@ -33,7 +33,7 @@ rm:
   group: {{workers: 1, cpus_per_worker: 1}}
   train: {{lr: 1.0e-3, batch_size: 4, micro_batch_size: 2, max_steps: 4}}
 ppo:
-  prompts: {{source: packaged:mixed-prompts, max_samples: 40, eval_prompts: 4}}
+  prompts: {{source: packaged:mixed-prompts, max_samples: 40, eval_prompts: 8}}
   policy: {{group: {{workers: 1, cpus_per_worker: 0.5}}, train: {{lr: 1.0e-3, micro_batch_size: 4}}}}
   reference: {{workers: 1, cpus_per_worker: 0.25}}
   rewards:
@@ -41,7 +41,8 @@ ppo:
     - {{type: labeler, weight: 0.5}}
     - {{type: function, weight: 2.0, function: "ppo_rewards:vowel_share"}}
   algo: {{iterations: 2, prompts_per_iteration: 4, samples_per_prompt: 2, estimator: rloo, max_new_tokens: 8}}
-  eval: {{judge_gold_samples: 4, max_new_tokens: 8}}
+  eval: {{judge_gold: "packaged:hhh-pairs", judge_gold_samples: 4, max_new_tokens: 8, reward_every: 1,
+          reward_prompts: 4}}
 """)
     run = tmp_path / "run"
     assert main(["run", str(cfg), "--run-dir", str(run)]) == 0
@@ -51,7 +52,9 @@ ppo:
               "plots/sft.png", "plots/rm.png", "plots/ppo.png", "README.md"):
         assert (run / f).is_file(), f
     labels = [json.loads(x) for x in (run / "labels.jsonl").read_text().splitlines()]
-    assert len(labels) == 24 and all(0 <= r["p"] <= 1 and r["response_1"] for r in labels)
+    assert len(labels) == 24 and all(0 <= r["p"] <= 1 for r in labels)
+    # the tiny SFT policy sometimes stops at once; most samples have text
+    assert sum(bool(r["response_1"]) for r in labels) >= 18
     s = json.loads((run / "summary.json").read_text())
     assert set(s) >= {"sft", "label", "rm", "ppo"}
     assert s["ppo"]["policy_start"] == str(run / "final" / "sft")
@@ -59,7 +62,19 @@ ppo:
     ppo_rows = [r for r in rows if r["stage"] == "ppo"]
     assert len(ppo_rows) == 2 and {"reward_rm", "reward_labeler", "reward_function"} <= set(ppo_rows[0])
     assert "win rate of the PPO policy vs the SFT policy" in out.out
-    assert "judge agreement with gold labels" in (run / "README.md").read_text()
+    readme = (run / "README.md").read_text()
+    assert "judge agreement with people (packaged:hhh-pairs)" in readme
+    # The held-out reward on the same 4 prompts before training and after each iteration.
+    curve = [r for r in rows if r["stage"] == "ppo_heldout"]
+    assert [r["step"] for r in curve] == [0, 1, 2]
+    assert s["ppo"]["heldout_reward_curve"] == [[r["step"], r["heldout_reward"]] for r in curve]
+    assert "held-out reward, start → end" in readme and (run / "plots" / "ppo_heldout.png").is_file()
+    # Rule-based refusal rates on the 8 held-out prompts, split by kind.
+    ref, ans = s["ppo"]["refusal_rate_harmful"], s["ppo"]["answer_rate_benign"]
+    assert ref["final"]["n"] + ans["final"]["n"] == 8 and ref["final"]["n"] > 0 and ans["final"]["n"] > 0
+    assert "refusal rate on held-out harmful questions" in readme
+    lo, hi = s["ppo"]["win_rate_ci95"]
+    assert lo <= s["ppo"]["win_rate_vs_start"] <= hi
 
     # Everything exists: a resumed run skips every stage and changes nothing.
     before = (run / "metrics.jsonl").read_text()

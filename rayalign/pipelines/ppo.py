@@ -226,9 +226,12 @@ def _updates(policy, critic, samples, epochs, minibatches, mbs, clip, value_clip
 # ---------------------------------------------------------------- the command
 
 
-def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
+def load_prompts(cfg: Config) -> tuple[list[str], list[str], dict[str, str]]:
+    """Training prompts, held-out prompts, and each prompt's kind (harmful/benign) where the
+    source says."""
     p = cfg.ppo.prompts
     rows = data.load_rows(p.source, [p.prompt_field], p.max_samples, p.shuffle_seed)
+    kinds = {str(r[p.prompt_field]): str(r[p.kind_field]) for r in rows if r.get(p.kind_field) is not None}
     prompts = list(dict.fromkeys(str(r[p.prompt_field]) for r in rows if str(r[p.prompt_field]).strip()))
     if len(prompts) <= p.eval_prompts:
         raise ConfigError(f"ppo.prompts: {len(prompts)} distinct prompts in {p.source}, but eval_prompts "
@@ -238,7 +241,7 @@ def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
     if len(train) < cfg.ppo.algo.prompts_per_iteration:
         raise ConfigError(f"ppo.algo.prompts_per_iteration ({cfg.ppo.algo.prompts_per_iteration}) exceeds the "
                           f"{len(train)} training prompts")
-    return train, held
+    return train, held, kinds
 
 
 def prompts_for_iteration(prompts: list[str], it: int, n: int, seed: int) -> list[str]:
@@ -309,7 +312,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     from ..rewards import open_rewards, preflight
 
     preflight(cfg, default_rm)
-    train_prompts, held = load_prompts(cfg)
+    train_prompts, held, kinds = load_prompts(cfg)
     run_dir = prepare_run_dir(cfg, run_dir, "ppo", resume)
     root = run_dir / "checkpoints"
     start_it, kl_value, resume_from = 0, None, None
@@ -353,6 +356,16 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                               total_steps, str(critic_from) if critic_from else None)
         labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
         rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
+        ev_cfg = pc.eval
+        fixed = held[:ev_cfg.reward_prompts]
+
+        def heldout_eval(it: int) -> None:
+            r = heldout_reward(policy, rewards, fixed, a.max_new_tokens, kinds)
+            tracker.log("ppo_heldout", it, r)
+            say(f"held-out reward after iteration {it}: {r['heldout_reward']:.3f} on {len(fixed)} fixed prompts")
+
+        if ev_cfg.reward_every and fixed and start_it == 0:
+            heldout_eval(0)
         bar = Progress(a.iterations, "ppo", initial=start_it)
         backlog: list | None = None
         waiting: tuple[int, dict] | None = None  # a row whose critic losses are still to come
@@ -392,6 +405,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
             history.append(m)
             _write_samples(run_dir, done, samples)
             bar.update(1, reward=m["reward_mean"], kl=m["kl"], s=m["iteration_s"])
+            if ev_cfg.reward_every and fixed and (done % ev_cfg.reward_every == 0 or done == a.iterations):
+                heldout_eval(done)
             if checkpoint_due:
                 state = {"iteration": done, "kl_coef": kl_ctl.value}
                 if critic is not None:
@@ -402,16 +417,20 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         policy.export_hf(str(final))
         ev: dict[str, Any] = {}
         if pc.eval.win_rate and held:
-            ev = evaluate_win_rate(cfg, policy, reference, labeler, held)
+            ev = evaluate_win_rate(cfg, policy, reference, labeler, held, kinds)
             tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
         mem = policy.memory()
     tracker.close()
     plot_metrics(run_dir, "ppo", [["reward_mean"], ["kl"], ["approx_kl", "clipfrac"], ["value_loss"],
                                   ["response_length"], ["generate_s", "score_s", "train_s"]],
                  title=f"{cfg.name}: PPO")
+    plot_metrics(run_dir, "ppo_heldout", [["heldout_reward"], ["heldout_refusal_harmful", "heldout_answer_benign"],
+                                          ["heldout_length"]],
+                 title=f"{cfg.name}: reward on {pc.eval.reward_prompts} fixed held-out prompts (greedy)")
     from ..tracking import read_metrics
 
     rows = read_metrics(run_dir / "metrics.jsonl", "ppo")
+    curve = read_metrics(run_dir / "metrics.jsonl", "ppo_heldout")
     first = rows[0] if rows else {}
     last = rows[-1] if rows else {}
     timed = rows[1:] or rows
@@ -422,6 +441,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         "reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
         "reward_last3_mean": statistics.fmean(r["reward_mean"] for r in rows[-3:]) if rows else None,
         "kl_last": last.get("kl"), "kl_max": max((r["kl"] for r in rows), default=None),
+        "heldout_reward_curve": [[r["step"], r["heldout_reward"]] for r in curve],
         "first_update": {k: first.get(k) for k in sorted(first) if k.startswith(("approx_kl_epoch", "clipfrac_epoch"))},
         "mean_generate_s": _mean(timed, "generate_s"), "mean_score_s": _mean(timed, "score_s"),
         "mean_train_s": _mean(timed, "train_s"), "mean_iteration_s": _mean(timed, "iteration_s"),
@@ -444,31 +464,83 @@ def _write_samples(run_dir: Path, it: int, samples: list[dict]) -> None:
                                  "response": s["response"], "ended": s["ended"]}) + "\n")
 
 
-def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str]) -> dict[str, Any]:
+def heldout_reward(policy, rewards, prompts: list[str], max_new_tokens: int,
+                   kinds: dict[str, str] | None = None) -> dict[str, float]:
+    """The reward of the policy's greedy answers to a fixed prompt set, with each term, the
+    answers' mean length and, where prompts have a kind, the rule-based refusal rates."""
+    from ..refusal import is_refusal
+
+    answers = _generate_all(policy, prompts, max_new_tokens)
+    scores = rewards(prompts, answers)
+    out = {"heldout_reward": statistics.fmean(scores),
+           **{f"heldout_{k}": v for k, v in rewards.last_terms.items()},
+           "heldout_length": statistics.fmean(len(x.split()) for x in answers)}
+    kinds = kinds or {}
+    for kind, key, want in (("harmful", "heldout_refusal_harmful", True), ("benign", "heldout_answer_benign", False)):
+        sel = [is_refusal(x) for q, x in zip(prompts, answers) if kinds.get(q) == kind]
+        if sel:
+            out[key] = sum(r == want for r in sel) / len(sel)
+    return out
+
+
+def _generate_all(group, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers from a group, padded so every rank gets work."""
+    n = len(prompts)
+    pad = (-n) % group.world_size
+    return [x.strip() for x in group.generate(prompts + prompts[:1] * pad, max_new_tokens, 0.0)[:n]]
+
+
+def refusal_rates(prompts: list[str], after: list[str], before: list[str], kinds: dict[str, str]) -> dict[str, Any]:
+    """Refusal rate on harmful prompts and answer rate on benign ones, final (after) vs start
+    (before), each with its 95% interval, and the paired change with its interval."""
+    from ..algos.stats import paired_difference, rate
+    from ..refusal import is_refusal
+
+    out: dict[str, Any] = {}
+    for kind, name, want in (("harmful", "refusal_rate_harmful", True), ("benign", "answer_rate_benign", False)):
+        idx = [i for i, q in enumerate(prompts) if kinds.get(q) == kind]
+        if not idx:
+            continue
+        a = [is_refusal(after[i]) == want for i in idx]
+        b = [is_refusal(before[i]) == want for i in idx]
+        out[name] = {"start": rate(sum(b), len(idx)), "final": rate(sum(a), len(idx)),
+                     "change": paired_difference(sum(x and not y for x, y in zip(a, b)),
+                                                 sum(y and not x for x, y in zip(a, b)), len(idx))}
+    return out
+
+
+def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
+                      kinds: dict[str, str] | None = None) -> dict[str, Any]:
     """Greedy answers of the final policy and of the starting one (the reference) on
-    held-out prompts, judged by the labeler; and the judge's own agreement with gold pairs,
-    so the win rate comes with how far the judge can be trusted."""
+    held-out prompts: the labeler's win rate (with its 95% interval), the rule-based refusal
+    and answer rates, and the judge's own agreement with human gold labels, so the win rate
+    comes with how far the judge can be trusted."""
+    from ..algos.stats import rate
     from ..labeler import report
 
     e = cfg.ppo.eval
     n = len(held)
-    pad = (-n) % policy.world_size
-    after = policy.generate(held + held[:1] * pad, e.max_new_tokens, 0.0)[:n]
-    pad = (-n) % reference.world_size
-    before = reference.generate(held + held[:1] * pad, e.max_new_tokens, 0.0)[:n]
-    recs = labeler.label([{"context": q, "response_1": x.strip(), "response_2": y.strip()}
-                          for q, x, y in zip(held, after, before)])
+    say(f"final evaluation: {n} held-out prompts, final policy vs start")
+    after = _generate_all(policy, held, e.max_new_tokens)
+    before = _generate_all(reference, held, e.max_new_tokens)
+    recs = labeler.label([{"context": q, "response_1": x, "response_2": y} for q, x, y in zip(held, after, before)])
     wins = sum(1.0 if r["p"] > 0.5 else 0.5 if r["p"] == 0.5 else 0.0 for r in recs)
-    same = sum(x.strip() == y.strip() for x, y in zip(after, before))
-    out: dict[str, Any] = {"win_rate_vs_start": wins / n, "eval_prompts": n, "identical_answers": same,
-                           "judge": recs[0]["labeler"] if recs else None}
+    same = sum(x == y for x, y in zip(after, before))
+    win = rate(wins, n)
+    out: dict[str, Any] = {"win_rate_vs_start": wins / n, "win_rate_ci95": win["ci95"], "eval_prompts": n,
+                           "identical_answers": same, "judge": recs[0]["labeler"] if recs else None}
+    if e.refusal and kinds:
+        out.update(refusal_rates(held, after, before, kinds))
     if e.judge_gold:
         rows = data.load_rows(e.judge_gold, ["prompt", "response_1", "response_2"], None, 0)
         rows = [r for r in rows if r.get("gold") in (1, 2, "1", "2")][:e.judge_gold_samples]
+        say(f"judge agreement with gold labels on {len(rows)} pairs of {e.judge_gold}")
         rep = report(labeler.label([{"context": r["prompt"], "response_1": r["response_1"],
                                      "response_2": r["response_2"]} for r in rows]), [int(r["gold"]) for r in rows])
         out["judge_agreement"] = rep.get("agreement")
+        out["judge_agreement_ci95"] = rep.get("agreement_ci95")
         out["judge_gold_pairs"] = rep.get("gold_pairs")
-    out["win_examples"] = [{"prompt": q, "final": x.strip()[:300], "start": y.strip()[:300], "p_final_better": r["p"]}
-                           for q, x, y, r in list(zip(held, after, before, recs))[:4]]
+        out["judge_gold_source"] = e.judge_gold
+    out["win_examples"] = [{"prompt": q, "final": x[:300], "start": y[:300], "p_final_better": r["p"]}
+                           for q, x, y, r in list(zip(held, after, before, recs))[:6]]
     return out

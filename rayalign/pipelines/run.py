@@ -120,13 +120,36 @@ def headline_table(run_dir: Path, times: dict[str, float]) -> str:
         rows.append(("PPO seconds per iteration (generate / score / train)",
                      f"{f(p.get('mean_generate_s'), '{:.1f}')} / {f(p.get('mean_score_s'), '{:.1f}')} / "
                      f"{f(p.get('mean_train_s'), '{:.1f}')}"))
+        curve = p.get("heldout_reward_curve") or []
+        if len(curve) >= 2:
+            rows.append((f"held-out reward, {len(curve)} evaluations on fixed prompts (iteration: reward)",
+                         " → ".join(f"{it}: {v:.3f}" for it, v in curve)))
+            verdict = "rose" if curve[-1][1] > curve[0][1] else "did NOT rise"
+            rows.append(("held-out reward, start → end", f"{f(curve[0][1])} → {f(curve[-1][1])} ({verdict})"))
+        for key, what in (("refusal_rate_harmful", "refusal rate on held-out harmful questions (rule-based)"),
+                          ("answer_rate_benign", "answer rate on held-out benign questions (rule-based)")):
+            r = p.get(key)
+            if r:
+                ch = r["change"]
+                lo, hi = ch["ci95"]
+                verdict = ("improved" if lo > 0 else "got worse" if hi < 0 else "no significant change") \
+                    if key == "refusal_rate_harmful" else \
+                    ("rose" if lo > 0 else "FELL (over-refusal)" if hi < 0 else "no significant change")
+                rows.append((what, f"SFT {r['start']['rate']:.0%} → PPO {r['final']['rate']:.0%} of "
+                                   f"{r['final']['n']}; change {ch['difference']:+.0%} [95% CI {lo:+.0%}, {hi:+.0%}]: "
+                                   f"{verdict}"))
         if p.get("win_rate_vs_start") is not None:
+            ci = p.get("win_rate_ci95") or [None, None]
+            verdict = ("better" if ci[0] is not None and ci[0] > 0.5 else
+                       "worse" if ci[1] is not None and ci[1] < 0.5 else "not distinguishable from 50%")
             rows.append(("win rate of the PPO policy vs the SFT policy (AI judge, held-out prompts)",
-                         f"{f(p['win_rate_vs_start'], '{:.0%}')} of {p.get('eval_prompts')} "
-                         f"({p.get('identical_answers')} identical)"))
-            rows.append(("judge agreement with gold labels (hhh-pairs)",
-                         f"{f(p.get('judge_agreement'), '{:.0%}')} on {p.get('judge_gold_pairs')} pairs "
-                         f"({p.get('judge')})"))
+                         f"{f(p['win_rate_vs_start'], '{:.0%}')} [95% CI {f(ci[0], '{:.0%}')}, {f(ci[1], '{:.0%}')}] "
+                         f"of {p.get('eval_prompts')} ({p.get('identical_answers')} identical): {verdict}"))
+            if p.get("judge_agreement") is not None:
+                jc = p.get("judge_agreement_ci95") or [None, None]
+                rows.append((f"judge agreement with people ({p.get('judge_gold_source')})",
+                             f"{f(p.get('judge_agreement'), '{:.0%}')} [95% CI {f(jc[0], '{:.0%}')}, "
+                             f"{f(jc[1], '{:.0%}')}] on {p.get('judge_gold_pairs')} pairs ({p.get('judge')})"))
     for stage, secs in times.items():
         rows.append((f"{stage} wall time", f"{secs / 60:.1f} min"))
     lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
