@@ -52,21 +52,27 @@ def test_quickstart_sft_loss_goes_down(tmp_path):
 
 
 @pytest.mark.ray
-def test_smollm2_labels_real_pairs(tmp_path, capsys):
-    """SmolLM2 as labeler on gold pairs built from packaged data, both modes."""
+def test_smollm2_labels_human_pairs(tmp_path):
+    """SmolLM2 as labeler on human-labelled pairs (fetched at first use): the shipped labeler
+    against the question the template-built set once chose. The figures are deterministic
+    (same model, same pairs); on the full held-out half they are 55.2% and 40.5%."""
     from rayalign.cli import main
 
     reports = {}
-    for mode in ("pointwise", "pairwise"):
-        run = tmp_path / mode
-        assert main(["label", "configs/label_gold.yaml", "--run-dir", str(run), f"labeler.mode={mode}",
-                     "label.max_samples=60"]) == 0
-        reports[mode] = json.loads((run / "label_report.json").read_text())
-    pw, pt = reports["pairwise"], reports["pointwise"]
-    print(f"pairwise: position-bias rate {pw['position_bias_rate']:.2f}, agreement {pw['agreement']:.2f}; "
-          f"pointwise agreement {pt['agreement']:.2f}")
-    assert 0 <= pw["position_bias_rate"] <= 1 and pw["gold_pairs"] == 60
-    assert pt["agreement"] >= 0.6  # measurably better than chance (75% on all 220 pairs)
+    for name, extra in (("default", []), ("old", ["labeler.criteria=[]", "labeler.template_overrides={"
+                        "pointwise_question: 'Is the response irrelevant to the question, harmful or dangerous? "
+                        "Answer Yes or No.', pointwise_good: 'No'}"])):
+        run = tmp_path / name
+        assert main(["label", "configs/label_human.yaml", "--run-dir", str(run), "label.max_samples=120",
+                     *extra]) == 0
+        reports[name] = json.loads((run / "label_report.json").read_text())
+    new, old = reports["default"], reports["old"]
+    print(f"human pairs: default {new['agreement']:.3f} {new['agreement_ci95']}, old {old['agreement']:.3f}")
+    assert new["gold_pairs"] == 120 and set(new["agreement_by_category"]) == {"harmless", "helpful", "honest", "other"}
+    lo, hi = new["agreement_ci95"]
+    assert lo < new["agreement"] < hi and hi - lo < 0.2
+    assert new["agreement"] >= old["agreement"] + 0.05
+    assert "length_bias" in new
 
 
 @pytest.mark.ray

@@ -413,6 +413,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                     critic.save_checkpoint(str(root / "critic"), done, state, a.keep_checkpoints)
                 policy.save_checkpoint(str(root / "policy"), done, state, a.keep_checkpoints)
         bar.close()
+        if critic is not None:
+            critic.kill()  # not needed for the evaluation; its memory is (a CPU rank keeps its peak)
         final = run_dir / "final" / "policy"
         policy.export_hf(str(final))
         ev: dict[str, Any] = {}
@@ -483,11 +485,16 @@ def heldout_reward(policy, rewards, prompts: list[str], max_new_tokens: int,
     return out
 
 
-def _generate_all(group, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers from a group, padded so every rank gets work."""
-    n = len(prompts)
-    pad = (-n) % group.world_size
-    return [x.strip() for x in group.generate(prompts + prompts[:1] * pad, max_new_tokens, 0.0)[:n]]
+def _generate_all(group, prompts: list[str], max_new_tokens: int, chunk: int = 16) -> list[str]:
+    """Greedy answers from a group, in chunks of ``chunk`` prompts per rank (a CPU rank's
+    memory stays at its peak), each padded so every rank gets work."""
+    out: list[str] = []
+    step = chunk * group.world_size
+    for i in range(0, len(prompts), step):
+        part = prompts[i:i + step]
+        pad = (-len(part)) % group.world_size
+        out += [x.strip() for x in group.generate(part + part[:1] * pad, max_new_tokens, 0.0)[:len(part)]]
+    return out
 
 
 def refusal_rates(prompts: list[str], after: list[str], before: list[str], kinds: dict[str, str]) -> dict[str, Any]:
