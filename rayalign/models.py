@@ -209,12 +209,29 @@ def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        if not (tmp / "config.json").is_file():
+            # transformers' save_pretrained writes nothing on a torch.distributed rank other
+            # than 0: this rank's copy is empty, so wait for rank 0's instead of publishing it.
+            deadline = time.time() + 600
+            while not (target / "config.json").is_file():
+                if time.time() > deadline:
+                    raise ModelError(f"building {target.name} wrote no config.json (a non-zero distributed "
+                                     f"rank?) and no other process finished it within 600 s; run "
+                                     f"`rayalign models prepare` or resolve it outside a process group first")
+                time.sleep(0.5)
+            return target
         try:
             os.rename(tmp, target)
         except OSError:
-            # Someone else (another rank, another process) finished first.
+            # Someone else (another rank, another process) finished first, or a broken
+            # directory (no config.json) was left there: replace the broken one.
             if not (target / "config.json").is_file():
-                raise
+                shutil.rmtree(target, ignore_errors=True)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    if not (target / "config.json").is_file():
+                        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
