@@ -56,13 +56,16 @@ def merge(results: list[Any]) -> Any:
 
 
 def cpu_allocator_env() -> dict[str, str]:
-    """Run CPU ranks on jemalloc (shipped inside Ray's wheel), keeping freed pages.
+    """Run CPU ranks on jemalloc (shipped inside Ray's wheel), keeping freed pages a while.
 
     Every forward/backward allocates and frees hundreds of MB of activations and logits.
     glibc hands such blocks back to the kernel at once, so the next call page-faults them
     in again: measured ~1 s of kernel time per SmolLM2 PPO update, up to 2.5 s once a
-    second model's process has churned memory too. jemalloc with decay off keeps the
-    pages. Opt out with RAYALIGN_JEMALLOC=0.
+    second model's process has churned memory too. jemalloc keeps freed
+    pages for 30 s: a step (or a PPO phase) reuses them, and pages no longer used are given
+    back. With decay off altogether (never given back), an Aligner rank grew by ~0.3 GB a
+    step to an OOM kill at 21 GB, where glibc stayed at ~4 GB. Opt out with
+    RAYALIGN_JEMALLOC=0; RAYALIGN_MALLOC_CONF replaces the jemalloc settings.
     """
     if os.environ.get("RAYALIGN_JEMALLOC", "1") == "0":
         return {}
@@ -74,7 +77,8 @@ def cpu_allocator_env() -> dict[str, str]:
         return {}
     if not lib.is_file():
         return {}
-    return {"LD_PRELOAD": str(lib), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    conf = os.environ.get("RAYALIGN_MALLOC_CONF", "dirty_decay_ms:30000,muzzy_decay_ms:30000")
+    return {"LD_PRELOAD": str(lib), "MALLOC_CONF": conf}
 
 
 def _method_mode(worker_cls: type, name: str) -> str:
