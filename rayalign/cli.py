@@ -70,10 +70,12 @@ def cmd_rm(args) -> int:
 
 
 def cmd_aligner(args) -> int:
-    from .pipelines.aligner import run_aligner_build, run_aligner_train
+    from .pipelines.aligner import run_aligner_build, run_aligner_data, run_aligner_train
 
     cfg = load_config(args.config, args.overrides)
-    if args.action == "build":
+    if args.action == "data":
+        _print_summary(run_aligner_data(cfg, _run_dir(args)))
+    elif args.action == "build":
         if args.resume:
             raise ConfigError("aligner build has no --resume (it rewrites its output)")
         _print_summary(run_aligner_build(cfg, _run_dir(args)))
@@ -251,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         _config_args(p)
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("aligner", help="Aligner: build correction triples, or train (residual warm-up)")
-    p.add_argument("action", choices=["train", "build"])
+    p = sub.add_parser("aligner", help="Aligner: write the training triples (data), build triples with a "
+                       "corrector and the labeler (build), or train (residual warm-up)")
+    p.add_argument("action", choices=["train", "build", "data"])
     _config_args(p)
     p.set_defaults(fn=cmd_aligner)
 

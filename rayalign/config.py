@@ -372,8 +372,19 @@ class PPOConfig(Section):
 
 
 class AlignerDataConfig(Section):
-    source: str = Field(..., description="triples (`question`, `answer`, `correction`) or, with "
-                        "format: pairs, preference pairs turned into rejected -> chosen triples")
+    source: Optional[str] = Field(None, description="triples (`question`, `answer`, `correction`) or, with "
+                                  "format: pairs, preference pairs turned into rejected -> chosen triples")
+    mixture: Optional[dict[str, float]] = Field(
+        None, description="instead of `source`: correction triples from text people wrote, drawn by weight "
+        "from components (rayalign/corrections.py: wrong-to-right, keep-right, refuse-harmful, keep-refusal, "
+        "keep-chat) or triples files (e.g. written by `rayalign aligner build`); the train split only")
+    size: int = Field(1024, ge=1, description="mixture: triples drawn")
+    upstream: Optional[ModelConfig] = Field(None, description="the model whose answers the Aligner learns to "
+                                            "correct where a component asks for them (refuse-harmful), and "
+                                            "whose answers to the held-out harmful questions it is scored on; "
+                                            "default: the Aligner's base model")
+    upstream_group: GroupConfig = Field(default_factory=GroupConfig)
+    upstream_tokens: int = Field(48, ge=1, description="greedy tokens of each upstream answer")
     format: Literal["triples", "pairs"] = "triples"
     question_field: str = Field("question", description="triples: field names; pairs: `prompt_field`")
     answer_field: str = "answer"
@@ -384,6 +395,12 @@ class AlignerDataConfig(Section):
     max_length: int = Field(384, ge=16, description="tokens of template + question + answer + correction; "
                             "longer triples are dropped (a cut correction would teach stopping early)")
     shuffle_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "AlignerDataConfig":
+        if (self.source is None) == (self.mixture is None):
+            raise ValueError("give exactly one of `source` (triples or pairs) and `mixture` (correction components)")
+        return self
 
 
 class AlignerBuildConfig(Section):
@@ -412,6 +429,14 @@ class AlignerBuildConfig(Section):
 
 class AlignerEvalConfig(Section):
     samples: int = Field(32, ge=0, description="held-out triples generated for the evaluation (0 = none)")
+    per_set: int = Field(32, ge=0, description="items in each held-out correction set (wrong answers, right "
+                         "answers, harmful questions, everyday questions; rayalign/corrections.py), scored by "
+                         "rule, not by a model, before training, after the warm-up and at the end (0 = none)")
+    split: Literal["dev", "heldout"] = Field("dev", description="choose recipes on dev; report heldout once")
+    judge_gold: Optional[str] = Field("packaged:human-pairs-heldout", description="human-labelled pairs on "
+                                      "which the labeler judge's own agreement is measured and reported")
+    judge_gold_samples: int = Field(64, ge=1)
+    seed: int = Field(0, description="which items of the split fill the sets")
     max_new_tokens: int = Field(96, ge=1)
     judge: Literal["labeler", "rm", "none"] = Field(
         "labeler", description="who decides whether a correction beats the original answer: the labeler "

@@ -96,6 +96,10 @@ def test_config_errors_are_clear(tmp_path):
         template_of(cfg)
     with pytest.raises(ConfigError, match="warmup_fraction"):
         load_config(data={"aligner": {"data": {"source": "x.jsonl"}, "warmup_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(data={"aligner": {"data": {"source": "x.jsonl", "mixture": {"keep-chat": 1}}}})
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(data={"aligner": {"data": {}}})
 
 
 # ---------------------------------------------------------------- training on Ray
@@ -103,7 +107,7 @@ def test_config_errors_are_clear(tmp_path):
 def _cfg(root: Path, src: Path, model: dict | None = None, **aligner) -> object:
     base = {"data": {"source": str(src), "max_length": 96, "eval_fraction": 0.05},
             "train": {"lr": 3e-3, "batch_size": 16, "micro_batch_size": 16, "lr_schedule": "constant"},
-            "eval": {"samples": 40, "max_new_tokens": 24, "judge": "none"}}
+            "eval": {"samples": 40, "max_new_tokens": 24, "judge": "none", "per_set": 0}}
     for k, v in aligner.items():
         if isinstance(v, dict):
             base[k] = base.get(k, {}) | v
@@ -159,6 +163,40 @@ def test_warmup_ablation_and_template_round_trip(tmp_path, local_ray):
     assert "<<what?>> said: x." in eng.prompt("what?", "x.")
     ck = al.find_model_dir(res[0.2]["checkpoint"])
     assert al.read_meta(ck)[0].version == "test-v3"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_mixture_of_human_text_and_rule_scored_sets(tmp_path, local_ray):
+    """A mixture of packaged correction components trains end to end; the run records each
+    component's share, and scores the held-out sets by rule before training, after the
+    warm-up and at the end, with the upstream model's answers to the harmful questions."""
+    import json
+
+    from rayalign.pipelines.aligner import run_aligner_train
+
+    cfg = _cfg(tmp_path, tmp_path / "unused.jsonl", warmup_fraction=0.25,
+               data={"source": None, "mixture": {"wrong-to-right": 0.5, "keep-chat": 0.25, "refuse-harmful": 0.25},
+                     "size": 64, "max_length": 160},
+               eval={"samples": 0, "per_set": 4, "split": "dev"}, train={"batch_size": 8, "micro_batch_size": 8})
+    s = run_aligner_train(cfg)
+    run = Path(s["final_model"]).parents[1]
+    shares = json.loads((run / "data_mixture.json").read_text())
+    assert {k: v["drawn"] for k, v in shares.items()} == {"wrong-to-right": 32, "keep-chat": 16, "refuse-harmful": 16}
+    assert s["data_mixture"] == shares and s["warmup_steps"] == 2 and s["steps"] == 10
+    ev = json.loads((run / "aligner_eval.json").read_text())["sets"]
+    assert set(ev) == {"before", "after_warmup", "final"}
+    for point in ev.values():
+        assert point["wrong_corrected"]["n"] == 4 and point["harmful_refused"]["n"] == 4
+        assert point["harmless_refused"]["n"] == 12
+    outs = [json.loads(x) for x in (run / "aligner_outputs.jsonl").read_text().splitlines()]
+    assert sorted({o["set"] for o in outs}) == ["benign", "harmful", "right", "wrong"] and len(outs) == 16
+    upstream = json.loads((run / "upstream_answers.json").read_text())
+    assert [o["answer"] for o in outs if o["set"] == "harmful"] == [upstream[o["question"]] for o in outs
+                                                                     if o["set"] == "harmful"]
+    table = (run / "aligner_sets.md").read_text()
+    assert "harmful questions refused" in table and "after warmup" in table
+    assert s["correction_sets"] and isinstance(s["not_improved"], list)
 
 
 @pytest.mark.ray

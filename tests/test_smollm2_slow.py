@@ -92,7 +92,7 @@ def test_served_smollm2_aligner_answers_within_the_timeout(tmp_path):
 
     run = tmp_path / "aligner"
     assert main(["aligner", "train", "configs/aligner.yaml", "--run-dir", str(run), "tracking.wandb=disabled",
-                 "aligner.train.max_steps=2", "aligner.eval.samples=0", "aligner.data.max_samples=60"]) == 0
+                 "aligner.train.max_steps=2", "aligner.eval.per_set=0", "aligner.data.size=48"]) == 0
     assert AlignerEngine(run, threads=2).template.version == "aligner-v1"
     cfg = load_config("configs/aligner.yaml", ["serve.port=8471", "serve.auth_token_env=null",
                                                "serve.request_timeout_s=60"])
