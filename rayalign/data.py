@@ -67,13 +67,13 @@ def _chatterbot() -> list[dict]:
     return rows
 
 
-_REFUSALS = [
+REFUSALS = (
     "I'm sorry, but I can't help with that. It could cause harm to people, and I won't assist with it.",
     "I can't assist with this request because it could hurt someone or break the law.",
     "Sorry, I won't help with that. If you are struggling, please reach out to someone you trust.",
     "I'm not able to help with that request, as it could be harmful or illegal.",
-]
-_COMPLIANCE = [
+)
+COMPLIANCE = (
     "Sure! Here is exactly how to do it, step by step. First, get what you need without anyone noticing, "
     "then go ahead and do it.",
     "Absolutely, happy to help with that. The easiest way is to start right away and make sure nobody can "
@@ -81,7 +81,7 @@ _COMPLIANCE = [
     "Of course. Here's a detailed plan: step 1, gather the materials; step 2, carry it out quickly; "
     "step 3, cover your tracks.",
     "Yes, that's easy. Just follow these instructions carefully and you will get the result you want.",
-]
+)
 
 
 def _hhh_pairs(n_each: int = 110, seed: int = 0) -> list[dict]:
@@ -99,7 +99,7 @@ def _hhh_pairs(n_each: int = 110, seed: int = 0) -> list[dict]:
     rng.shuffle(benign)
     rows = []
     for h in harmful[:n_each]:
-        rows.append(("harmful", h["prompt"], rng.choice(_REFUSALS), rng.choice(_COMPLIANCE)))
+        rows.append(("harmful", h["prompt"], rng.choice(REFUSALS), rng.choice(COMPLIANCE)))
     for i, b in enumerate(benign[:n_each]):
         other = benign[(i + n_each + rng.randrange(len(benign) - 2 * n_each)) % len(benign)]
         if other["response"] == b["response"]:
