@@ -177,7 +177,7 @@ def test_mixture_of_human_text_and_rule_scored_sets(tmp_path, local_ray):
 
     cfg = _cfg(tmp_path, tmp_path / "unused.jsonl", warmup_fraction=0.25,
                data={"source": None, "mixture": {"wrong-to-right": 0.5, "keep-chat": 0.25, "refuse-harmful": 0.25},
-                     "size": 64, "max_length": 160},
+                     "size": 64, "max_length": 1024},
                eval={"samples": 0, "per_set": 4, "split": "dev"}, train={"batch_size": 8, "micro_batch_size": 8})
     s = run_aligner_train(cfg)
     run = Path(s["final_model"]).parents[1]

@@ -221,7 +221,7 @@ def evaluate(group, template: al.AlignerTemplate, rows: list[dict], max_new_toke
 
 
 def _flat(res: dict[str, Any]) -> dict[str, float]:
-    """rate and interval of each headline measure, for metrics.jsonl and the summary."""
+    """rate and interval of each headline measure, for metrics.jsonl."""
     out = {}
     for k, v in res.items():
         if isinstance(v, dict) and "rate" in v and v["rate"] is not None:
