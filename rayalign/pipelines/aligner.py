@@ -38,11 +38,6 @@ def template_of(cfg: Config) -> al.AlignerTemplate:
         raise ConfigError(f"aligner.template: {exc}") from None
 
 
-def load_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
-    rows, eval_rows, _ = load_data(cfg)
-    return rows, eval_rows
-
-
 def load_data(cfg: Config) -> tuple[list[dict], list[dict], dict[str, dict]]:
     """(training triples, held-out triples, each source's share). A mixture's held-out
     checks are the correction sets (``aligner.eval``), so it holds no triples back."""
