@@ -81,3 +81,42 @@ def read_state(ckpt: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CheckpointError(f"{ckpt} is not a checkpoint (no state.json)")
     return json.loads(p.read_text())
+
+
+COMMIT_FILE = "committed.json"
+
+
+def commit(root: str | Path, step: int, roles: list[str], keep: int = 1) -> None:
+    """Record that every role under ``root/<role>/`` has saved ``step``: the one point at which a
+    checkpoint of several roles becomes the one to resume. Roles save with ``keep=0`` (no pruning
+    of their own) so that a crash between two roles' saves leaves the previous commit whole;
+    pruning happens here, after the commit, and keeps the newest ``keep`` committed steps."""
+    root = Path(root)
+    for r in roles:
+        if not (step_dir(root / r, step) / "state.json").is_file():
+            raise CheckpointError(f"cannot commit step {step}: role {r!r} has no complete checkpoint at "
+                                  f"{step_dir(root / r, step)}")
+    prev = last_commit(root)
+    kept = sorted(set((prev or {}).get("kept", [])) | {step})
+    kept = [s for s in kept if s <= step][-max(keep, 1):]
+    _atomic_write_text(root / COMMIT_FILE, json.dumps({"step": step, "roles": list(roles), "kept": kept}) + "\n")
+    for r in roles:
+        for p in (root / r).iterdir():
+            # Uncommitted or superseded steps, and temporary directories a crash left behind.
+            stale = (p.name.startswith("step_") and int(p.name[5:]) not in kept) or p.name.startswith(".step_")
+            if p.is_dir() and stale:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def last_commit(root: str | Path) -> dict[str, Any] | None:
+    """The newest multi-role commit under ``root`` (``{"step", "roles", "kept"}``), or None."""
+    p = Path(root) / COMMIT_FILE
+    if not p.is_file():
+        return None
+    c = json.loads(p.read_text())
+    for r in c["roles"]:
+        d = step_dir(Path(root) / r, c["step"])
+        if not (d / "state.json").is_file():
+            raise CheckpointError(f"{p} commits step {c['step']}, but {d} is not a complete checkpoint; "
+                                  "the run directory was changed after the commit")
+    return c

@@ -89,7 +89,7 @@ def test_ppo_kill_and_resume_matches_uninterrupted(tmp_path):
     assert p.poll() is None, "the run ended before it could be killed"
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert (cut_dir / "checkpoints" / "policy" / "latest").is_file()
+    assert (cut_dir / "checkpoints" / "committed.json").is_file()
     assert not (cut_dir / "final" / "policy").exists()
     p = cli(["ppo", str(cfg), "--resume", str(cut_dir)])
     out = p.communicate(timeout=400)[0]

@@ -297,6 +297,23 @@ def _maybe_labeler(cfg: Config, needed: bool):
         yield lab
 
 
+def _resume_point(root: Path, needs_critic: bool) -> Path | None:
+    """The policy checkpoint of the newest step that every role committed. Run directories
+    written before multi-role commits have only the policy's ``latest``; the critic's
+    checkpoint of the same step must exist then."""
+    c = checkpoint.last_commit(root)
+    if c is not None:
+        if needs_critic and "critic" not in c["roles"]:
+            raise ConfigError(f"resume: the commit in {root} has no critic, but this config's estimator needs one")
+        return checkpoint.step_dir(root / "policy", c["step"])
+    ck = checkpoint.latest(root / "policy")
+    if ck is not None and needs_critic:
+        critic_from = checkpoint.step_dir(root / "critic", checkpoint.read_state(ck)["step"])
+        if not (critic_from / "state.json").is_file():
+            raise ConfigError(f"resume: {critic_from} is missing; the critic's checkpoint must match the policy's")
+    return ck
+
+
 def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
             start_model: Path | None = None, default_rm: Path | None = None) -> dict[str, Any]:
     """``rayalign ppo``. ``start_model`` / ``default_rm`` are what the `run` pipeline's
@@ -316,13 +333,12 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     run_dir = prepare_run_dir(cfg, run_dir, "ppo", resume)
     root = run_dir / "checkpoints"
     start_it, kl_value, resume_from = 0, None, None
-    if resume and checkpoint.latest(root / "policy"):
-        resume_from = checkpoint.latest(root / "policy")
+    if resume:
+        resume_from = _resume_point(root, a.estimator == "gae")
+    if resume_from is not None:
         st = checkpoint.read_state(resume_from)["trainer"]
         start_it, kl_value = int(st["iteration"]), float(st["kl_coef"])
     critic_from = checkpoint.step_dir(root / "critic", start_it) if resume_from else None
-    if critic_from is not None and a.estimator == "gae" and not (critic_from / "state.json").is_file():
-        raise ConfigError(f"resume: {critic_from} is missing; the critic's checkpoint must match the policy's")
 
     pmodel = policy_start(cfg, start_model)
     cmodel = pc.critic.model or pmodel
@@ -409,9 +425,12 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 heldout_eval(done)
             if checkpoint_due:
                 state = {"iteration": done, "kl_coef": kl_ctl.value}
+                roles = ["policy"]
                 if critic is not None:
-                    critic.save_checkpoint(str(root / "critic"), done, state, a.keep_checkpoints)
-                policy.save_checkpoint(str(root / "policy"), done, state, a.keep_checkpoints)
+                    critic.save_checkpoint(str(root / "critic"), done, state, 0)
+                    roles.append("critic")
+                policy.save_checkpoint(str(root / "policy"), done, state, 0)
+                checkpoint.commit(root, done, roles, a.keep_checkpoints)
         bar.close()
         if critic is not None:
             critic.kill()  # not needed for the evaluation; its memory is (a CPU rank keeps its peak)
