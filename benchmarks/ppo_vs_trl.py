@@ -137,7 +137,8 @@ def run_trl(prompts: list[str], iterations: int, batch: int, length: int, thread
 # ---------------------------------------------------------------- rayalign
 
 def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, threads: int,
-                 scalar: Path, defer_critic: bool = False) -> dict:
+                 scalar: Path, defer_critic: bool = False, engine: str = "trainer",
+                 engine_logprobs: bool = False) -> dict:
     from rayalign.cluster import placement, ray_session
     from rayalign.cluster.group import ActorGroup
     from rayalign.config import ClusterConfig, GroupConfig, ModelConfig, TrainConfig, ZeroConfig
@@ -148,9 +149,15 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
     from rayalign.workers.policy import PolicyWorker
     from rayalign.workers.reward import RewardWorker
 
-    share = 2.0 / 4  # four roles on two logical CPUs; phases run one after another
+    from rayalign.pipelines.sampling import Sampler, engine_settings
+    from rayalign.config import Config, RolloutConfig
+    from rayalign.workers.rollout import RolloutWorker
+
+    names = ["policy", "reference", "critic", "reward"] + (["rollout"] if engine != "trainer" else [])
+    share = 2.0 / len(names)  # the roles on two logical CPUs; phases run one after another
     g = GroupConfig(workers=1, cpus_per_worker=share, threads_per_worker=threads)
-    roles = {"policy": g, "reference": g, "critic": g, "reward": g}
+    roles = {n: g for n in names}
+    rc = RolloutConfig(engine=engine, logprobs="engine" if engine_logprobs else "trainer")
     train = TrainConfig(lr=3e-6, lr_schedule="constant", batch_size=batch, micro_batch_size=batch).model_dump()
     zero = ZeroConfig().model_dump()
     its = []
@@ -170,6 +177,14 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
             reference.init_model({"name": MODEL}, zero, True)
             critic.init_model(ModelConfig(name=str(scalar)).model_dump(), zero, train, iterations)
             reward.init_model(ModelConfig(name=str(scalar)).model_dump(), zero, train, 1)
+            sampler = None
+            if engine != "trainer":
+                engines = ActorGroup("rollout", RolloutWorker, g, pools, roles=roles, timeout_s=rc.call_timeout_s)
+                groups.append(engines)
+                info = engines.init_engine({"name": MODEL}, engine,
+                                           engine_settings(Config(rollout=rc)) | {"max_model_len": 1024}, -1)
+                print(f"{engine} engine ready in {info[0]['init_s']:.0f}s", file=sys.stderr)
+                sampler = Sampler(policy, engines, rc, engine)
             score = RewardMix([("rm", 1.0, _rm_scorer(reward, normalize=False))])
             backlog = None
             for it in range(iterations):
@@ -178,11 +193,15 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
                 m = ppo_iteration(policy, reference, critic, score, prompts[it * batch:(it + 1) * batch],
                                   temperature=0.7, max_new_tokens=length, min_new_tokens=length,
                                   kl_coef=0.05, epochs=1, minibatches=1, rollout_batch_size=batch,
-                                  defer_critic=defer_critic, critic_backlog=backlog, seed=it)
+                                  defer_critic=defer_critic, critic_backlog=backlog, seed=it,
+                                  sampler=sampler, logprobs_from_rollout=engine == "trainer" or engine_logprobs)
+                if sampler is not None:
+                    sampler.version = it + 1  # the next rollout syncs the updated weights
                 backlog = m.pop("critic_backlog", None)
                 m.pop("samples")
-                its.append({k: m[k] for k in ("iteration_s", "generate_s", "score_s", "train_s",
-                                              "response_length", "approx_kl_epoch1", "kl")})
+                its.append({k: m.get(k, 0.0) for k in ("iteration_s", "generate_s", "score_s", "train_s", "sync_s",
+                                                       "response_length", "approx_kl_epoch1", "kl",
+                                                       "logprob_drift_mean", "logprob_drift_max")})
                 print(f"rayalign iteration {it + 1}: {its[-1]['iteration_s']:.1f}s", file=sys.stderr)
         finally:
             for grp in groups:
@@ -193,7 +212,8 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
 
 def summarise(its: list[dict]) -> dict:
     timed = its[1:] or its
-    return {k: statistics.fmean(i[k] for i in timed) for k in ("iteration_s", "generate_s", "score_s", "train_s")}
+    return {k: statistics.fmean(i.get(k, 0.0) for i in timed)
+            for k in ("iteration_s", "generate_s", "score_s", "train_s", "sync_s")}
 
 
 def main() -> None:
@@ -205,6 +225,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the result JSON here")
     ap.add_argument("--defer-critic", action="store_true",
                     help="run each critic update beside the next rollout (ppo.algo.defer_critic_update)")
+    ap.add_argument("--engine", choices=["trainer", "vllm", "hf"], default="trainer",
+                    help="where rayalign samples: its training workers, or a rollout engine role with weight sync")
+    ap.add_argument("--engine-logprobs", action="store_true",
+                    help="with an engine: its log-probs as PPO's behaviour log-probs (no recompute forward)")
+    ap.add_argument("--skip-trl", action="store_true", help="rayalign only (compare with a committed TRL run)")
     a = ap.parse_args()
 
     import ray
@@ -216,9 +241,17 @@ def main() -> None:
         scalar = heads_dir(Path(tmp), seed=0)
         # TRL as it comes (its PPOConfig turns gradient checkpointing on), and tuned for
         # speed (off, as rayalign runs).
+        ours = run_rayalign(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, a.defer_critic,
+                            a.engine, a.engine_logprobs)
+        if a.skip_trl:
+            r = summarise(ours["iterations"])
+            print(json.dumps({"rayalign": {"mean": r, "iterations": ours["iterations"]}}, indent=1))
+            if a.out:
+                Path(a.out).write_text(json.dumps({"settings": vars(a), "rayalign": {"mean": r, "iterations":
+                                                                                     ours["iterations"]}}, indent=1))
+            return
         trl_default = run_trl(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, True)
         trl_fast = run_trl(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, False)
-        ours = run_rayalign(prompts, a.iterations, a.batch, a.response_length, a.threads, scalar, a.defer_critic)
     t, tf, r = (summarise(x["iterations"]) for x in (trl_default, trl_fast, ours))
     trl_res = trl_default
     result = {
@@ -239,6 +272,8 @@ def main() -> None:
     print(f"\n{'phase':<10}{'TRL default':>13}{'TRL no-ckpt':>13}{'rayalign':>10}{'vs default':>12}{'vs no-ckpt':>12}")
     for k in ("generate_s", "score_s", "train_s", "iteration_s"):
         print(f"{k[:-2]:<10}{t[k]:>12.2f}s{tf[k]:>12.2f}s{r[k]:>9.2f}s{t[k] / r[k]:>11.2f}x{tf[k] / r[k]:>11.2f}x")
+    if a.engine != "trainer":
+        print(f"{'sync':<10}{'-':>13}{'-':>13}{r['sync_s']:>9.2f}s  ({r['sync_s'] / r['iteration_s']:.1%} of the iteration)")
     print(f"\nrayalign per PPO iteration (mean of iterations 2..{a.iterations}): "
           f"{result['speedup_vs_trl_default']:.2f}x TRL 1.12.0 as configured by default, "
           f"{result['speedup_vs_trl_no_checkpointing']:.2f}x TRL without gradient checkpointing")

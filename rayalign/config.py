@@ -515,6 +515,40 @@ class ServeConfig(Section):
     access_log: bool = Field(True, description="one log line per request")
 
 
+class RolloutConfig(Section):
+    """Where PPO samples: an inference engine role kept at the policy's weights, or the
+    policy's own training workers."""
+    engine: Literal["auto", "vllm", "hf", "trainer"] = Field(
+        "auto", description="vllm: vLLM engines in their own role, weights synced after every update; hf: the "
+        "same role on transformers.generate (no vLLM needed); trainer: sample inside the DeepSpeed training "
+        "workers (no second copy, no sync); auto: vllm where it is installed, else trainer")
+    group: GroupConfig = Field(default_factory=GroupConfig, description="engine replicas (workers) and their "
+                               "resources; each replica samples its share of a batch")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism inside one replica (GPUs)")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on GPUs: share of the device's "
+                                          "memory for weights and KV cache")
+    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM on CPUs: KV cache size (otherwise it claims most "
+                               "of the node's memory)")
+    max_model_len: int = Field(2048, ge=16, description="prompt + response tokens per sequence")
+    enforce_eager: bool = Field(True, description="vLLM without compiled graphs: on this CPU compiling takes "
+                                "~140 s at every start for ~1.4x faster decoding; on GPUs set false (CUDA graphs)")
+    logprobs: Literal["trainer", "engine"] = Field(
+        "trainer", description="behaviour log-probs for PPO's ratio: trainer (recomputed by a policy forward: "
+        "the drift against the engine's is logged each iteration) or engine (the sampler's own; saves that "
+        "forward, exact only if the engine's kernels equal the trainer's)")
+    tis_cap: Optional[float] = Field(None, gt=0, description="truncated importance sampling: weight each "
+                                     "token by min(pi_trainer / pi_engine, cap) (needs logprobs: trainer)")
+    sync_bucket_mb: float = Field(64.0, gt=0, description="weights sent per bucket (whole layers)")
+    sync_timeout_s: float = Field(300.0, gt=0, description="a weight sync not done by then is an error")
+    call_timeout_s: float = Field(1800.0, gt=0, description="a rollout call not answered by then is an error")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RolloutConfig":
+        if self.tis_cap is not None and self.logprobs != "trainer":
+            raise ValueError("rollout.tis_cap weights by pi_trainer / pi_engine: it needs rollout.logprobs: trainer")
+        return self
+
+
 class Config(Section):
     name: str = "experiment"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -525,6 +559,7 @@ class Config(Section):
     label: Optional[LabelStageConfig] = None
     rm: Optional[RMConfig] = None
     ppo: Optional[PPOConfig] = None
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     aligner: Optional[AlignerConfig] = None
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

@@ -139,18 +139,39 @@ def sequence_baselines(scores: torch.Tensor, group_size: int, kind: str) -> torc
 # ---------------------------------------------------------------- losses
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                clip: float = 0.2, is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate: mean max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(logπ − logπ_old).
-    Also returns clip fraction and approximate KL (k3 of old vs new)."""
+    Also returns clip fraction and approximate KL (k3 of old vs new).
+
+    ``is_weights``: per-token importance weights for samples drawn by another engine than
+    the trainer (:func:`truncated_is_weights`), multiplying each token's term."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     loss1 = -adv * ratio
     loss2 = -adv * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(loss1, loss2), mask)
+    term = torch.maximum(loss1, loss2)
+    if is_weights is not None:
+        term = term * is_weights
+    loss = masked_mean(term, mask)
     with torch.no_grad():
         clipfrac = masked_mean((loss2 > loss1).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def truncated_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling for rollouts from an inference engine: the engine
+    samples from π_engine, which differs from the trainer's π_old by kernels and precision;
+    weight each token by min(π_old / π_engine, C) (Yao et al., 2025: "Your efficient RL
+    framework secretly brings you off-policy RL training"). No gradient flows through it."""
+    return torch.exp(trainer_logp - engine_logp).clamp(max=cap).detach()
+
+
+def logprob_drift(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean and max |Δ log p| per response token between trainer and engine."""
+    d = (trainer_logp - engine_logp).abs() * mask
+    n = mask.sum()
+    return {"logprob_drift_mean": float(d.sum() / n) if n else 0.0, "logprob_drift_max": float(d.max()) if n else 0.0}
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -134,11 +134,12 @@ class _GroupBase:
 class ActorGroup(_GroupBase):
     def __init__(self, name: str, worker_cls: type[Worker], cfg: GroupConfig,
                  pools: dict[str, Pool], roles: dict[str, GroupConfig] | None = None,
-                 env: dict[str, str] | None = None, **worker_kwargs):
+                 env: dict[str, str] | None = None, timeout_s: float | None = None, **worker_kwargs):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.name, self.worker_cls, self.cfg = name, worker_cls, cfg
+        self.timeout_s = timeout_s  # for every call's answer; None waits as long as the call runs
         roles = roles or {name: cfg}
         pool_name, share = role_shares(roles)[name]
         pool = pools[pool_name]
@@ -187,14 +188,38 @@ class ActorGroup(_GroupBase):
         if mode == SPLIT:
             refs = [getattr(a, name).remote(*sa, **kwargs)
                     for a, sa in zip(self.actors, self._split_args(name, args, len(self.actors)))]
-            return Pending(lambda: merge(ray.get(refs)))
+            return Pending(lambda: merge(self._get(refs, name)))
         refs = [getattr(a, name).remote(*args, **kwargs) for a in self.actors]
 
         def finish():
-            results = ray.get(refs)
+            results = self._get(refs, name)
             return results[0] if mode == ALL else results
 
         return Pending(finish)
+
+    def _get(self, refs: list, method: str) -> list:
+        """The ranks' answers; a dead rank or one past the timeout is a GroupError that
+        names the role, the rank and the call."""
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            late = [i for i, r in enumerate(refs) if r not in ready]
+            raise GroupError(f"{self.name}.{method}: rank(s) {late} did not answer within {self.timeout_s:g}s "
+                             "(a stopped or overloaded process); the job stops here") from None
+        except ray.exceptions.RayActorError as e:
+            dead = []
+            for i, r in enumerate(refs):
+                try:
+                    ray.get(r, timeout=0)
+                except ray.exceptions.RayActorError:
+                    dead.append(i)
+                except Exception:
+                    pass
+            raise GroupError(f"{self.name}.{method}: rank(s) {dead or '?'} died during the call "
+                             f"({str(e).splitlines()[0][:200]}); resume the run from its last checkpoint") from e
 
     def kill(self) -> None:
         import ray

@@ -241,4 +241,20 @@ class Worker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+            _forget_deepspeed_groups()
         return True
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups module-wide; after the world is destroyed, a worker
+    started later in the same process (in-process checks, tests) must not find the old ones."""
+    try:
+        import deepspeed.comm.comm as ds_comm
+        from deepspeed.utils import groups
+    except ImportError:
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    ds_comm.cdb = None

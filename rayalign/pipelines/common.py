@@ -48,12 +48,14 @@ def plan_steps(section: str, n_examples: int, group: GroupConfig, train: TrainCo
 
 
 @contextlib.contextmanager
-def role_group(role: str, worker_cls: type, group: GroupConfig) -> Iterator[ActorGroup]:
-    """Place a role, start its ranks, and give everything back when the block ends."""
+def role_group(role: str, worker_cls: type, group: GroupConfig, timeout_s: float | None = None
+               ) -> Iterator[ActorGroup]:
+    """Place a role, start its ranks, and give everything back when the block ends.
+    ``timeout_s``: how long any call of the group may take to answer."""
     pools = placement.place({role: group})
     grp = None
     try:
-        grp = ActorGroup(role, worker_cls, group, pools)
+        grp = ActorGroup(role, worker_cls, group, pools, timeout_s=timeout_s)
         yield grp
     finally:
         if grp is not None:

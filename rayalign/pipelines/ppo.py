@@ -49,7 +49,7 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
                   reward_clip: float | None = None, logprobs_from_rollout: bool = True,
                   rollout_batch_size: int = 16, min_new_tokens: int = 0, overlap: str = "shared_cores",
                   defer_critic: bool = False, critic_backlog: list | None = None,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, sampler=None, tis_cap: float | None = None) -> dict[str, Any]:
     """One PPO iteration. ``reward_fn(prompts, samples)`` gives one score per sample (the
     combined reward sources). Returns metrics and the samples.
 
@@ -58,6 +58,10 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     so do the policy and critic updates of each minibatch. ``shared_cores`` (roles packed
     on the same CPUs): only the two updates overlap, each rank on its share of the
     threads. ``off``: every call in turn.
+
+    ``sampler``: where rollouts come from (:class:`~rayalign.pipelines.sampling.Sampler`;
+    default the policy's own workers); its weight syncs are the ``sync_s`` phase.
+    ``tis_cap``: truncated importance weights against the engine's log-probs.
     """
     if overlap not in ("shared_cores", "separate", "off"):
         raise ValueError(f"overlap must be shared_cores, separate or off, not {overlap!r}")
@@ -74,16 +78,30 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         if pending and overlap == "off":
             for p in pending:
                 p.result()
-        samples = policy.rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size,
-                                 min_new_tokens)
+        samples = (sampler or policy).rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size,
+                                              min_new_tokens)
         critic_stats = _critic_stats([p.result() for p in pending])
     times["generate_s"] = time.time() - t
+    if sampler is not None and sampler.engines is not None:
+        times["sync_s"] = sampler.take_sync_s()
+        times["generate_s"] -= times["sync_s"]
 
     t = time.time()
-    if logprobs_from_rollout and all(s.get("rollout_logprobs") is not None for s in samples):
-        old_logp = [s["rollout_logprobs"] for s in samples]
+    engine_lp = [s.get("rollout_logprobs") for s in samples]
+    have_engine_lp = all(x is not None for x in engine_lp)
+    drift: dict[str, float] = {}
+    is_w = None
+    if logprobs_from_rollout and have_engine_lp:
+        old_logp = engine_lp
     else:
         old_logp = policy.token_logprobs(samples, temperature)
+        if have_engine_lp and sampler is not None and sampler.engines is not None:
+            tl, tmask = _frame(old_logp)
+            el, _ = _frame(engine_lp)
+            drift = ppo.logprob_drift(tl, el, tmask)
+            if tis_cap is not None:
+                is_w = ppo.truncated_is_weights(tl, el, tis_cap) * tmask
+                drift["tis_weight_mean"] = float((is_w.sum() / tmask.sum()))
     gae_on = estimator == "gae"
     # Scoring forwards overlap only where roles have their own cores: on shared cores two
     # threads on one forward beat one thread each on two (measured: benchmarks/README.md).
@@ -122,6 +140,8 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     for i, s in enumerate(samples):
         n = int(mask[i].sum())
         s["old_logprobs"] = old_logp[i]
+        if is_w is not None:
+            s["is_weights"] = is_w[i, :n].tolist()
         s["advantages"] = adv[i, :n].tolist()
         if values is not None:
             s["old_values"] = values[i]
@@ -156,6 +176,7 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         out.update(critic_stats)
     if backlog is not None:
         out["critic_backlog"] = backlog
+    out.update(drift)
     out.update(times)
     out["iteration_s"] = sum(times.values())
     out["samples"] = samples
@@ -327,6 +348,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     pc, a = cfg.ppo, cfg.ppo.algo
     mb = check_layout(cfg)
     from ..rewards import open_rewards, preflight
+    from .sampling import open_sampler
 
     preflight(cfg, default_rm)
     train_prompts, held, kinds = load_prompts(cfg)
@@ -372,11 +394,15 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                               total_steps, str(critic_from) if critic_from else None)
         labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
         rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
+        sampler = stack.enter_context(open_sampler(cfg, policy, pmodel, start_it))
+        # With an engine, the behaviour log-probs are the trainer's unless rollout.logprobs says engine.
+        lp_from_rollout = a.logprobs_from_rollout if sampler.engines is None else cfg.rollout.logprobs == "engine"
         ev_cfg = pc.eval
         fixed = held[:ev_cfg.reward_prompts]
 
         def heldout_eval(it: int) -> None:
-            r = heldout_reward(policy, rewards, fixed, a.max_new_tokens, kinds)
+            sampler.version = it
+            r = heldout_reward(sampler, rewards, fixed, a.max_new_tokens, kinds)
             tracker.log("ppo_heldout", it, r)
             say(f"held-out reward after iteration {it}: {r['heldout_reward']:.3f} on {len(fixed)} fixed prompts")
 
@@ -387,16 +413,17 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         waiting: tuple[int, dict] | None = None  # a row whose critic losses are still to come
         for it in range(start_it, a.iterations):
             prompts = prompts_for_iteration(train_prompts, it, a.prompts_per_iteration, a.seed)
+            sampler.version = it  # the weights after `it` updates
             m = ppo_iteration(
                 policy, reference, critic, rewards, prompts, temperature=a.temperature, top_p=a.top_p,
                 max_new_tokens=a.max_new_tokens, kl_coef=kl_ctl.value, kl_estimator=a.kl.estimator,
                 estimator=a.estimator, samples_per_prompt=a.samples_per_prompt, gamma=a.gamma, lam=a.lam,
                 clip=a.clip, value_clip=a.value_clip, entropy_coef=a.entropy_coef, epochs=a.epochs,
                 minibatches=a.minibatches, missing_eos_penalty=a.missing_eos_penalty,
-                reward_clip=a.reward_clip, logprobs_from_rollout=a.logprobs_from_rollout,
+                reward_clip=a.reward_clip, logprobs_from_rollout=lp_from_rollout,
                 rollout_batch_size=a.rollout_batch_size, overlap=a.overlap,
                 defer_critic=a.defer_critic_update and a.overlap != "off", critic_backlog=backlog,
-                seed=a.seed * 100_003 + it)
+                seed=a.seed * 100_003 + it, sampler=sampler, tis_cap=cfg.rollout.tis_cap)
             samples = m.pop("samples")
             backlog = m.pop("critic_backlog", None)
             done = it + 1
@@ -438,7 +465,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         policy.export_hf(str(final))
         ev: dict[str, Any] = {}
         if pc.eval.win_rate and held:
-            ev = evaluate_win_rate(cfg, policy, reference, labeler, held, kinds)
+            sampler.version = a.iterations
+            ev = evaluate_win_rate(cfg, sampler, reference, labeler, held, kinds)
             tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
         mem = policy.memory()
     tracker.close()

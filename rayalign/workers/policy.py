@@ -93,55 +93,30 @@ class PolicyWorker(TrainableWorker):
         its first EOS; ``ended`` says whether it had one. ``min_new_tokens`` keeps EOS away
         that long (benchmarks use it for fixed-length responses)."""
         from ..data import chat_prompt
+        from ..rollout import finish_sample, hf_sample
 
         module = self.engine.module
         module.eval()
         module.config.use_cache = True
-        self.tok.padding_side = "left"
         torch.manual_seed(seed * 1000 + self.rank)
-        eos = self.tok.eos_token_id
         out: list[dict] = []
         # ZeRO-3 across ranks: layers are gathered by DeepSpeed's hooks as generation
         # reaches them, and synced_gpus keeps every rank stepping until all are done.
         # (Gathering the whole model around generate() trips over the hooks' prefetching.)
-        sync = {"synced_gpus": True} if self.lockstep else {}
         with torch.no_grad():
             for b in range(self.batches_for_all_ranks(len(prompts), batch_size)):
                 chunk = prompts[b * batch_size:(b + 1) * batch_size]
                 idle = not chunk
-                chunk = chunk or prompts[:1]
-                texts = [chat_prompt(self.tok, p) for p in chunk]
-                enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                res = module.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
-                                      temperature=temperature, top_p=top_p, top_k=0,
-                                      pad_token_id=self.tok.pad_token_id, eos_token_id=eos,
-                                      min_new_tokens=min_new_tokens, output_logits=True, return_dict_in_generate=True, **sync)
-                width = enc["input_ids"].shape[1]
+                ids = [self.tok(chat_prompt(self.tok, p), add_special_tokens=False)["input_ids"]
+                       for p in (chunk or prompts[:1])]
+                res = hf_sample(module, self.tok, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, min_new_tokens=min_new_tokens, device=self.device, sync=self.lockstep)
                 if idle:
                     continue
-                gen = res.sequences[:, width:]
-                # The behaviour log-probs of the sampled tokens, from the raw logits of the
-                # sampling pass scaled by the temperature: the same quantity a second forward
-                # recomputes (PPO's old log-probs), without that forward.
-                step_logits = torch.stack(res.logits, 1).float()[:, :gen.shape[1]]
-                lp = torch.log_softmax(step_logits / temperature, -1).gather(-1, gen[..., None])[..., 0]
-                for row, attn, g, l in zip(enc["input_ids"], enc["attention_mask"], gen, lp):
-                    resp, lps = g.tolist(), l.tolist()
-                    ended = eos in resp
-                    cut = resp.index(eos) + 1 if ended else len(resp)
-                    keep = [j for j in range(cut) if resp[j] != self.tok.pad_token_id]
-                    if not keep:  # nothing but padding: score a lone EOS
-                        resp, lps = [eos], None
-                    else:
-                        resp, lps = [resp[j] for j in keep], [lps[j] for j in keep]
-                    if len(keep) != cut:
-                        lps = None  # a sampled pad was dropped: the sequence is no longer the sampled one
-                    out.append({"prompt_ids": row[attn.bool()].tolist(), "response_ids": resp, "ended": ended,
-                                "rollout_logprobs": lps,
-                                "response": self.tok.decode(resp, skip_special_tokens=True)})
+                out += [finish_sample(p, resp, lps, self.tok.eos_token_id, self.tok.pad_token_id, self.tok)
+                        for p, (resp, lps) in zip(ids, res)]
         module.config.use_cache = False
         module.train()
-        self.tok.padding_side = "right"
         return out
 
     def _logits(self, samples: list[dict], train: bool):
@@ -183,7 +158,9 @@ class PolicyWorker(TrainableWorker):
             w = logp.shape[1]
             old = to_frame([s["old_logprobs"] for s in chunk], chunk, w).to(logp.device)
             adv = to_frame([s["advantages"] for s in chunk], chunk, w).to(logp.device)
-            loss, st = ppo.policy_loss(logp, old, adv, act, clip)
+            isw = to_frame([s["is_weights"] for s in chunk], chunk, w).to(logp.device) \
+                if chunk[0].get("is_weights") is not None else None
+            loss, st = ppo.policy_loss(logp, old, adv, act, clip, isw)
             n = act.sum()
             ent = ppo.masked_mean(ppo.entropy_from_logits(scaled if entropy_coef else scaled.detach()), act)
             total = loss * n - (entropy_coef * ent * n if entropy_coef else 0.0)

@@ -175,6 +175,91 @@ class TrainableWorker(Worker):
         return str(checkpoint.write(root, step, fill, keep=keep))
 
     @dispatch(ALL)
+    def sync_weights(self, targets: list, version: int, bucket_mb: float = 64.0,
+                     timeout_s: float = 300.0) -> dict[str, Any]:
+        """Send the current weights to rollout engines (``targets``: their Ray actors, or
+        in-process :class:`RolloutWorker` objects) as weight ``version``.
+
+        Collective: under ZeRO-3 every rank gathers each parameter in turn (one at a time,
+        never the whole model); rank 0 alone groups them into buckets of whole layers,
+        puts each bucket once into the object store (shared memory on a node) and every
+        engine loads it while the next is gathered. The engines commit the version only
+        if the content hash of what they received equals rank 0's. Past ``timeout_s``
+        the sync fails with :class:`~rayalign.rollout.SyncError`."""
+        from ..rollout import SyncError, buckets, combine_digests, tensor_digest
+
+        t0 = time.time()
+        deadline = t0 + timeout_s
+        remote = bool(targets) and hasattr(getattr(targets[0], "load_bucket", None), "remote")
+
+        def call(method: str, *args):
+            return [getattr(t, method).remote(*args) if remote else getattr(t, method)(*args) for t in targets]
+
+        def wait(refs: list, what: str) -> list:
+            if not remote:
+                return refs
+            import ray
+
+            try:
+                return ray.get(refs, timeout=max(0.1, deadline - time.time()))
+            except ray.exceptions.GetTimeoutError:
+                raise SyncError(f"weight sync to version {version}: the rollout engines did not finish {what} "
+                                f"within rollout.sync_timeout_s={timeout_s:g}s; an engine is stuck or overloaded "
+                                "(check its log, raise the timeout for larger models)") from None
+            except ray.exceptions.RayActorError as e:
+                raise SyncError(f"weight sync to version {version}: a rollout engine died during {what}: "
+                                f"{str(e).splitlines()[0]}") from None
+
+        if self.rank != 0:
+            if self.zero.stage == 3:
+                for _ in self._full_params():  # take part in every gather; rank 0 sends
+                    pass
+            return {}
+        wait(call("begin_sync", version), "begin_sync")
+        digests: dict[str, str] = {}
+        sent, n_buckets, in_flight = 0, 0, None
+        for bucket in buckets(self._full_params(), int(bucket_mb * 2**20)):
+            for n, t in bucket:
+                digests[n] = tensor_digest(n, t)
+                sent += t.numel() * t.element_size()
+            if in_flight is not None:
+                wait(in_flight, f"bucket {n_buckets}")
+            if remote:
+                import ray
+
+                ref = ray.put(bucket)
+                in_flight = call("load_bucket", ref)
+            else:
+                in_flight = call("load_bucket", bucket)
+            n_buckets += 1
+        if in_flight is not None:
+            wait(in_flight, f"bucket {n_buckets}")
+        wait(call("end_sync", version, combine_digests(digests), len(digests)), "end_sync")
+        return {"sync_s": time.time() - t0, "sync_bytes": sent, "sync_buckets": n_buckets,
+                "digest": combine_digests(digests), "params": len(digests)}
+
+    def _full_params(self):
+        """(name, full tensor on the CPU) for each parameter in turn; under ZeRO-3 a
+        collective gather of that one parameter (other ranks get None)."""
+        stage3 = self.zero.stage == 3
+        for name, p in self.engine.module.named_parameters():
+            if stage3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, (p.data.detach().cpu().clone() if self.rank == 0 else None)
+            else:
+                yield name, p.data.detach().cpu()
+
+    @dispatch(ALL)
+    def weights_digest(self) -> str | None:
+        """Content hash of every parameter as the engines receive them (collective)."""
+        from ..rollout import combine_digests, tensor_digest
+
+        out = {n: tensor_digest(n, t) for n, t in self._full_params() if t is not None}
+        return combine_digests(out) if self.rank == 0 else None
+
+    @dispatch(ALL)
     def export_hf(self, path: str) -> str | None:
         weights, _ = eng.full_state(self.engine, with_optimizer=False)
         if self.rank == 0:

@@ -1,0 +1,92 @@
+"""Where a pipeline's samples come from: the policy's own workers, or the rollout role's
+engines kept at the policy's weights (synced before a rollout whenever the policy has
+moved on)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+from ..config import Config, ModelConfig
+from ..rollout import WeightVersionError, resolve_engine
+from .common import role_group, say
+
+
+class Sampler:
+    """``rollout`` and ``generate`` with the policy group's signatures. ``version`` is the
+    policy's weight version (PPO: iterations done); every rollout is checked against it."""
+
+    def __init__(self, policy, engines=None, rc=None, kind: str = "trainer"):
+        self.policy, self.engines, self.rc, self.kind = policy, engines, rc, kind
+        self.version = 0
+        self._engine_version: int | None = None
+        self.sync_s = 0.0  # seconds of syncs since last taken
+        self.last_sync: dict = {}
+
+    @property
+    def world_size(self) -> int:
+        return (self.engines or self.policy).world_size
+
+    def take_sync_s(self) -> float:
+        s, self.sync_s = self.sync_s, 0.0
+        return s
+
+    def ensure_synced(self) -> None:
+        if self.engines is None or self._engine_version == self.version:
+            return
+        targets = getattr(self.engines, "actors", None) or [self.engines.worker]
+        t = time.time()
+        self.last_sync = self.policy.sync_weights(targets, self.version, self.rc.sync_bucket_mb, self.rc.sync_timeout_s)
+        self.sync_s += time.time() - t
+        self._engine_version = self.version
+
+    def rollout(self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                batch_size: int, min_new_tokens: int = 0) -> list[dict]:
+        if self.engines is None:
+            return self.policy.rollout(prompts, max_new_tokens, temperature, top_p, seed, batch_size, min_new_tokens)
+        self.ensure_synced()
+        samples = self.engines.rollout(prompts, max_new_tokens, temperature, top_p, seed, batch_size,
+                                       min_new_tokens, self.version)
+        stale = {s["weight_version"] for s in samples} - {self.version}
+        if stale:
+            raise WeightVersionError(f"rollouts sampled with weight version(s) {sorted(stale)}, the policy is at "
+                                     f"{self.version}")
+        return samples
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0) -> list[str]:
+        if self.engines is None:
+            return self.policy.generate(prompts, max_new_tokens, temperature)
+        self.ensure_synced()
+        return self.engines.generate(prompts, max_new_tokens, temperature)
+
+
+def engine_settings(cfg: Config) -> dict:
+    rc = cfg.rollout
+    return {"seed": 0, "max_model_len": rc.max_model_len, "tensor_parallel_size": rc.tensor_parallel_size,
+            "gpu_memory_utilization": rc.gpu_memory_utilization, "kv_cache_gb": rc.kv_cache_gb,
+            "enforce_eager": rc.enforce_eager}
+
+
+@contextlib.contextmanager
+def open_sampler(cfg: Config, policy, model: ModelConfig, version: int = 0) -> Iterator[Sampler]:
+    """The sampler for ``policy`` as ``cfg.rollout`` says; engines start from ``model`` and
+    are synced to the policy's weights before their first rollout."""
+    from ..workers.rollout import RolloutWorker
+
+    from ..models import resolve
+
+    rc = cfg.rollout
+    kind, why = resolve_engine(rc.engine, str(resolve(model.name, model.seed, model.overrides, say=lambda s: None)))
+    if why:
+        say(f"rollout: sampling inside the policy's workers ({why})")
+    if kind == "trainer":
+        s = Sampler(policy)
+        s.version = version
+        yield s
+        return
+    with role_group("rollout", RolloutWorker, rc.group, timeout_s=rc.call_timeout_s) as engines:
+        info = engines.init_engine(model.model_dump(), kind, engine_settings(cfg), -1)
+        say(f"rollout: {len(info)} {kind} engine(s) ready in {max(i['init_s'] for i in info):.0f}s")
+        s = Sampler(policy, engines, rc, kind)
+        s.version = version
+        yield s
