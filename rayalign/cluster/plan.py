@@ -158,6 +158,13 @@ def roles_of(cfg: Config, prompt_tokens: int = 128) -> list[RoleLoad]:
             out.append(RoleLoad("ppo", "critic", p.critic.model or pmodel, p.critic.group, head="value",
                                 train=p.critic.train, train_tokens=seq))
         out.append(RoleLoad("ppo", "reference", pmodel, p.reference, score_batch=8, score_tokens=seq))
+        from ..rollout import vllm_available
+
+        if cfg.rollout.engine in ("vllm", "hf") or (cfg.rollout.engine == "auto" and vllm_available()):
+            # An engine replica holds the policy's weights and its sampling state (vLLM's
+            # preallocated KV cache is rollout.kv_cache_gb / gpu_memory_utilization on top).
+            out.append(RoleLoad("ppo", "rollout", pmodel, cfg.rollout.group,
+                                gen_batch=a.rollout_batch_size * a.samples_per_prompt, gen_tokens=seq))
         for i, r in enumerate(p.rewards):
             if r.type == "rm":
                 out.append(RoleLoad("ppo", f"reward{i}" if len(p.rewards) > 1 else "reward",

@@ -142,10 +142,10 @@ def fill_upstream(cfg: Config, run_dir: Path, fresh: bool, *row_lists: list[dict
         if not fresh:
             raise ConfigError(f"{f} lacks upstream answers this run needs; resume with the same aligner.data "
                               "and aligner.eval settings, or start a new run")
-        from .label import lm_group
+        from .sampling import sampling_group
 
         model = d.upstream or a.model or cfg.model
-        with lm_group("upstream", model, d.upstream_group) as grp:
+        with sampling_group(cfg, "upstream", model, d.upstream_group) as grp:
             say(f"upstream answers ({model.name}, greedy, <= {d.upstream_tokens} tokens) to {len(missing)} questions")
             outs = grp.generate(missing, d.upstream_tokens, 0.0, 0, 16)
         saved.update({q: o.strip() for q, o in zip(missing, outs)})
@@ -484,7 +484,8 @@ def run_aligner_build(cfg: Config, run_dir: Path | None = None) -> dict[str, Any
     """Triples from a corrector model's rewrites of upstream answers, kept where the
     labeler prefers the rewrite; written to ``aligner.data.source``."""
     from .. import data
-    from .label import lm_group, open_labeler
+    from .label import open_labeler
+    from .sampling import sampling_group
 
     a = _section(cfg)
     b = a.build
@@ -504,11 +505,11 @@ def run_aligner_build(cfg: Config, run_dir: Path | None = None) -> dict[str, Any
         if b.answer_field:
             answers = [r[b.answer_field].strip() for r in rows]
         else:
-            with lm_group("upstream", b.upstream or cfg.model, b.upstream_group) as grp:
+            with sampling_group(cfg, "upstream", b.upstream or cfg.model, b.upstream_group) as grp:
                 say(f"upstream answers for {len(questions)} questions")
                 answers = [x.strip() for x in grp.generate(questions, b.max_new_tokens, b.upstream_temperature)]
         asks = [b.instruction.replace("{question}", q).replace("{answer}", x) for q, x in zip(questions, answers)]
-        with lm_group("corrector", b.corrector or cfg.model, b.corrector_group) as grp:
+        with sampling_group(cfg, "corrector", b.corrector or cfg.model, b.corrector_group) as grp:
             say(f"corrections of {len(asks)} answers")
             fixes = [x.strip() for x in grp.generate(asks, b.max_new_tokens, 0.0)]
         with open_labeler(cfg) as labeler:

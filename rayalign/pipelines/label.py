@@ -93,7 +93,9 @@ def sample_responses(cfg: Config, pairs: list[dict]) -> None:
     sc = cfg.label.sample
     model = sc.model or cfg.model
     prompts = [p["prompt"] for p in pairs]
-    with lm_group("sampler", model, sc.group) as grp:
+    from .sampling import sampling_group
+
+    with sampling_group(cfg, "sampler", model, sc.group) as grp:
         step = sc.batch_size * grp.world_size
         bar = Progress(2 * len(prompts), "sample")
         out: list[list[str]] = [[], []]

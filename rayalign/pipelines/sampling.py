@@ -90,3 +90,25 @@ def open_sampler(cfg: Config, policy, model: ModelConfig, version: int = 0) -> I
         s = Sampler(policy, engines, rc, kind)
         s.version = version
         yield s
+
+
+@contextlib.contextmanager
+def sampling_group(cfg: Config, role: str, model: ModelConfig, group) -> Iterator:
+    """A group that writes answers with ``model`` (label pairs, upstream answers, Aligner
+    corrections to build from): vLLM engines where ``rollout.engine`` resolves to vllm,
+    else transformers.generate on a LabelerWorker group. Both answer
+    ``generate(prompts, max_new_tokens, temperature, seed, batch_size)``."""
+    from ..models import resolve
+    from ..workers.rollout import RolloutWorker
+    from .label import lm_group
+
+    kind, _ = resolve_engine(cfg.rollout.engine, str(resolve(model.name, model.seed, model.overrides,
+                                                            say=lambda s: None)))
+    if kind != "vllm":
+        with lm_group(role, model, group) as grp:
+            yield grp
+        return
+    with role_group(role, RolloutWorker, group, timeout_s=cfg.rollout.call_timeout_s) as grp:
+        info = grp.init_engine(model.model_dump(), "vllm", engine_settings(cfg), 0)
+        say(f"{role} ready: {model.name} on {len(info)} vLLM engine(s)")
+        yield grp

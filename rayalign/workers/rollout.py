@@ -68,9 +68,10 @@ class RolloutWorker(Worker):
 
     @dispatch(SPLIT)
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[str]:
-        """Texts only (evaluation, label pairs): greedy when temperature is 0."""
-        return [s["response"] for s in self.rollout(prompts, max_new_tokens, temperature, top_p, seed)]
+                 seed: int = 0, batch_size: int = 16) -> list[str]:
+        """Texts only (evaluation, label pairs, upstream answers): greedy when temperature
+        is 0. The signature of the other roles' ``generate``."""
+        return [s["response"] for s in self.rollout(prompts, max_new_tokens, temperature, 1.0, seed, batch_size)]
 
     # ------------------------------------------------------------ weight sync
 
