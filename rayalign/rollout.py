@@ -130,17 +130,18 @@ def hf_sample(module, tok, prompt_ids: list[list[int]], *, max_new_tokens: int, 
 def tensor_digest(name: str, t: torch.Tensor) -> str:
     """A content hash of one parameter (name, shape, dtype, bytes): what the trainer sent
     and what an engine received compare exactly, not within a tolerance."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()  # with the CPU's SHA extensions ~2.5x blake2b's speed (1.3 GB/s here)
     h.update(name.encode())
     h.update(struct.pack(f"{t.dim()}q", *t.shape))
     h.update(str(t.dtype).encode())
-    h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():  # the bytes through the buffer protocol: no copy of a large tensor
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
 def combine_digests(digests: dict[str, str]) -> str:
     """Order-independent: buckets may arrive in any grouping."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     for name in sorted(digests):
         h.update(name.encode())
         h.update(digests[name].encode())
@@ -246,6 +247,10 @@ class VLLMEngine:
             # vLLM's CPU backend otherwise claims most of the node's memory for its KV cache.
             kw["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         self.llm = LLM(**kw)
+        import json
+        from pathlib import Path
+
+        self.tied = bool(json.loads((Path(model_dir) / "config.json").read_text()).get("tie_word_embeddings"))
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
                  seeds: list[int], min_new_tokens: int = 0, batch_size: int = 0):
@@ -279,6 +284,11 @@ class VLLMEngine:
                                                               "is_checkpoint_format": True})
         finally:
             log.setLevel(level)
+        if self.tied and any(n.endswith("embed_tokens.weight") for n, _ in named):
+            # The reload updates the embedding, but not the LM head tied to it: on CPUs its
+            # GEMM keeps the weights it packed at start-up (measured: mean |Δ log p| 0.06
+            # against the trainer after a 2% perturbation of SmolLM2's weights).
+            self.llm.apply_model(_retie_lm_head)
 
     def state_digests(self) -> dict[str, str]:
         return {}  # vLLM's parameters are fused and repacked: compared through what was received
@@ -289,6 +299,21 @@ class VLLMEngine:
         except Exception:
             pass
         self.llm = None
+
+
+def _retie_lm_head(model) -> bool:
+    head = getattr(model, "lm_head", None)
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or emb is None or head.weight.shape != emb.weight.shape:
+        raise SyncError("vllm engine: tied embeddings, but no lm_head / model.embed_tokens of one shape to re-tie")
+    with torch.no_grad():
+        if head.weight.data_ptr() != emb.weight.data_ptr():
+            head.weight.copy_(emb.weight)
+    # On CPUs the head's GEMM runs on weights packed (oneDNN / sgl) at load time: pack again.
+    qm = getattr(head, "quant_method", None)
+    if qm is not None and hasattr(qm, "process_weights_after_loading"):
+        qm.process_weights_after_loading(head)
+    return True
 
 
 ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}
