@@ -29,7 +29,7 @@ quickstart: $(STAMP)
 	$(BIN)/rayalign run configs/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not ray"
