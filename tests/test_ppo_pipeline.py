@@ -76,7 +76,7 @@ rollout: {engine: vllm, group: {workers: 1, cpus_per_worker: 0.25, threads_per_w
     assert sorted(rows) == [1, 2, 3]
     for r in rows.values():
         # Weights synced before every rollout (the first from the start, then after each update)...
-        assert r["sync_s"] > 0
+        assert r["sync_s"] > 0 and r["generate_s"] > 0
         # ...and the engine samples what the trainer would: its log-probs equal the trainer's
         # recomputation up to kernel differences, so the importance weights stay near 1.
         assert r["logprob_drift_mean"] < 1e-3 and r["logprob_drift_max"] < 1e-2, r

@@ -70,6 +70,10 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     times: dict[str, float] = {}
     batch = [p for p in prompts for _ in range(samples_per_prompt)]  # a prompt's samples stay adjacent
 
+    if sampler is not None and sampler.engines is not None:
+        t = time.time()
+        sampler.ensure_synced()  # the weights of the last update, before this rollout
+        times["sync_s"] = time.time() - t
     t = time.time()
     backlog_in = list(critic_backlog or [])
     with _overlapped([policy, critic] if backlog_in and overlap != "off" else [], overlap):
@@ -82,9 +86,6 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
                                               min_new_tokens)
         critic_stats = _critic_stats([p.result() for p in pending])
     times["generate_s"] = time.time() - t
-    if sampler is not None and sampler.engines is not None:
-        times["sync_s"] = sampler.take_sync_s()
-        times["generate_s"] -= times["sync_s"]
 
     t = time.time()
     engine_lp = [s.get("rollout_logprobs") for s in samples]

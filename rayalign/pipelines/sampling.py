@@ -4,7 +4,6 @@ moved on)."""
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Iterator
 
 from ..config import Config, ModelConfig
@@ -20,24 +19,17 @@ class Sampler:
         self.policy, self.engines, self.rc, self.kind = policy, engines, rc, kind
         self.version = 0
         self._engine_version: int | None = None
-        self.sync_s = 0.0  # seconds of syncs since last taken
         self.last_sync: dict = {}
 
     @property
     def world_size(self) -> int:
         return (self.engines or self.policy).world_size
 
-    def take_sync_s(self) -> float:
-        s, self.sync_s = self.sync_s, 0.0
-        return s
-
     def ensure_synced(self) -> None:
         if self.engines is None or self._engine_version == self.version:
             return
         targets = getattr(self.engines, "actors", None) or [self.engines.worker]
-        t = time.time()
         self.last_sync = self.policy.sync_weights(targets, self.version, self.rc.sync_bucket_mb, self.rc.sync_timeout_s)
-        self.sync_s += time.time() - t
         self._engine_version = self.version
 
     def rollout(self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, seed: int,
