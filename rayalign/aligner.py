@@ -84,23 +84,16 @@ def read_meta(model_dir: str | Path) -> tuple[AlignerTemplate, dict[str, Any]]:
 
 
 def find_model_dir(path: str | Path) -> Path:
-    """An exported Aligner, a checkpoint step directory, or a run directory → the HF model
-    directory holding ``aligner.json``."""
+    """An exported Aligner or a run directory → the HF model directory holding
+    ``aligner.json``. (Checkpoints hold sharded training state, not a servable model.)"""
     p = Path(path).expanduser()
     if not p.exists():
         raise AlignerError(f"{p} does not exist")
     for cand in (p, p / "model", p / "final" / "aligner"):
         if (cand / META_FILE).is_file():
             return cand
-    ckpts = p / "checkpoints" / "aligner"
-    if ckpts.is_dir():
-        from . import checkpoint
-
-        last = checkpoint.latest(ckpts)
-        if last is not None and (last / "model" / META_FILE).is_file():
-            return last / "model"
-    raise AlignerError(f"{p}: no Aligner model found (looked for {META_FILE} in it, in model/, in "
-                       "final/aligner/ and in the last checkpoint)")
+    raise AlignerError(f"{p}: no Aligner model found (looked for {META_FILE} in it, in model/ and in "
+                       "final/aligner/; a run that has not finished has no servable model yet)")
 
 
 # ---------------------------------------------------------------- triples

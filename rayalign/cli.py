@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_aligner)
 
     p = sub.add_parser("serve", help="serve an Aligner checkpoint with Ray Serve (HTTP)")
-    p.add_argument("checkpoint", nargs="?", help="exported Aligner, checkpoint or run directory")
+    p.add_argument("checkpoint", nargs="?", help="exported Aligner or run directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.port=8080 serve.replicas=2")
     p.add_argument("--config", help="a YAML with a `serve:` (and `cluster:`) section")
     p.add_argument("--write-config", metavar="PATH", help="write the Serve config YAML (for `serve deploy` / "

@@ -118,6 +118,9 @@ class TrackingConfig(Section):
     )
     project: str = "rayalign"
     log_every: int = Field(1, ge=1)
+    checkpoint_root: Optional[str] = Field(
+        None, description="Where checkpoints go: a path or an fsspec URI (s3://bucket/dir, gs://..., with its "
+        "fsspec backend installed), one directory per run under it. Default: RUN_DIR/checkpoints.")
 
 
 class ClusterConfig(Section):

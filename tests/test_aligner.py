@@ -136,7 +136,7 @@ def test_warmup_copies_then_qac_changes_what_it_was_taught(tmp_path, local_ray):
     run = Path(s["final_model"]).parents[1]
     assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
     assert (run / "plots" / "aligner.png").is_file() and (run / "summary.md").is_file()
-    assert (Path(s["checkpoint"]) / "model" / al.META_FILE).is_file()
+    assert (Path(s["checkpoint"]) / "files" / al.META_FILE).is_file()
 
 
 @pytest.mark.ray
@@ -161,8 +161,8 @@ def test_warmup_ablation_and_template_round_trip(tmp_path, local_ray):
     eng = AlignerEngine(Path(res[0.2]["final_model"]).parents[1], threads=1)  # from the run directory
     assert eng.template == al.AlignerTemplate("test-v3", custom["template_text"])
     assert "<<what?>> said: x." in eng.prompt("what?", "x.")
-    ck = al.find_model_dir(res[0.2]["checkpoint"])
-    assert al.read_meta(ck)[0].version == "test-v3"
+    # The template record travels with the checkpoint's side files too.
+    assert al.read_meta(Path(res[0.2]["checkpoint"]) / "files")[0].version == "test-v3"
 
 
 @pytest.mark.ray

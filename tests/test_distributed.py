@@ -27,8 +27,8 @@ def make_group(workers, stage, model=None, total=10, resume_from=None, train=TRA
     grp = None
     try:
         grp = ActorGroup("policy", PolicyWorker, cfg, pools)
-        grp.init_model(model or {"name": "tiny-llama"}, cfg.zero.model_dump(), train.model_dump(), total,
-                       resume_from)
+        grp.init_info = grp.init_model(model or {"name": "tiny-llama"}, cfg.zero.model_dump(),
+                                       train.model_dump(), total, resume_from)
     except BaseException:
         if grp is not None:
             grp.kill()
@@ -123,3 +123,44 @@ def test_checkpoint_resumes_on_another_world_size(local_ray, examples, tmp_path)
     finally:
         close(grp, pools)
     np.testing.assert_allclose(first + rest, reference, rtol=2e-4, atol=2e-4)
+
+
+def test_zero3_checkpoint_is_sharded_resumed_per_shard_and_exported_streamed(local_ray, examples, reference_curve,
+                                                                             tmp_path):
+    """Each ZeRO-3 rank writes only its partition; resuming at the same world size reads only
+    its own shard and continues the uninterrupted trajectory; the streamed HF export holds the
+    same weights as the shards and loads with transformers."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayalign import checkpoint
+
+    grp, pools = make_group(2, 3)
+    try:
+        first = train_losses(grp, examples, 0, 2)
+        ck = grp.save_checkpoint(str(tmp_path / "ck"), 2, {"step": 2})
+        hf = grp.export_hf(str(tmp_path / "hf"), 0.05)  # ~50 KB shards: several files and an index
+    finally:
+        close(grp, pools)
+    shards = sorted(n for n in os.listdir(ck) if n.startswith("shard-"))
+    assert shards == ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    sizes = [os.path.getsize(os.path.join(ck, n)) for n in shards]
+    assert abs(sizes[0] - sizes[1]) < 0.1 * sum(sizes)  # halves, not one rank writing everything
+    with checkpoint.Shards(ck) as sh:
+        saved = {n: sh.read("weight", n).view(shape) for n, shape in sh.shapes.items()}
+        assert all(sh.has("exp_avg_sq", n) for n in saved)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    files = os.listdir(hf)
+    assert "model.safetensors.index.json" in files and sum(f.startswith("model-") for f in files) > 2
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), saved[name], rtol=0, atol=0, msg=name)
+
+    grp, pools = make_group(2, 3, resume_from=ck)
+    try:
+        assert grp.init_info["resume_read"]["files"] == ["shard-00000-of-00002.safetensors"]
+        rest = train_losses(grp, examples, 2, 4)
+    finally:
+        close(grp, pools)
+    np.testing.assert_allclose(first + rest, reference_curve, rtol=2e-4, atol=2e-4)

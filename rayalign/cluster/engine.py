@@ -151,31 +151,83 @@ def _base_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
-def full_state(engine, with_optimizer: bool = True) -> tuple[dict, dict]:
-    """Full (unpartitioned) fp32 weights and Adam moments, keyed by parameter name.
+def _stage3(p) -> bool:
+    return hasattr(p, "ds_id")
 
-    Collective under ZeRO: every rank must call it; every rank gets the result.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    stage = _zero_stage(engine)
-    weights: dict[str, torch.Tensor] = {}
-    moments: dict[str, torch.Tensor] = {}
+def _rank_of(p) -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+
+
+def owned_range(p, rank: int) -> tuple[int, int]:
+    """(start, numel) of the elements of the flattened parameter whose fp32 master and Adam
+    moments this rank holds under the engine's partitioning (ZeRO-3: its partition of the
+    parameter; ZeRO-1/2 and the bf16 optimizer: its fragment of the flat buffer, possibly
+    empty; no partitioning: everything, owned by rank 0)."""
+    if _stage3(p):
+        part = p.ds_tensor.numel()
+        start = _rank_of(p) * part
+        return start, max(0, min(part, p.ds_numel - start))
+    if hasattr(p, "_hp_mapping"):
+        m = p._hp_mapping
+        return (0, 0) if m is None else (m.lp_fragment_address.start, m.lp_fragment_address.numel)
+    return 0, (p.numel() if rank == 0 else 0)
+
+
+def _fragment(engine, p, numel: int, key: str | None):
+    """This rank's 1-D fp32 view of a parameter's master weights (``key`` None) or of one Adam
+    moment; None if the optimizer has not made that state yet (before its first step)."""
+    if _stage3(p):
+        opt = engine.optimizer
+        if key is not None:
+            group, _, _ = opt.grad_position[opt.get_param_id(p)]
+            if key not in opt.optimizer.state.get(opt.fp32_partitioned_groups_flat[group], {}):
+                return None
+        return opt.get_local_fp32_param(p, key).narrow(0, 0, numel)
+    if hasattr(p, "_hp_mapping"):
+        m = p._hp_mapping
+        if key is None:
+            return m.hp_fragment.view(-1)
+        frags = m.optim_fragment or {}
+        return frags[key].view(-1) if key in frags else None
+    if key is None:
+        return p.data.view(-1)
+    st = _base_optimizer(engine).state.get(p, {})
+    return st[key].view(-1) if key in st else None
+
+
+def owned_fragments(engine, rank: int) -> list[tuple[str, tuple, int, dict]]:
+    """What this rank writes to a checkpoint: (name, full shape, start, {kind: 1-D fp32
+    tensor}) for every parameter range it owns. Views into the engine's own state, no copies."""
+    out = []
     for name, p in _named_trainables(engine):
-        if stage == 0:
-            weights[name] = p.detach().float().cpu().clone()
-            st = engine.optimizer.state.get(p, {}) if with_optimizer else {}
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    moments[f"{key}::{name}"] = st[key].detach().float().cpu().clone()
+        start, numel = owned_range(p, rank)
+        if numel == 0:
+            continue
+        shape = tuple(p.ds_shape) if _stage3(p) else tuple(p.shape)
+        parts = {"weight": _fragment(engine, p, numel, None).float()}
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = _fragment(engine, p, numel, key)
+            if t is not None:
+                parts[key] = t
+        out.append((name, shape, start, parts))
+    return out
+
+
+@torch.no_grad()
+def load_weights(module, shards, rank: int) -> None:
+    """Fill a freshly built module (before the engine wraps it) with checkpointed weights:
+    under ZeRO-3 only this rank's partition of each parameter is read, otherwise the whole
+    parameter (every rank holds it anyway)."""
+    for name, p in module.named_parameters():
+        if _stage3(p):
+            start, numel = owned_range(p, rank)
+            if numel:
+                p.ds_tensor.data.view(-1)[:numel].copy_(shards.read("weight", name, start, start + numel))
         else:
-            weights[name] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
-            if with_optimizer:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    v = safe_get_full_optimizer_state(p, key)
-                    if v is not None:
-                        moments[f"{key}::{name}"] = v.detach().float().cpu().clone()
-    return weights, moments
+            p.data.copy_(shards.read("weight", name).view_as(p))
 
 
 def optimizer_step_count(engine) -> int:
@@ -186,13 +238,38 @@ def optimizer_step_count(engine) -> int:
     return 0
 
 
-def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
-    """Put saved Adam moments (full tensors) back, partitioned for this engine's world."""
-    from deepspeed.utils import safe_set_full_optimizer_state
+@torch.no_grad()
+def load_state(engine, shards, rank: int, step: int) -> None:
+    """After the engine is built: the fp32 master weights (exact, whatever the training
+    dtype) and the Adam moments of the ranges this rank owns under the new partitioning."""
+    if step > 0:
+        _make_moment_slots(engine)
+    for name, p in _named_trainables(engine):
+        start, numel = owned_range(p, rank)
+        if not _stage3(p) and not hasattr(p, "_hp_mapping"):
+            start, numel = 0, p.numel()  # unpartitioned: every rank's optimizer holds it all
+        if numel == 0:
+            continue
+        for key in (None, "exp_avg", "exp_avg_sq") if step > 0 else (None,):
+            value = shards.read(key or "weight", name, start, start + numel)
+            if _stage3(p):
+                full = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32)
+                full[:numel] = value
+                engine.optimizer.set_local_hp_param(full, p, key)
+            else:
+                dst = _fragment(engine, p, numel, key)
+                if dst is None:
+                    raise KeyError(f"optimizer state {key} of {name} was not created")
+                dst.copy_(value.to(device=dst.device, dtype=dst.dtype))
+    if step > 0:
+        base = _base_optimizer(engine)
+        for st in base.state.values():
+            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st.get("step")) else step
 
-    stage = _zero_stage(engine)
+
+def _make_moment_slots(engine) -> None:
+    """Adam creates its state lazily at the first step; make the slots a resume fills in."""
     base = _base_optimizer(engine)
-    # Adam creates its state lazily at the first step; make the slots to fill in.
     # ZeRO-3 hands its flat fp32 partitions to the optimizer only during step().
     masters = list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])) or \
         [p for group in base.param_groups for p in group["params"]]
@@ -205,20 +282,9 @@ def load_moments(engine, moments: dict[str, torch.Tensor], step: int) -> None:
     opt = engine.optimizer
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         # ZeRO-1/2 link each parameter's view into the optimizer state only after the first
-        # step(); link it now, over the slots just made, so the moments can be set by name.
+        # step(); link it now, over the slots just made, so the moments can be set.
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
-    for name, p in _named_trainables(engine):
-        for key in ("exp_avg", "exp_avg_sq"):
-            full = moments.get(f"{key}::{name}")
-            if full is None:
-                raise KeyError(f"checkpoint lacks {key} for {name}")
-            if stage == 0:
-                base.state[p][key].copy_(full.to(device=p.device, dtype=torch.float32).view_as(p))
-            else:
-                safe_set_full_optimizer_state(p, full.to(torch.float32), key)
-    for st in base.state.values():
-        st["step"] = torch.tensor(float(step)) if torch.is_tensor(st.get("step")) else step
 
 
 def memory_report(engine) -> dict[str, int]:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import aligner as al
-from .. import models
+from .. import checkpoint, models
 from ..cluster import ray_session
 from ..config import Config, ConfigError
 from ..data import DataError
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
-from .common import prepare_run_dir, resume_point, role_group, say
+from .common import checkpoint_root, prepare_run_dir, resume_point, role_group, say
 from .sft import _eval, batch_for_step, run_steps
 
 
@@ -286,7 +286,7 @@ def judge_sets(cfg: Config, judge, sets: dict[str, list[dict]], outs: dict[str, 
 
 
 def data_rows(source: str) -> list[dict]:
-    from .. import data
+    from .. import checkpoint, data
 
     return data.load_rows(source, ["prompt", "response_1", "response_2"], None, 0)
 
@@ -348,7 +348,7 @@ def _run_aligner_train(cfg: Config, run_dir: Path | None, resume: bool) -> dict[
     tok = models.load_tokenizer(models.resolve(mcfg.name, mcfg.seed, mcfg.overrides, say=say))
     train_rows, eval_rows, shares = load_data(cfg)
     run_dir = prepare_run_dir(cfg, run_dir, "aligner", resume)
-    ckpt_root = run_dir / "checkpoints" / "aligner"
+    ckpt_root = checkpoint.join(checkpoint_root(cfg, run_dir), "aligner")
     resume_from, start_step = resume_point(ckpt_root, resume)
     say(f"run directory: {run_dir}")
     sets: dict[str, list[dict]] = {}
@@ -415,7 +415,7 @@ def _run_aligner_train(cfg: Config, run_dir: Path | None, resume: bool) -> dict[
                                     "aligner", ckpt_root, total, evals, bar, {"warmup": 0.0})
             bar.close()
             ev_loss = _eval(group, evals)
-            ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
+            ck = group.save_checkpoint(ckpt_root, total, {"step": total}, t.keep_checkpoints)
             final = run_dir / "final" / "aligner"
             group.export_hf(str(final))
             outs = generate_eval(group, template, ev_rows, a.eval.max_new_tokens) if ev_rows else {}

@@ -28,7 +28,14 @@ def prepare_run_dir(cfg: Config, run_dir: Path | None, command: str, resume: boo
     return run_dir
 
 
-def resume_point(ckpt_root: Path, resume: bool) -> tuple[Path | None, int]:
+def checkpoint_root(cfg: Config, run_dir: Path) -> str:
+    """Where a run's checkpoints go: ``tracking.checkpoint_root/<run name>`` (any fsspec URI)
+    when set, else ``RUN_DIR/checkpoints``."""
+    base = cfg.tracking.checkpoint_root
+    return checkpoint.join(base, Path(run_dir).name) if base else str(Path(run_dir) / "checkpoints")
+
+
+def resume_point(ckpt_root: str, resume: bool) -> tuple[str | None, int]:
     ck = checkpoint.latest(ckpt_root) if resume else None
     return ck, (checkpoint.read_state(ck)["trainer"]["step"] if ck else 0)
 

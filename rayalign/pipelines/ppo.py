@@ -22,7 +22,7 @@ from ..algos import ppo
 from ..cluster import ray_session
 from ..config import Config, ConfigError, ModelConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
-from .common import prepare_run_dir, role_group, say
+from .common import checkpoint_root, prepare_run_dir, role_group, say
 
 # (prompts, samples) -> one score per sample; a sample carries "response" (text) and
 # "response_ids", so a verifiable reward can read either.
@@ -319,7 +319,7 @@ def _maybe_labeler(cfg: Config, needed: bool):
         yield lab
 
 
-def _resume_point(root: Path, needs_critic: bool) -> Path | None:
+def _resume_point(root: str, needs_critic: bool) -> str | None:
     """The policy checkpoint of the newest step that every role committed. Run directories
     written before multi-role commits have only the policy's ``latest``; the critic's
     checkpoint of the same step must exist then."""
@@ -327,11 +327,11 @@ def _resume_point(root: Path, needs_critic: bool) -> Path | None:
     if c is not None:
         if needs_critic and "critic" not in c["roles"]:
             raise ConfigError(f"resume: the commit in {root} has no critic, but this config's estimator needs one")
-        return checkpoint.step_dir(root / "policy", c["step"])
-    ck = checkpoint.latest(root / "policy")
+        return checkpoint.step_dir(checkpoint.join(root, "policy"), c["step"])
+    ck = checkpoint.latest(checkpoint.join(root, "policy"))
     if ck is not None and needs_critic:
-        critic_from = checkpoint.step_dir(root / "critic", checkpoint.read_state(ck)["step"])
-        if not (critic_from / "state.json").is_file():
+        critic_from = checkpoint.step_dir(checkpoint.join(root, "critic"), checkpoint.read_state(ck)["step"])
+        if not checkpoint.is_complete(critic_from):
             raise ConfigError(f"resume: {critic_from} is missing; the critic's checkpoint must match the policy's")
     return ck
 
@@ -354,14 +354,14 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     preflight(cfg, default_rm)
     train_prompts, held, kinds = load_prompts(cfg)
     run_dir = prepare_run_dir(cfg, run_dir, "ppo", resume)
-    root = run_dir / "checkpoints"
+    root = checkpoint_root(cfg, run_dir)
     start_it, kl_value, resume_from = 0, None, None
     if resume:
         resume_from = _resume_point(root, a.estimator == "gae")
     if resume_from is not None:
         st = checkpoint.read_state(resume_from)["trainer"]
         start_it, kl_value = int(st["iteration"]), float(st["kl_coef"])
-    critic_from = checkpoint.step_dir(root / "critic", start_it) if resume_from else None
+    critic_from = checkpoint.step_dir(checkpoint.join(root, "critic"), start_it) if resume_from else None
 
     pmodel = policy_start(cfg, start_model)
     cmodel = pc.critic.model or pmodel
@@ -455,9 +455,9 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 state = {"iteration": done, "kl_coef": kl_ctl.value}
                 roles = ["policy"]
                 if critic is not None:
-                    critic.save_checkpoint(str(root / "critic"), done, state, 0)
+                    critic.save_checkpoint(checkpoint.join(root, "critic"), done, state, 0)
                     roles.append("critic")
-                policy.save_checkpoint(str(root / "policy"), done, state, 0)
+                policy.save_checkpoint(checkpoint.join(root, "policy"), done, state, 0)
                 checkpoint.commit(root, done, roles, a.keep_checkpoints)
         bar.close()
         if critic is not None:

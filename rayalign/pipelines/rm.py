@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import data, models
+from .. import checkpoint, data, models
 from ..cluster import ray_session
 from ..config import Config, ConfigError, ModelConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.reward import RewardWorker
-from .common import plan_steps, prepare_run_dir, resume_point, role_group, say
+from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say
 from .sft import batch_for_step
 
 DEFAULT_RM = ModelConfig(name="all-minilm-l6-v2")
@@ -67,7 +67,7 @@ def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> di
     g, t = rm.group, rm.train
     plan_steps("rm", t.batch_size, g, t)
     run_dir = prepare_run_dir(cfg, run_dir, "rm", resume)
-    ckpt_root = run_dir / "checkpoints" / "rm"
+    ckpt_root = checkpoint.join(checkpoint_root(cfg, run_dir), "rm")
     resume_from, start = resume_point(ckpt_root, resume)
 
     train, evals = encode_pairs(cfg)
@@ -101,7 +101,7 @@ def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> di
                 if ev:
                     tracker.log("rm_eval", done, ev)
             if t.save_every and done % t.save_every == 0 and done < total:
-                group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
+                group.save_checkpoint(ckpt_root, done, {"step": done}, t.keep_checkpoints)
         bar.close()
         ev1 = evaluate(group, evals)
         if ev1:
@@ -112,7 +112,7 @@ def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> di
         scores = sc["r1"] + sc["r2"]
         mean, std = statistics.fmean(scores), statistics.pstdev(scores) or 1.0
         group.set_stats(mean, std)
-        ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
+        ck = group.save_checkpoint(ckpt_root, total, {"step": total}, t.keep_checkpoints)
         final = run_dir / "final" / "rm"
         group.export_hf(str(final))
         summary = {

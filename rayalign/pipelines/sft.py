@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import data, models
+from .. import checkpoint, data, models
 from ..cluster import ray_session
 from ..config import Config, ConfigError, TrainConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
-from .common import plan_steps, prepare_run_dir, resume_point, role_group, say
+from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say
 
 
 def prepare_examples(cfg: Config) -> tuple[list[dict], list[dict], list[str]]:
@@ -59,7 +59,7 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     g, t = s.group, s.train
     plan_steps("sft", t.batch_size, g, t)  # the batch layout is checked before anything loads
     run_dir = prepare_run_dir(cfg, run_dir, "sft", resume)
-    ckpt_root = run_dir / "checkpoints" / "sft"
+    ckpt_root = checkpoint.join(checkpoint_root(cfg, run_dir), "sft")
     resume_from, start_step = resume_point(ckpt_root, resume)
 
     say(f"run directory: {run_dir}")
@@ -87,7 +87,7 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         eval1 = _eval(group, evals)
         if eval1 is not None:
             tracker.log("sft_eval", total, {"eval_loss": eval1})
-        ck = group.save_checkpoint(str(ckpt_root), total, {"step": total}, t.keep_checkpoints)
+        ck = group.save_checkpoint(ckpt_root, total, {"step": total}, t.keep_checkpoints)
         final = run_dir / "final" / "sft"
         group.export_hf(str(final))
         after = group.generate(probe, max_new_tokens=48) if probe else []
@@ -112,7 +112,7 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 
 
 def run_steps(group, batch_of: Callable[[int], list[dict]], steps: range, t: TrainConfig, tracker: Tracker,
-              stage: str, ckpt_root: Path, total: int, evals: list[dict], bar: Progress,
+              stage: str, ckpt_root: str, total: int, evals: list[dict], bar: Progress,
               extra: dict[str, float] | None = None) -> tuple[list[float], int]:
     """Optimizer steps ``steps`` of response-only cross-entropy on a policy group: the
     batch of each step from ``batch_of(step)``, metrics under ``stage``, evaluation and
@@ -136,7 +136,7 @@ def run_steps(group, batch_of: Callable[[int], list[dict]], steps: range, t: Tra
         tracker.log(stage, done, metrics)
         bar.update(1, loss=loss, lr=metrics["lr"])
         if t.save_every and done % t.save_every == 0 and done < total:
-            group.save_checkpoint(str(ckpt_root), done, {"step": done}, t.keep_checkpoints)
+            group.save_checkpoint(ckpt_root, done, {"step": done}, t.keep_checkpoints)
     return losses, tokens_seen
 
 

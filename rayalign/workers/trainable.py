@@ -5,6 +5,9 @@ reports live here once; a role adds its model class and its loss.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -49,8 +52,14 @@ class TrainableWorker(Worker):
         self.train_cfg = TrainConfig.model_validate(train)
         torch.manual_seed(self.train_cfg.seed + self.rank)
         self.tok = load_tokenizer(model_dir)
-        src = Path(resume_from) / "model" if resume_from else Path(model_dir)
-        module = self.prepare_module(self._load_module(src))
+        module = self.prepare_module(self._load_module(Path(model_dir)))
+        shards, step = None, 0
+        if resume_from:
+            from .. import checkpoint
+
+            step = int(checkpoint.read_state(resume_from)["optimizer_step"])
+            shards = checkpoint.Shards(resume_from)
+            eng.load_weights(module, shards, self.rank)
         if self.model_cfg.gradient_checkpointing:
             module.gradient_checkpointing_enable()
         module.config.use_cache = False
@@ -58,22 +67,21 @@ class TrainableWorker(Worker):
                                        total_steps, self.model_cfg.dtype)
         self.engine.train()  # dropout decisions stay with the model config
         self.lockstep = self.zero.stage == 3 and self.world_size > 1
-        step = 0
-        if resume_from:
-            from safetensors.torch import load_file
-
-            from ..checkpoint import read_state
-
-            state = read_state(resume_from)
-            step = int(state["optimizer_step"])
-            eng.load_moments(self.engine, load_file(str(Path(resume_from) / "optimizer.safetensors")), step)
+        self.resume_read: dict[str, Any] = {}
+        if shards is not None:
+            eng.load_state(self.engine, shards, self.rank, step)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for _ in range(step):
                     self.engine.lr_scheduler.step()
             self.engine.global_steps = step
-        self.after_load(src)
-        return {"load_s": time.time() - t0, "step": step,
+            self.resume_read = {"files": sorted(shards.files_read), "bytes": shards.bytes_read}
+            shards.close()
+            with _local_copy(checkpoint.join(resume_from, "files")) as files:
+                self.after_load(files)
+        else:
+            self.after_load(Path(model_dir))
+        return {"load_s": time.time() - t0, "step": step, "resume_read": self.resume_read,
                 "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())}
 
     def after_load(self, src: Path) -> None:
@@ -156,23 +164,29 @@ class TrainableWorker(Worker):
 
     @dispatch(ALL)
     def save_checkpoint(self, root: str, step: int, trainer_state: dict, keep: int = 2) -> str | None:
-        """Collective: every rank gathers; rank 0 writes. Returns the checkpoint path."""
-        from safetensors.torch import save_file
-
+        """Collective: each rank writes only the state it owns (its shard); rank 0 marks the
+        checkpoint complete once all have. Returns the checkpoint's path or URI."""
         from .. import checkpoint
 
-        weights, moments = eng.full_state(self.engine, with_optimizer=True)
+        if self.rank == 0:
+            checkpoint.begin(root, step)
+        self._barrier()
+        d = checkpoint.step_dir(root, step)
+        checkpoint.write_shard(d, self.rank, self.world_size, eng.owned_fragments(self.engine, self.rank))
         opt_step = eng.optimizer_step_count(self.engine)
+        self._barrier()  # every shard is written before the checkpoint is marked complete
         if self.rank != 0:
             return None
+        with _local_dir(checkpoint.join(d, "files")) as files:
+            self._write_side_files(files)
+        return checkpoint.finish(root, step, {"optimizer_step": opt_step, "world_size": self.world_size,
+                                              "zero_stage": self.zero.stage, "trainer": trainer_state}, keep)
 
-        def fill(tmp: Path) -> dict:
-            self._write_hf(tmp / "model", weights)
-            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
-            return {"optimizer_step": opt_step, "world_size": self.world_size,
-                    "zero_stage": self.zero.stage, "trainer": trainer_state}
+    def _barrier(self) -> None:
+        import torch.distributed as dist
 
-        return str(checkpoint.write(root, step, fill, keep=keep))
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
 
     @dispatch(ALL)
     def sync_weights(self, targets: list, version: int, bucket_mb: float = 64.0,
@@ -260,29 +274,47 @@ class TrainableWorker(Worker):
         return combine_digests(out) if self.rank == 0 else None
 
     @dispatch(ALL)
-    def export_hf(self, path: str) -> str | None:
-        weights, _ = eng.full_state(self.engine, with_optimizer=False)
-        if self.rank == 0:
-            self._write_hf(Path(path), weights)
-            return path
-        return None
+    def export_hf(self, path: str, max_shard_mb: float = 2048) -> str | None:
+        """A Hugging Face model directory, streamed: parameters are gathered one at a time
+        (collective under ZeRO-3) and rank 0 writes each into safetensors shards of at most
+        ``max_shard_mb`` as it arrives; no rank ever holds the whole model."""
+        from .. import checkpoint
 
-    def _write_hf(self, out: Path, weights: dict[str, torch.Tensor]) -> None:
-        config = self.engine.module.config
-        config.use_cache = True
-        fresh = self.auto_class().from_config(config, dtype=torch.float32)
-        missing, unexpected = fresh.load_state_dict(weights, strict=False)
-        tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"export mismatch: missing={missing} unexpected={unexpected}")
-        fresh.tie_weights()
-        fresh.to(getattr(torch, self.model_cfg.dtype)).save_pretrained(out, safe_serialization=True)
-        gen = getattr(self.engine.module, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(out)
-        self.tok.padding_side = "right"
-        self.tok.save_pretrained(out)
-        config.use_cache = False
+        dtype = getattr(torch, self.model_cfg.dtype)
+        specs = [(n, dtype, tuple(getattr(p, "ds_shape", None) or p.shape))
+                 for n, p in self.engine.module.named_parameters()]
+        params = self._full_params()
+        if self.rank != 0:
+            for _ in params:  # take part in every gather; rank 0 writes
+                pass
+            return None
+        checkpoint.remove(path)
+        checkpoint.makedirs(path)
+        size = lambda spec: checkpoint._nbytes(spec[1], spec[2])  # noqa: E731
+        chunks = list(checkpoint.iter_chunks(specs, int(max_shard_mb * 2**20), size))
+        weight_map = {}
+        for i, chunk in enumerate(chunks):
+            fname = "model.safetensors" if len(chunks) == 1 else f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
+            checkpoint.write_safetensors(checkpoint.join(path, fname), chunk,
+                                         (next(params)[1] for _ in chunk), {"format": "pt"})
+            weight_map.update({n: fname for n, _, _ in chunk})
+        if len(chunks) > 1:
+            index = {"metadata": {"total_size": sum(map(size, specs))}, "weight_map": weight_map}
+            checkpoint.write_text(checkpoint.join(path, "model.safetensors.index.json"), json.dumps(index, indent=1))
+        with _local_dir(path) as out:
+            config = self.engine.module.config
+            config.use_cache = True
+            config.save_pretrained(out)
+            config.use_cache = False
+            gen = getattr(self.engine.module, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(out)
+            self.tok.padding_side = "right"
+            self.tok.save_pretrained(out)
+            self._write_side_files(out)
+        return path
+
+    def _write_side_files(self, out: Path) -> None:
         for name, text in getattr(self, "export_files", {}).items():
             (out / name).write_text(text)
         self.after_export(out)
@@ -308,3 +340,33 @@ class TrainableWorker(Worker):
         rep["live_tensors"] = live_tensor_bytes()
         rep["held_at_step"] = getattr(self, "_held_at_step", 0)
         return rep
+
+
+@contextlib.contextmanager
+def _local_dir(uri: str):
+    """A local directory whose files end up at ``uri`` (itself, when ``uri`` is local)."""
+    from .. import checkpoint
+
+    fs, p = checkpoint.fs_of(uri)
+    if checkpoint._is_local(fs):
+        Path(p).mkdir(parents=True, exist_ok=True)
+        yield Path(p)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        fs.put(tmp + "/", p, recursive=True)
+
+
+@contextlib.contextmanager
+def _local_copy(uri: str):
+    """A local directory with the files under ``uri`` (itself, when ``uri`` is local)."""
+    from .. import checkpoint
+
+    fs, p = checkpoint.fs_of(uri)
+    if checkpoint._is_local(fs):
+        yield Path(p)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if fs.exists(p):
+            fs.get(p + "/", tmp, recursive=True)
+        yield Path(tmp)
