@@ -58,7 +58,7 @@ class RssPeak:
         return False
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=22)
@@ -66,10 +66,15 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dtype", default="float32",
+                    help="training dtype; bfloat16 is emulated (~20x slower) on CPUs without AVX-512 BF16")
     ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-live", type=int, default=10**8, help="zero.max_live_parameters")
+    ap.add_argument("--no-offload", action="store_true", help="keep the optimizer state with the parameters")
     ap.add_argument("--dir", default="/tmp/rayalign_state_at_scale")
     ap.add_argument("--out", default="benchmarks/results/state_at_scale.json")
-    args = ap.parse_args()
+    ap.add_argument("--ray", action="store_true", help="use the Ray already initialised (tests)")
+    args = ap.parse_args(argv)
 
     import ray
     import torch
@@ -84,7 +89,7 @@ def main():
     overrides = {"hidden_size": args.hidden, "num_hidden_layers": args.layers,
                  "intermediate_size": args.intermediate, "num_attention_heads": args.heads,
                  "num_key_value_heads": args.kv_heads}
-    model = {"name": "tiny-llama", "overrides": overrides}
+    model = {"name": "tiny-llama", "overrides": overrides, "dtype": args.dtype}
     t0 = time.time()
     model_dir = models.resolve("tiny-llama", 0, overrides)
     print(f"model at {model_dir} ({time.time() - t0:.0f}s)", flush=True)
@@ -92,7 +97,9 @@ def main():
     rows = data.load_rows("packaged:chatterbot", ["prompt", "response"], max_samples=16)
     examples = [data.encode_sft(tok, r["prompt"], r["response"], args.max_length) for r in rows]
     train = TrainConfig(lr=1e-4, batch_size=2, micro_batch_size=1, lr_schedule="constant", grad_clip=1.0)
-    zero = ZeroConfig(stage=3, offload_optimizer=True)
+    # Only a few layers gathered at a time (DeepSpeed's default keeps up to 1e9 parameters
+    # gathered: the whole model at this size).
+    zero = ZeroConfig(stage=3, offload_optimizer=not args.no_offload, max_live_parameters=args.max_live)
     cfg = GroupConfig(workers=2, cpus_per_worker=1, zero=zero)
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -114,7 +121,8 @@ def main():
         r = grp.train_step(batch, sum(map(data_targets, batch)))
         return sum(r["nll_sum"]) / sum(r["tokens"]), time.time() - t
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    if not args.ray:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
         grp, pools, info, load_s = start()
         out["params"] = info["params"]
@@ -147,7 +155,8 @@ def main():
         grp.kill()
         placement.release(pools.values())
     finally:
-        ray.shutdown()
+        if not args.ray:
+            ray.shutdown()
 
     ranks = []
     for r in range(2):
@@ -181,6 +190,7 @@ def main():
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"written {args.out}")
     shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":

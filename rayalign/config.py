@@ -43,6 +43,10 @@ class ZeroConfig(Section):
     stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (Rajbhandari et al. 2020).")
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+    max_live_parameters: int = Field(
+        10**9, ge=0, description="ZeRO-3: most parameters held gathered at once (DeepSpeed's "
+        "stage3_max_live_parameters and max_reuse_distance). The default keeps a model under 1B "
+        "parameters gathered through a step (fast); lower it (e.g. 1e8) to hold only a few layers.")
 
     @model_validator(mode="after")
     def _check(self) -> "ZeroConfig":
@@ -552,6 +556,9 @@ class RolloutConfig(Section):
         return self
 
 
+DEFAULT_RM = "all-minilm-l6-v2"
+
+
 class Config(Section):
     name: str = "experiment"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -570,6 +577,10 @@ class Config(Section):
         if self.sft is None:
             raise ConfigError("this config has no `sft` section")
         return self.sft.model or self.model
+
+    def rm_model(self) -> ModelConfig:
+        """The reward model's base: ``rm.model``, else a small packaged encoder."""
+        return (self.rm.model if self.rm is not None else None) or ModelConfig(name=DEFAULT_RM)
 
 
 # ---------------------------------------------------------------- loading

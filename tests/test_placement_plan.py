@@ -50,3 +50,30 @@ def test_feasibility_against_nodes():
         check_feasible(list(spread.values()), nodes)
     with pytest.raises(PlacementError, match="no alive nodes"):
         check_feasible(list(ok.values()), [])
+
+
+def test_pipelines_place_colocated_roles_through_their_stage_layout():
+    """Colocation is checked per stage with the roles `rayalign plan` lists; a role that names a
+    role its stage does not start is refused before anything is placed."""
+    from rayalign.config import ConfigError, Config
+    from rayalign.pipelines.common import Layout, role_group, stage_layout
+
+    cfg = Config.model_validate({"ppo": {"prompts": {"source": "packaged:mixed-prompts"},
+                                         "policy": {"group": {"workers": 2, "cpus_per_worker": 1}},
+                                         "critic": {"group": {"workers": 2, "colocate_with": "policy"}},
+                                         "reference": {"workers": 2, "colocate_with": "policy"},
+                                         "rewards": [{"type": "function", "function": "os:getcwd"}]}})
+    with stage_layout(cfg, "ppo") as lay:
+        assert set(lay.shares) >= {"policy", "critic", "reference"}
+        assert {lay.shares[r][0] for r in ("policy", "critic", "reference")} == {"policy"}
+        assert lay.planned["policy"].roles == ["policy", "critic", "reference"]
+    bad = cfg.model_copy(deep=True)
+    bad.ppo.critic.group.colocate_with = "actor"
+    with pytest.raises(ConfigError, match="ppo: role 'critic': colocate_with names unknown role 'actor'"):
+        with stage_layout(bad, "ppo"):
+            pass
+    # Outside a stage's layout (or for a role the stage does not list) colocation cannot happen.
+    with pytest.raises(ConfigError, match="names no role that this stage starts with it"):
+        with role_group("critic", object, cfg.ppo.critic.group):
+            pass
+    assert Layout({"a": GroupConfig()}).placed == {}

@@ -131,6 +131,28 @@ def test_ppo_kill_and_resume_matches_uninterrupted(tmp_path):
             assert resumed[it][k] == pytest.approx(full[it][k], rel=1e-4, abs=1e-5), (it, k)
 
 
+@pytest.mark.timeout(600)
+def test_ppo_with_policy_reference_and_critic_colocated(tmp_path, capsys):
+    """The layout `rayalign plan` approves is the one PPO runs: reference and critic ranks on
+    the policy's bundles, one placement group, and the run completes."""
+    cfg = ppo_yaml(tmp_path, iterations=2, save_every=0)
+    over = ["ppo.policy.group.workers=1", "ppo.policy.group.cpus_per_worker=1",
+            "ppo.critic.group.colocate_with=policy", "ppo.reference.colocate_with=policy",
+            "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null"]
+    assert main(["plan", str(cfg), *over, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["ok"], plan["problems"]
+    run_dir = tmp_path / "run"
+    p = cli(["ppo", str(cfg), *over, "--run-dir", str(run_dir)])
+    out = p.communicate(timeout=500)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert sorted(by_step(run_dir)) == [1, 2]
+    where = json.loads((run_dir / "placement.json").read_text())
+    spots = {role: (ranks[0]["placement_group"], ranks[0]["bundle"]) for role, ranks in where.items()}
+    assert spots["critic"] == spots["reference"] == spots["policy"], spots
+    assert len({ranks[0]["pid"] for ranks in where.values()}) == len(where)  # separate processes
+
+
 def test_ppo_config_errors(tmp_path, capsys):
     cfg = ppo_yaml(tmp_path)
     assert main(["ppo", str(cfg), "ppo.algo.prompts_per_iteration=6"]) == 2

@@ -26,8 +26,13 @@ def ds_config(zero: ZeroConfig, micro_batch: int, grad_accum: int, world_size: i
     if zero.stage == 3:
         zo.update(stage3_prefetch_bucket_size=int(0.9 * bucket),
                   stage3_param_persistence_threshold=10 * hidden_size,
-                  stage3_max_live_parameters=int(1e9), stage3_max_reuse_distance=int(1e9),
-                  stage3_gather_16bit_weights_on_model_save=True)
+                  stage3_max_live_parameters=zero.max_live_parameters,
+                  stage3_max_reuse_distance=zero.max_live_parameters,
+                  stage3_gather_16bit_weights_on_model_save=True,
+                  # The optimizer steps one sub-group of the flat partition at a time; Adam's
+                  # temporaries (a full-size copy or two) then scale with the sub-group, not the
+                  # partition. DeepSpeed's 1e9 makes them the whole partition below 1B per rank.
+                  sub_group_size=int(1e8))
     if zero.offload_optimizer:
         zo["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if zero.offload_params:
@@ -111,7 +116,10 @@ def share_fp32_master(engine) -> int:
     opt = engine.optimizer
     pairs = []
     if hasattr(opt, "fp32_partitioned_groups_flat") and hasattr(opt, "fp16_partitioned_groups_flat"):
-        if getattr(opt, "offload_optimizer", False) or getattr(opt, "params_in_nvme_swapper", None):
+        # Offloading the optimizer to the CPU when the model already lives there (a CPU run)
+        # leaves both partitions on the same device: share them too. NVMe swapping moves
+        # the master out of memory, so never.
+        if getattr(opt, "params_in_nvme_swapper", None) or getattr(opt, "optimizer_swapper", None):
             return 0
         pairs = list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat))
     elif hasattr(opt, "single_partition_of_fp32_groups") and hasattr(opt, "parallel_partitioned_bit16_groups"):

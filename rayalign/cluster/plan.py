@@ -21,8 +21,8 @@ stage  parameters  gradients                            optimizer (Adam)
 
 b is the bytes of the training dtype. In fp32 rayalign shares DeepSpeed's fp32 master
 copy with the parameters (no master term). ZeRO-3 also holds the parameters it gathers
-for the layers in flight: with DeepSpeed's default ``stage3_max_live_parameters`` (1e9)
-that is min(P, 1e9) x b during forward and backward.
+for the layers in flight: min(P, zero.max_live_parameters) x b during forward and backward
+(DeepSpeed's default stage3_max_live_parameters, 1e9, unless the config lowers it).
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from ..errors import RayalignError
 from .placement import PlacementError, check_feasible, plan_pools
 
 GB = 1024**3
-MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's stage3_max_live_parameters default (we keep it)
 LABELER_TOKENS = 512       # a judged prompt: template, question and two responses
 
 
@@ -128,8 +127,6 @@ class RoleLoad:
 def roles_of(cfg: Config, prompt_tokens: int = 128) -> list[RoleLoad]:
     """Every role the config's stages start, stage by stage (stages run one after another,
     so only roles of the same phase hold memory together)."""
-    from ..pipelines.rm import rm_model
-
     out: list[RoleLoad] = []
     if cfg.sft is not None:
         s = cfg.sft
@@ -146,7 +143,7 @@ def roles_of(cfg: Config, prompt_tokens: int = 128) -> list[RoleLoad]:
             out.append(RoleLoad("label", "labeler", lab_model, cfg.labeler.backend.group,
                                 score_batch=cfg.labeler.backend.batch_size, score_tokens=LABELER_TOKENS))
     if cfg.rm is not None:
-        out.append(RoleLoad("rm", "reward", rm_model(cfg), cfg.rm.group, head="score", train=cfg.rm.train,
+        out.append(RoleLoad("rm", "reward", cfg.rm_model(), cfg.rm.group, head="score", train=cfg.rm.train,
                             train_tokens=cfg.rm.data.max_length, train_sequences=2))
     if cfg.ppo is not None:
         p, a = cfg.ppo, cfg.ppo.algo
@@ -167,8 +164,8 @@ def roles_of(cfg: Config, prompt_tokens: int = 128) -> list[RoleLoad]:
                                 gen_batch=a.rollout_batch_size * a.samples_per_prompt, gen_tokens=seq))
         for i, r in enumerate(p.rewards):
             if r.type == "rm":
-                out.append(RoleLoad("ppo", f"reward{i}" if len(p.rewards) > 1 else "reward",
-                                    rm_model(cfg) if r.path is None else ModelConfig(name=r.path), r.group,
+                out.append(RoleLoad("ppo", f"reward{i}" if i else "reward",  # the names rewards.py starts
+                                    cfg.rm_model() if r.path is None else ModelConfig(name=r.path), r.group,
                                     head="score", score_batch=r.batch_size, score_tokens=seq))
         if hf_labeler and (any(r.type == "labeler" for r in p.rewards) or p.eval.win_rate):
             out.append(RoleLoad("ppo", "labeler", lab_model, cfg.labeler.backend.group,
@@ -218,7 +215,7 @@ def estimate(load: RoleLoad) -> dict[str, Any]:
             grads32 = 4 * P / W
             optim = (8 * P + master) / W
         if z == 3:
-            gathered = b * min(P, MAX_LIVE_PARAMETERS)
+            gathered = b * min(P, g.zero.max_live_parameters)
         tokens = load.train.micro_batch_size * load.train_sequences * load.train_tokens
         acts = b * tokens * _activation_floats_per_token(s, m.gradient_checkpointing)
         # Logits upcast to fp32, and log-softmax's output kept for backward.
@@ -227,7 +224,7 @@ def estimate(load: RoleLoad) -> dict[str, Any]:
         params = b * P / (W if z == 3 else 1)
         grads = optim = 0.0
         if z == 3:
-            gathered = b * min(P, MAX_LIVE_PARAMETERS)
+            gathered = b * min(P, g.zero.max_live_parameters)
         acts = 0.0
     if load.score_batch:
         tokens = load.score_batch * load.score_tokens

@@ -20,7 +20,7 @@ from ..config import Config, ConfigError
 from ..data import DataError
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
-from .common import checkpoint_root, prepare_run_dir, resume_point, role_group, say
+from .common import checkpoint_root, prepare_run_dir, resume_point, role_group, say, stage_layout
 from .sft import _eval, batch_for_step, run_steps
 
 
@@ -386,7 +386,7 @@ def _run_aligner_train(cfg: Config, run_dir: Path | None, resume: bool) -> dict[
     t0 = time.time()
     summary: dict[str, Any] = {}
     with ray_session(cfg.cluster):
-        with role_group("aligner", PolicyWorker, g) as group:
+        with stage_layout(cfg, "aligner"), role_group("aligner", PolicyWorker, g) as group:
             info = group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
                                     str(resume_from) if resume_from else None)
             group.attach_files({al.META_FILE: meta})

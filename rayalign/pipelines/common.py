@@ -54,17 +54,95 @@ def plan_steps(section: str, n_examples: int, group: GroupConfig, train: TrainCo
     return min(total, train.max_steps) if train.max_steps else total
 
 
+class Layout:
+    """The roles one stage may start, and how they share bundles: a role that names
+    ``colocate_with`` and the role it names form one pool (one placement group; each role's
+    rank *i* takes its slice of bundle *i*), the layout ``rayalign plan`` checks. A pool is
+    reserved when the first of its roles starts and given back when the last one stops, so
+    roles that never run together still never hold resources together."""
+
+    def __init__(self, roles: dict[str, GroupConfig]):
+        self.roles = dict(roles)
+        self.shares = placement.role_shares(self.roles)  # refuses unknown names and cycles
+        self.planned = placement.plan_pools(self.roles)
+        self.placed: dict[str, placement.Pool] = {}
+        self.users: dict[str, int] = {}
+
+    def acquire(self, role: str) -> dict[str, placement.Pool]:
+        name = self.shares[role][0]
+        if name not in self.placed:
+            pool = self.planned[name]
+            placement.check_feasible([pool], placement.cluster_nodes())
+            t = max(self.roles[r].ready_timeout_s for r in pool.roles)
+            self.placed[name] = placement.reserve(pool, t)
+        self.users[name] = self.users.get(name, 0) + 1
+        return self.placed
+
+    def release(self, role: str) -> None:
+        name = self.shares[role][0]
+        self.users[name] -= 1
+        if self.users[name] <= 0 and name in self.placed:
+            placement.release([self.placed.pop(name)])
+
+    def close(self) -> None:
+        placement.release(list(self.placed.values()))
+        self.placed.clear()
+
+
+_layout: Layout | None = None
+
+
+def record_placement(run_dir: Path, groups: dict[str, ActorGroup]) -> dict:
+    """Where each role's ranks run (node, placement group, bundle), written to
+    ``RUN/placement.json``: what a user checks when colocation or spreading matters."""
+    import json
+
+    out = {role: [dict(info, bundle=b) for info, b in zip(g.node_info(), g.bundles)]
+           for role, g in groups.items() if g is not None}
+    (Path(run_dir) / "placement.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+@contextlib.contextmanager
+def stage_layout(cfg: Config, phase: str) -> Iterator[Layout]:
+    """Within the block, the roles of ``phase`` (as ``rayalign plan`` lists them) are placed by
+    one :class:`Layout`, so ``colocate_with`` between them takes effect."""
+    from ..cluster.plan import roles_of
+
+    global _layout
+    roles = {lo.role: lo.group for lo in roles_of(cfg) if lo.phase == phase}
+    try:
+        lay = Layout(roles)
+    except placement.PlacementError as exc:
+        raise ConfigError(f"{phase}: {exc}") from None
+    prev, _layout = _layout, lay
+    try:
+        yield lay
+    finally:
+        _layout = prev
+        lay.close()
+
+
 @contextlib.contextmanager
 def role_group(role: str, worker_cls: type, group: GroupConfig, timeout_s: float | None = None
                ) -> Iterator[ActorGroup]:
-    """Place a role, start its ranks, and give everything back when the block ends.
+    """Place a role (in its stage's layout, sharing bundles with the roles it is colocated
+    with), start its ranks, and give everything back when the block ends.
     ``timeout_s``: how long any call of the group may take to answer."""
-    pools = placement.place({role: group})
+    lay = _layout if _layout is not None and _layout.roles.get(role) == group else None
+    if lay is None:
+        if group.colocate_with:
+            raise ConfigError(f"role {role!r}: colocate_with {group.colocate_with!r} names no role that this "
+                              "stage starts with it (`rayalign plan CONFIG` lists each stage's roles)")
+        lay = Layout({role: group})
+    pools = lay.acquire(role)
     grp = None
     try:
-        grp = ActorGroup(role, worker_cls, group, pools, timeout_s=timeout_s)
+        grp = ActorGroup(role, worker_cls, group, pools, roles=lay.roles, timeout_s=timeout_s)
         yield grp
     finally:
         if grp is not None:
             grp.kill()
-        placement.release(pools.values())
+        lay.release(role)
+        if lay is not _layout:
+            lay.close()

@@ -22,7 +22,7 @@ from ..algos import ppo
 from ..cluster import ray_session
 from ..config import Config, ConfigError, ModelConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
-from .common import checkpoint_root, prepare_run_dir, role_group, say
+from .common import checkpoint_root, prepare_run_dir, record_placement, role_group, say, stage_layout
 
 # (prompts, samples) -> one score per sample; a sample carries "response" (text) and
 # "response_ids", so a verifiable reward can read either.
@@ -382,6 +382,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     total_steps = a.iterations * a.epochs * a.minibatches
     with contextlib.ExitStack() as stack:
         stack.enter_context(ray_session(cfg.cluster))
+        stack.enter_context(stage_layout(cfg, "ppo"))  # colocate_with between PPO's roles
         policy = stack.enter_context(role_group("policy", PolicyWorker, pc.policy.group))
         info = policy.init_model(pmodel.model_dump(), pc.policy.group.zero.model_dump(), ptrain.model_dump(),
                                  total_steps, str(resume_from) if resume_from else None)
@@ -396,6 +397,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
         rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
         sampler = stack.enter_context(open_sampler(cfg, policy, pmodel, start_it))
+        record_placement(run_dir, {"policy": policy, "reference": reference, "critic": critic,
+                                   "rollout": sampler.engines})
         # With an engine, the behaviour log-probs are the trainer's unless rollout.logprobs says engine.
         lp_from_rollout = a.logprobs_from_rollout if sampler.engines is None else cfg.rollout.logprobs == "engine"
         ev_cfg = pc.eval

@@ -9,24 +9,19 @@ from typing import Any
 
 from .. import checkpoint, data, models
 from ..cluster import ray_session
-from ..config import Config, ConfigError, ModelConfig
+from ..config import Config, ConfigError
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.reward import RewardWorker
-from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say
+from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say, stage_layout
 from .sft import batch_for_step
 
-DEFAULT_RM = ModelConfig(name="all-minilm-l6-v2")
-
-
-def rm_model(cfg: Config) -> ModelConfig:
-    return cfg.rm.model or DEFAULT_RM
 
 
 def encode_pairs(cfg: Config) -> tuple[list[dict], list[dict]]:
     d = cfg.rm.data
     if d.source is None:
         raise ConfigError("rm.data.source is not set (only `rayalign run` fills it in, from its label stage)")
-    mcfg = rm_model(cfg)
+    mcfg = cfg.rm_model()
     tok = models.load_tokenizer(models.resolve(mcfg.name, mcfg.seed, mcfg.overrides, say=say))
     rows, origin = data.read_rows(d.source)
     # A sampled response may be empty (the policy stopped at once): a poor answer, still a preference.
@@ -63,7 +58,7 @@ def evaluate(group, pairs: list[dict]) -> dict[str, float]:
 def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     if cfg.rm is None:
         raise ConfigError("this config has no `rm` section")
-    rm, mcfg = cfg.rm, rm_model(cfg)
+    rm, mcfg = cfg.rm, cfg.rm_model()
     g, t = rm.group, rm.train
     plan_steps("rm", t.batch_size, g, t)
     run_dir = prepare_run_dir(cfg, run_dir, "rm", resume)
@@ -77,7 +72,7 @@ def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> di
     tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-rm")
     t0 = time.time()
     summary: dict[str, Any] = {}
-    with ray_session(cfg.cluster), role_group("reward", RewardWorker, g) as group:
+    with ray_session(cfg.cluster), stage_layout(cfg, "rm"), role_group("reward", RewardWorker, g) as group:
         group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
                          str(resume_from) if resume_from else None)
         group.set_loss(rm.loss.model_dump())

@@ -11,7 +11,7 @@ from ..cluster import ray_session
 from ..config import Config, ConfigError, TrainConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
-from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say
+from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say, stage_layout
 
 
 def prepare_examples(cfg: Config) -> tuple[list[dict], list[dict], list[str]]:
@@ -71,7 +71,7 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-sft")
     summary: dict[str, Any] = {}
     t_start = time.time()
-    with ray_session(cfg.cluster), role_group("policy", PolicyWorker, g) as group:
+    with ray_session(cfg.cluster), stage_layout(cfg, "sft"), role_group("policy", PolicyWorker, g) as group:
         info = group.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
                                 str(resume_from) if resume_from else None)
         say(f"policy ready: {info['params'] / 1e6:.1f}M parameters, loaded in {info['load_s']:.1f}s")
