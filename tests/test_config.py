@@ -87,3 +87,17 @@ def test_shipped_configs_validate():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_run_dir_keeps_the_first_config_and_records_a_changed_resume(tmp_path):
+    """A stage that continues a run with the same settings (every stage after the first of
+    `rayalign run`) writes nothing new; a resume with other settings keeps both files."""
+    from rayalign.config import Config
+    from rayalign.pipelines.common import prepare_run_dir
+
+    c = Config()
+    d = prepare_run_dir(c, tmp_path / "r", "x", False)
+    prepare_run_dir(c, d, "x", True)
+    assert not (d / "config.resumed.yaml").exists()
+    prepare_run_dir(c.model_copy(update={"name": "other"}), d, "x", True)
+    assert "other" in (d / "config.resumed.yaml").read_text() and "other" not in (d / "config.yaml").read_text()

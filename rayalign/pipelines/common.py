@@ -19,12 +19,15 @@ def say(msg: str) -> None:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path | None, command: str, resume: bool) -> Path:
-    """The run directory with the resolved config written into it (a resumed run adds
-    ``config.resumed.yaml`` and keeps the original)."""
+    """The run directory with the resolved config written into it (a run resumed with other
+    settings adds ``config.resumed.yaml`` and keeps the original)."""
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg, command)
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = "config.resumed.yaml" if resume and (run_dir / "config.yaml").exists() else "config.yaml"
-    (run_dir / name).write_text(dump_config(cfg))
+    text, first = dump_config(cfg), run_dir / "config.yaml"
+    if not (resume and first.exists()):
+        first.write_text(text)
+    elif first.read_text() != text:  # a resume with other settings: keep both
+        (run_dir / "config.resumed.yaml").write_text(text)
     return run_dir
 
 
