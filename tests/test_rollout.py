@@ -254,8 +254,10 @@ def test_vllm_sync_from_zero3_timeout_and_a_dead_engine(local_ray):
         # (The stopped engine resumed inside an abandoned sync: it samples only unversioned.)
         with pytest.raises(Exception, match="partly loaded weights"):
             eng.rollout(PROMPTS, 4, 1.0, 1.0, 0, 8, 0, 2)
-        pending = eng.submit("rollout", PROMPTS * 16, 64, 1.0, 1.0, 0, 8, 0, None)
-        time.sleep(1.0)
+        # Work for several seconds (a faster machine finished 64 x 64 tokens inside the old 1 s
+        # wait, and the kill came after the call): the kill lands while it runs.
+        pending = eng.submit("rollout", PROMPTS * 64, 128, 1.0, 1.0, 0, 8, 128, None)
+        time.sleep(0.5)
         ray.kill(eng.actors[0], no_restart=True)
         with pytest.raises(GroupError, match=r"rollout.rollout: rank\(s\) \[0\] died during the call"):
             pending.result()
