@@ -22,6 +22,7 @@ leaves the previous checkpoint as the one to resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -104,6 +105,31 @@ def listdir(uri: str | Path) -> list[str]:
     return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
 
 
+@contextlib.contextmanager
+def local_dir(uri: str):
+    """A local directory whose files end up at ``uri`` (itself, when ``uri`` is local)."""
+    fs, p = fs_of(uri)
+    if _is_local(fs):
+        Path(p).mkdir(parents=True, exist_ok=True)
+        yield Path(p)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        fs.put(tmp + "/", p, recursive=True)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str):
+    """A local directory with the files under ``uri`` (itself, when ``uri`` is local)."""
+    fs, p = fs_of(uri)
+    if _is_local(fs):
+        yield Path(p)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if fs.exists(p):
+            fs.get(p + "/", tmp, recursive=True)
+        yield Path(tmp)
+
 # ---------------------------------------------------------------- step directories
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -148,14 +174,9 @@ def write(root: str | Path, step: int, fill: Callable[[Path], dict[str, Any]], k
     """A checkpoint with one writer: ``fill(local_dir)`` writes the files and returns the state
     to record. On a remote root the files are written locally first and uploaded."""
     d = begin(root, step)
-    fs, p = fs_of(d)
     try:
-        if _is_local(fs):
-            state = fill(Path(p))
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                state = fill(Path(tmp))
-                fs.put(tmp + "/", p, recursive=True)
+        with local_dir(d) as out:
+            state = fill(out)
     except BaseException:
         remove(d)
         raise
@@ -231,7 +252,7 @@ def _st_dtype(dtype) -> str:
     raise CheckpointError(f"no safetensors dtype for {dtype}")
 
 
-def _nbytes(dtype, shape) -> int:
+def nbytes(dtype, shape) -> int:
     import torch
 
     n = 1
@@ -251,7 +272,7 @@ def write_safetensors(uri: str | Path, specs: list[tuple[str, Any, tuple]], tens
     header: dict[str, Any] = {}
     off = 0
     for key, dtype, shape in specs:
-        n = _nbytes(dtype, shape)
+        n = nbytes(dtype, shape)
         header[key] = {"dtype": _st_dtype(dtype), "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
         off += n
     if metadata:

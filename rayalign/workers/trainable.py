@@ -5,9 +5,7 @@ reports live here once; a role adds its model class and its loss.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -77,7 +75,7 @@ class TrainableWorker(Worker):
             self.engine.global_steps = step
             self.resume_read = {"files": sorted(shards.files_read), "bytes": shards.bytes_read}
             shards.close()
-            with _local_copy(checkpoint.join(resume_from, "files")) as files:
+            with checkpoint.local_copy(checkpoint.join(resume_from, "files")) as files:
                 self.after_load(files)
         else:
             self.after_load(Path(model_dir))
@@ -177,7 +175,7 @@ class TrainableWorker(Worker):
         self._barrier()  # every shard is written before the checkpoint is marked complete
         if self.rank != 0:
             return None
-        with _local_dir(checkpoint.join(d, "files")) as files:
+        with checkpoint.local_dir(checkpoint.join(d, "files")) as files:
             self._write_side_files(files)
         return checkpoint.finish(root, step, {"optimizer_step": opt_step, "world_size": self.world_size,
                                               "zero_stage": self.zero.stage, "trainer": trainer_state}, keep)
@@ -290,7 +288,7 @@ class TrainableWorker(Worker):
             return None
         checkpoint.remove(path)
         checkpoint.makedirs(path)
-        size = lambda spec: checkpoint._nbytes(spec[1], spec[2])  # noqa: E731
+        size = lambda spec: checkpoint.nbytes(spec[1], spec[2])  # noqa: E731
         chunks = list(checkpoint.iter_chunks(specs, int(max_shard_mb * 2**20), size))
         weight_map = {}
         for i, chunk in enumerate(chunks):
@@ -301,7 +299,7 @@ class TrainableWorker(Worker):
         if len(chunks) > 1:
             index = {"metadata": {"total_size": sum(map(size, specs))}, "weight_map": weight_map}
             checkpoint.write_text(checkpoint.join(path, "model.safetensors.index.json"), json.dumps(index, indent=1))
-        with _local_dir(path) as out:
+        with checkpoint.local_dir(path) as out:
             config = self.engine.module.config
             config.use_cache = True
             config.save_pretrained(out)
@@ -341,32 +339,3 @@ class TrainableWorker(Worker):
         rep["held_at_step"] = getattr(self, "_held_at_step", 0)
         return rep
 
-
-@contextlib.contextmanager
-def _local_dir(uri: str):
-    """A local directory whose files end up at ``uri`` (itself, when ``uri`` is local)."""
-    from .. import checkpoint
-
-    fs, p = checkpoint.fs_of(uri)
-    if checkpoint._is_local(fs):
-        Path(p).mkdir(parents=True, exist_ok=True)
-        yield Path(p)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        yield Path(tmp)
-        fs.put(tmp + "/", p, recursive=True)
-
-
-@contextlib.contextmanager
-def _local_copy(uri: str):
-    """A local directory with the files under ``uri`` (itself, when ``uri`` is local)."""
-    from .. import checkpoint
-
-    fs, p = checkpoint.fs_of(uri)
-    if checkpoint._is_local(fs):
-        yield Path(p)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        if fs.exists(p):
-            fs.get(p + "/", tmp, recursive=True)
-        yield Path(tmp)
