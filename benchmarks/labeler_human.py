@@ -8,7 +8,7 @@ One in-process SmolLM2-135M-Instruct judge (the quickstart's). Every judgement a
 is computed once into a feature cache (``--cache``; a rerun computes only what is missing),
 then each method is scored from it:
 * pointwise Yes/No questions (the SPECS 2 overall question, and per-criterion questions asked
-  after one encoding of the response: ``LabelerWorker.question_logprobs``), their means;
+  after one encoding of the response: ``FrozenLMWorker.question_logprobs``), their means;
 * content-free calibration (the same question about an "N/A" response): it cancels within a
   pair for these linear combinations, so it is measured as the pooled AUC of P(good) across
   prompts (what a reward across prompts needs), not only as pair agreement;
@@ -178,9 +178,9 @@ def main() -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
 
     from rayalign.cluster.group import LocalGroup
-    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.frozen import FrozenLMWorker
 
-    grp = LocalGroup("labeler", LabelerWorker, threads=args.threads)
+    grp = LocalGroup("labeler", FrozenLMWorker, threads=args.threads)
     grp.init_model({"name": "smollm2-135m-instruct"}, {}, True)
     t0 = time.time()
     features(grp.worker, rows, cache, subset, shots)

@@ -145,7 +145,7 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
     from rayalign.pipelines.ppo import ppo_iteration
     from rayalign.rewards import RewardMix, _rm_scorer
     from rayalign.workers.critic import CriticWorker
-    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.frozen import FrozenLMWorker
     from rayalign.workers.policy import PolicyWorker
     from rayalign.workers.reward import RewardWorker
 
@@ -167,7 +167,7 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
         try:
             policy = ActorGroup("policy", PolicyWorker, g, pools, roles=roles)
             groups.append(policy)
-            reference = ActorGroup("reference", LabelerWorker, g, pools, roles=roles)
+            reference = ActorGroup("reference", FrozenLMWorker, g, pools, roles=roles)
             groups.append(reference)
             critic = ActorGroup("critic", CriticWorker, g, pools, roles=roles)
             groups.append(critic)

@@ -114,7 +114,7 @@ def run_ppo(args, model: dict, stage: int, workers: int) -> dict:
     from rayalign.pipelines.common import role_group
     from rayalign.pipelines.ppo import ppo_iteration
     from rayalign.workers.critic import CriticWorker
-    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.frozen import FrozenLMWorker
     from rayalign.workers.policy import PolicyWorker
 
     n_prompts = max(args.ppo_prompts, workers)
@@ -125,7 +125,7 @@ def run_ppo(args, model: dict, stage: int, workers: int) -> dict:
     with contextlib.ExitStack() as stack:
         pol = stack.enter_context(role_group("policy", PolicyWorker, cfg))
         info = pol.init_model(mdict, cfg.zero.model_dump(), train.model_dump(), 10)
-        ref = stack.enter_context(role_group("reference", LabelerWorker, cfg))
+        ref = stack.enter_context(role_group("reference", FrozenLMWorker, cfg))
         ref.init_model(mdict, cfg.zero.model_dump(), True)
         cri = stack.enter_context(role_group("critic", CriticWorker, cfg))
         cri.init_model(mdict, cfg.zero.model_dump(), train.model_dump(), 10)

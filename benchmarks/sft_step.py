@@ -32,8 +32,8 @@ def batches(model_name: str, batch: int, steps: int, max_length: int):
 def plain_torch(model_name, tok, steps_batches, threads, micro):
     import torch
 
-    from rayalign import data, models
-    from rayalign.algos.lm import shifted_nll_sum
+    from rayalign import models
+    from rayalign.algos.lm import layout_labeled, shifted_nll_sum
 
     torch.set_num_threads(threads)
     model = models.load_causal_lm(models.resolve(model_name))
@@ -44,9 +44,10 @@ def plain_torch(model_name, tok, steps_batches, threads, micro):
         t = time.perf_counter()
         tokens = sum(sum(1 for l in e["labels"][1:] if l != -100) for e in batch)
         for i in range(0, len(batch), micro):
-            b = data.collate(batch[i:i + micro], tok.pad_token_id)
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-            nll, _ = shifted_nll_sum(out.logits, b["labels"])
+            # The same layout as the rayalign ranks use by default (packed), so the two differ
+            # only by what the framework adds.
+            t, labels = layout_labeled(batch[i:i + micro], tok.pad_token_id, packed=True)
+            nll, _ = shifted_nll_sum(model(**t.inputs("cpu")).logits, labels)
             (nll / tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from .errors import RayalignError
@@ -37,6 +37,10 @@ class ModelConfig(Section):
         description="HF config fields for tiny models, e.g. {num_hidden_layers: 2}.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    packing: bool = Field(
+        True, description="Pack each micro-batch's sequences into one row with position ids that restart per "
+        "sequence, so no padding token is computed. Applied where the architecture keeps attention inside each "
+        "sequence from the position ids (checked when the model loads; decoders do, encoders fall back to padding).")
 
 
 class ZeroConfig(Section):
@@ -89,6 +93,15 @@ class DataConfig(Section):
     shuffle_seed: int = 0
 
 
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="rank of each adapter")
+    alpha: float = Field(32.0, gt=0, description="scale: the adapter adds alpha / r x B A to the weight")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="names of the linear layers that get adapters (e.g. [q_proj, v_proj]), or "
+        "all-linear: every linear layer but the output head")
+
+
 class TrainConfig(Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -104,6 +117,10 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="Optimizer steps between evals (0 = at the end).")
     save_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints (0 = at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are pruned.")
+    lora: Optional[LoraConfig] = Field(
+        None, description="Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, "
+        "checkpoints hold the adapters (and a new head), exports and rollout engines get merged weights. "
+        "In PPO the reference is then the policy's own base model with its adapter disabled.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -348,7 +365,7 @@ class PPORoleConfig(Section):
     model: Optional[ModelConfig] = Field(None, description="default: the policy's starting model")
     group: GroupConfig = Field(default_factory=GroupConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-6, lr_schedule="constant",
-                                                                   batch_size=8, micro_batch_size=4))
+                                                                   micro_batch_size=4))
 
 
 class PPOEvalConfig(Section):
@@ -371,11 +388,36 @@ class PPOConfig(Section):
     prompts: PromptDataConfig
     policy: PPORoleConfig = Field(default_factory=PPORoleConfig, description="model default: SFT output in `run`, else the top-level model")
     critic: PPORoleConfig = Field(default_factory=lambda: PPORoleConfig(
-        train=TrainConfig(lr=5e-6, lr_schedule="constant", batch_size=8, micro_batch_size=4)))
+        train=TrainConfig(lr=5e-6, lr_schedule="constant", micro_batch_size=4)))
     reference: GroupConfig = Field(default_factory=GroupConfig, description="the frozen reference's layout")
     rewards: list[RewardSourceConfig] = Field(..., min_length=1)
     algo: PPOAlgoConfig = Field(default_factory=PPOAlgoConfig)
     eval: PPOEvalConfig = Field(default_factory=PPOEvalConfig)
+
+    # Settings of a role's `train` that PPO decides itself, and where a user sets them instead.
+    DECIDED: ClassVar[dict] = {"epochs": (1, "ppo.algo.epochs"), "max_steps": (None, "ppo.algo.iterations"),
+               "eval_every": (0, "ppo.eval.reward_every"), "save_every": (0, "ppo.algo.save_every"),
+               "keep_checkpoints": (2, "ppo.algo.keep_checkpoints")}
+
+    @model_validator(mode="after")
+    def _no_overridden_train_settings(self) -> "PPOConfig":
+        """A role's train setting that PPO would replace is an error, not silently ignored."""
+        a = self.algo
+        n = a.prompts_per_iteration * a.samples_per_prompt
+        mb = n // a.minibatches if n % a.minibatches == 0 else None  # else the pipeline says why
+        for role in ("policy", "critic"):
+            t = getattr(self, role).train
+            if "batch_size" in t.model_fields_set and mb is not None and t.batch_size != mb:
+                raise ValueError(
+                    f"ppo.{role}.train.batch_size ({t.batch_size}) is decided by PPO: one optimizer step per "
+                    f"minibatch of prompts_per_iteration x samples_per_prompt / minibatches = {mb} samples; "
+                    "remove it, or change those ppo.algo settings")
+            if mb is not None and mb % t.micro_batch_size == 0:
+                t.batch_size = mb  # so the resolved config shows (and reloads with) what PPO uses
+            for name, (default, where) in self.DECIDED.items():
+                if name in t.model_fields_set and getattr(t, name) != default:
+                    raise ValueError(f"ppo.{role}.train.{name} is not used by PPO; set {where} instead")
+        return self
 
 
 class AlignerDataConfig(Section):

@@ -293,35 +293,6 @@ def encode_sft(tok, prompt: str, response: str, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad a list of encoded examples into tensors."""
-    import torch
-
-    n = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        ids[i, :k] = torch.tensor(e["input_ids"])
-        labels[i, :k] = torch.tensor(e["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def pad_ids(seqs: list[list[int]], pad_id: int):
-    """Right-padded ids and attention mask."""
-    import torch
-
-    n = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-    return ids, mask
-
-
 def encode_rm(tok, prompt: str, response: str, max_length: int) -> list[int]:
     """A (prompt, response) pair as one sequence for a scalar-head model: the chat turn
     for chat models, a text pair otherwise. Too long: the prompt's start is cut, so the

@@ -98,13 +98,7 @@ class RewardMix:
 
 def _rm_scorer(group, normalize: bool) -> Callable[[list[str], list[str]], list[float]]:
     def score(prompts: list[str], responses: list[str]) -> list[float]:
-        n = len(prompts)
-        # Every rank gets work: pad to the group size, drop the padding after.
-        k = group.world_size
-        pad = (-n) % k if n >= k else k - n
-        p = prompts + prompts[:1] * pad
-        r = responses + responses[:1] * pad
-        return group.score_texts(list(zip(p, r)), normalize)[:n]
+        return group.map("score_texts", list(zip(prompts, responses)), normalize)
 
     score.group = group
     return score

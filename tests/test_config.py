@@ -101,3 +101,28 @@ def test_run_dir_keeps_the_first_config_and_records_a_changed_resume(tmp_path):
     assert not (d / "config.resumed.yaml").exists()
     prepare_run_dir(c.model_copy(update={"name": "other"}), d, "x", True)
     assert "other" in (d / "config.resumed.yaml").read_text() and "other" not in (d / "config.yaml").read_text()
+
+
+def test_ppo_rejects_train_settings_it_would_replace(tmp_path):
+    from rayalign.config import dump_config
+
+    p = tmp_path / "ppo.yaml"
+    p.write_text(BASE + """
+ppo:
+  prompts: {source: packaged:chatterbot}
+  rewards: [{type: function, function: "ppo_rewards:vowel_share"}]
+  algo: {prompts_per_iteration: 4, samples_per_prompt: 2, minibatches: 2}
+  policy: {train: {micro_batch_size: 2}}
+""")
+    cfg = load_config(p)
+    assert cfg.ppo.policy.train.batch_size == 4 and cfg.ppo.critic.train.batch_size == 4  # what PPO uses
+    again = tmp_path / "resolved.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(again).ppo.policy.train.batch_size == 4  # a run's resolved config reloads
+    assert load_config(p, ["ppo.policy.train.batch_size=4"]).ppo.policy.train.batch_size == 4
+    with pytest.raises(ConfigError, match=r"ppo.policy.train.batch_size \(8\) is decided by PPO.* = 4 samples"):
+        load_config(p, ["ppo.policy.train.batch_size=8"])
+    with pytest.raises(ConfigError, match="ppo.critic.train.save_every is not used by PPO; set ppo.algo.save_every"):
+        load_config(p, ["ppo.critic.train.save_every=3"])
+    with pytest.raises(ConfigError, match="ppo.policy.train.epochs .*ppo.algo.epochs"):
+        load_config(p, ["ppo.policy.train.epochs=2"])

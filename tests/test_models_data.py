@@ -90,7 +90,15 @@ def test_encode_sft_masks_the_prompt(tiny_dir):
     assert prompt_part == "<|user|>what is the capital of france?<|end|><|assistant|>"
     short = data.encode_sft(tok, "what is the capital of france?", "paris.", max_length=8)
     assert len(short["input_ids"]) == 8
-    batch = data.collate([ex, short], tok.pad_token_id)
-    assert batch["input_ids"].shape == (2, len(ids))
-    assert batch["attention_mask"][1].sum() == 8
-    assert (batch["labels"][1, 8:] == -100).all()
+    from rayalign.algos.lm import layout_labeled
+
+    t, labels = layout_labeled([ex, short], tok.pad_token_id)
+    assert t.ids.shape == (2, len(ids))
+    assert t.attention_mask[1].sum() == 8
+    assert (labels[1, 8:] == -100).all()
+    assert labels[0].tolist() == list(ex["labels"])
+    packed, plabels = layout_labeled([ex, short], tok.pad_token_id, packed=True)
+    assert packed.ids.shape == (1, len(ids) + 8) and packed.attention_mask is None
+    assert packed.position_ids[0, len(ids):].tolist() == list(range(8))
+    # the second sequence's first token is never a target of the first's last position
+    assert plabels[0, len(ids)] == -100 and plabels[0, :len(ids)].tolist() == [-100] + list(ex["labels"][1:])

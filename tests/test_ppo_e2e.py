@@ -43,13 +43,13 @@ def local_roles():
     """Policy, reference and critic in this process (no Ray), one thread each."""
     from rayalign.cluster.group import LocalGroup
     from rayalign.workers.critic import CriticWorker
-    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.frozen import FrozenLMWorker
     from rayalign.workers.policy import PolicyWorker
 
     tr = train_cfg().model_dump()
     pol = LocalGroup("policy", PolicyWorker, threads=1)
     pol.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
-    ref = LocalGroup("reference", LabelerWorker, threads=1)
+    ref = LocalGroup("reference", FrozenLMWorker, threads=1)
     ref.init_model(MODEL, {}, True)
     cri = LocalGroup("critic", CriticWorker, threads=1)
     cri.init_model(MODEL, ZeroConfig().model_dump(), tr, 200)
@@ -68,7 +68,7 @@ def test_ppo_on_actor_groups(local_ray, stage):
     from rayalign.cluster import placement
     from rayalign.cluster.group import ActorGroup
     from rayalign.workers.critic import CriticWorker
-    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.frozen import FrozenLMWorker
     from rayalign.workers.policy import PolicyWorker
 
     roles = {"policy": GroupConfig(workers=2, cpus_per_worker=0.5, zero=ZeroConfig(stage=stage)),
@@ -82,7 +82,7 @@ def test_ppo_on_actor_groups(local_ray, stage):
         groups.append(pol)
         cri = ActorGroup("critic", CriticWorker, roles["critic"], pools, roles=roles)
         groups.append(cri)
-        ref = ActorGroup("reference", LabelerWorker, roles["reference"], pools, roles=roles)
+        ref = ActorGroup("reference", FrozenLMWorker, roles["reference"], pools, roles=roles)
         groups.append(ref)
         pol.init_model(MODEL, roles["policy"].zero.model_dump(), tr, 200)
         cri.init_model(MODEL, roles["critic"].zero.model_dump(), tr, 200)
@@ -98,12 +98,12 @@ def test_ppo_on_actor_groups(local_ray, stage):
 @pytest.mark.parametrize("estimator", ["reinforce", "rloo", "group_norm"])
 def test_critic_free_estimators_learn(tiny_dir, estimator):
     from rayalign.cluster.group import LocalGroup
-    from rayalign.workers.labeler import LabelerWorker
+    from rayalign.workers.frozen import FrozenLMWorker
     from rayalign.workers.policy import PolicyWorker
 
     pol = LocalGroup("policy", PolicyWorker, threads=1)
     pol.init_model(MODEL, ZeroConfig().model_dump(), train_cfg().model_dump(), 200)
-    ref = LocalGroup("reference", LabelerWorker, threads=1)
+    ref = LocalGroup("reference", FrozenLMWorker, threads=1)
     ref.init_model(MODEL, {}, True)
     history = []
     # 16 groups of 4 per iteration: with 4 groups, group_norm's division by each group's

@@ -85,6 +85,47 @@ rollout: {engine: vllm, group: {workers: 1, cpus_per_worker: 0.25, threads_per_w
     assert summary["iterations"] == 3 and "win_rate_vs_start" in summary
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
+def test_ppo_with_lora_policy_and_critic(tmp_path):
+    """LoRA on a ZeRO-3 policy of 2 ranks and on the critic: the reference is the policy's base
+    (no reference group), the engine gets merged weights (its log-probs equal the trainer's),
+    checkpoints hold only adapters (and the critic's head), the export is a plain HF model."""
+    model = ("{name: tiny-llama, overrides: {hidden_size: 128, intermediate_size: 256, num_attention_heads: 2, "
+             "num_key_value_heads: 1, head_dim: 64}}")
+    cfg = ppo_yaml(tmp_path, iterations=2, save_every=2, model=model, extra="""
+rollout: {engine: vllm, group: {workers: 1, cpus_per_worker: 0.25, threads_per_worker: 1}, kv_cache_gb: 0.25,
+          max_model_len: 512, tis_cap: 2.0, sync_bucket_mb: 0.2}
+""")
+    run_dir = tmp_path / "run"
+    p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), "ppo.policy.group.zero.stage=3",
+             "ppo.policy.train.lora={r: 4, alpha: 8}", "ppo.critic.train.lora={r: 4, alpha: 8}",
+             "ppo.eval.judge_gold=null"])
+    out = p.communicate(timeout=500)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert "the policy's base model (its LoRA adapter off)" in out
+    rows = by_step(run_dir)
+    assert sorted(rows) == [1, 2]
+    for r in rows.values():
+        assert r["logprob_drift_mean"] < 1e-3 and r["logprob_drift_max"] < 1e-2, r
+    # The reference is the base: KL 0 until the first update (LoRA's B starts at 0), then not.
+    assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-5) and abs(rows[2]["kl"]) > 1e-4, rows
+    assert "reference" not in json.loads((run_dir / "placement.json").read_text())
+    from rayalign import checkpoint
+
+    for role, extra_names in (("policy", ()), ("critic", ("score",))):
+        sh = checkpoint.Shards(checkpoint.step_dir(str(run_dir / "checkpoints" / role), 2))
+        names = set(sh.shapes)
+        sh.close()
+        assert names and all("lora_" in n or any(e in n for e in extra_names) for n in names), (role, names)
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "final" / "policy")
+    assert not any("lora" in n for n, _ in m.named_parameters())
+    summary = json.loads((run_dir / "summary.json").read_text())["ppo"]
+    assert summary["iterations"] == 2 and "win_rate_vs_start" in summary
+
+
 @pytest.mark.timeout(900)
 def test_ppo_kill_and_resume_matches_uninterrupted(tmp_path):
     cfg = ppo_yaml(tmp_path)

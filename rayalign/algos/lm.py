@@ -1,5 +1,8 @@
-"""Language-model losses as pure functions over tensors and masks."""
+"""Language-model losses as pure functions over tensors and masks, and the one layout of
+token sequences every forward uses (right-padded rows, or packed into one row)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,41 +30,126 @@ def shifted_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(tokens[:, t+1] | ...) for every position, shape [B, T-1]."""
+    """log p(tokens[:, t+1] | ...) for every position, shape [B, T-1], logits divided by
+    the sampling temperature. The one token log-prob computation: the policy's old and new
+    log-probs, the reference's and the labeler's continuation scores all come from here."""
     logp = torch.log_softmax(logits[:, :-1, :].float() / temperature, dim=-1)
     return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def pack_samples(samples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad prompt+response sequences. Returns ids, attention mask, and an action mask
-    in the *shifted* frame [B, T-1]: position i scores token i+1, so response token j of a
-    sample with prompt length P sits at shifted index P-1+j."""
-    seqs = [list(s["prompt_ids"]) + list(s["response_ids"]) for s in samples]
-    width = max(len(x) for x in seqs)
+@dataclass
+class Tokens:
+    """Token sequences laid out for one forward.
+
+    Padded: one right-padded row per sequence, with an attention mask. Packed: every
+    sequence in one row, no padding at all, position ids restarting at 0 for each, so the
+    model's attention stays inside each sequence (transformers builds that block-diagonal
+    causal mask from the position ids; flash-attention reads them as variable lengths).
+    Sequence ``i`` starts at ``(rows[i], cols[i])``; its token ``t`` is scored (predicted)
+    at ``(rows[i], cols[i] + t - 1)`` of the shifted frame ``[R, W-1]``.
+    """
+    ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    rows: list[int]
+    cols: list[int]
+    lengths: list[int]
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask is None
+
+    def inputs(self, device) -> dict[str, torch.Tensor]:
+        """Keyword arguments for an HF model's forward."""
+        if self.packed:
+            return {"input_ids": self.ids.to(device), "position_ids": self.position_ids.to(device)}
+        return {"input_ids": self.ids.to(device), "attention_mask": self.attention_mask.to(device)}
+
+    def frame_shape(self) -> tuple[int, int]:
+        return self.ids.shape[0], max(1, self.ids.shape[1] - 1)
+
+    def span_mask(self, starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """[R, W-1] float mask over the shifted positions that score tokens
+        ``starts[i] .. starts[i] + lengths[i] - 1`` of each sequence (``starts[i] >= 1``)."""
+        m = torch.zeros(self.frame_shape(), dtype=torch.float32)
+        for r, c, s, n in zip(self.rows, self.cols, starts, lengths):
+            m[r, c + s - 1:c + s - 1 + n] = 1
+        return m
+
+    def slices(self, frame: torch.Tensor, starts: list[int], lengths: list[int]) -> list[list[float]]:
+        """Per-sequence values out of a shifted frame, for the same spans as :meth:`span_mask`."""
+        return [frame[r, c + s - 1:c + s - 1 + n].tolist()
+                for r, c, s, n in zip(self.rows, self.cols, starts, lengths)]
+
+    def to_frame(self, values: list[list[float]], starts: list[int]) -> torch.Tensor:
+        """Inverse of :meth:`slices`: per-sequence lists into a float frame."""
+        out = torch.zeros(self.frame_shape(), dtype=torch.float32)
+        for r, c, s, v in zip(self.rows, self.cols, starts, values):
+            out[r, c + s - 1:c + s - 1 + len(v)] = torch.tensor(v, dtype=torch.float32)
+        return out
+
+    def last_positions(self) -> tuple[list[int], list[int]]:
+        """(row, column) of each sequence's last token (where a reward head reads)."""
+        return self.rows, [c + n - 1 for c, n in zip(self.cols, self.lengths)]
+
+    def flat(self, frame: torch.Tensor) -> torch.Tensor:
+        """A per-position tensor [R, W, ...] in the sequences' own order, padding dropped
+        (sequence i's tokens, then sequence i+1's)."""
+        return torch.cat([frame[r, c:c + n] for r, c, n in zip(self.rows, self.cols, self.lengths)])
+
+
+def layout(seqs: list[list[int]], pad_id: int, packed: bool = False) -> Tokens:
+    """Lay out token sequences for one forward, right-padded or packed (see :class:`Tokens`)."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("layout: every sequence needs at least one token")
+    lengths = [len(s) for s in seqs]
+    if packed:
+        ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
+        pos = torch.tensor([[i for n in lengths for i in range(n)]], dtype=torch.long)
+        cols = [0]
+        for n in lengths[:-1]:
+            cols.append(cols[-1] + n)
+        return Tokens(ids, None, pos, [0] * len(seqs), cols, lengths)
+    width = max(lengths)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
-    act = torch.zeros((len(seqs), max(1, width - 1)), dtype=torch.float32)
-    for i, (s, x) in enumerate(zip(samples, seqs)):
-        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        attn[i, :len(x)] = 1
-        p, r = len(s["prompt_ids"]), len(s["response_ids"])
-        act[i, p - 1:p - 1 + r] = 1
-    return ids, attn, act
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, :len(s)] = 1
+    return Tokens(ids, attn, None, list(range(len(seqs))), [0] * len(seqs), lengths)
 
 
-def response_slices(frame: torch.Tensor, samples: list[dict]) -> list[list[float]]:
-    """Per-sample response values out of a shifted-frame tensor [B, T-1]."""
-    out = []
-    for i, s in enumerate(samples):
-        p, r = len(s["prompt_ids"]), len(s["response_ids"])
-        out.append(frame[i, p - 1:p - 1 + r].tolist())
-    return out
+def layout_labeled(examples: list[dict], pad_id: int, packed: bool = False) -> tuple[Tokens, torch.Tensor]:
+    """SFT examples (``input_ids`` and ``labels``) laid out, with labels in the same layout
+    (IGNORE on padding). Packed, each sequence's first label is IGNORE too: it would be
+    scored from the previous sequence's last position."""
+    t = layout([list(e["input_ids"]) for e in examples], pad_id, packed)
+    labels = torch.full(t.ids.shape, IGNORE, dtype=torch.long)
+    for r, c, e in zip(t.rows, t.cols, examples):
+        lab = torch.tensor(list(e["labels"]), dtype=torch.long)
+        if packed:
+            lab[0] = IGNORE
+        labels[r, c:c + len(lab)] = lab
+    return t, labels
 
 
-def to_frame(values: list[list[float]], samples: list[dict], width: int) -> torch.Tensor:
-    """Inverse of :func:`response_slices`: per-sample response lists into a [B, width] frame."""
-    out = torch.zeros((len(samples), width), dtype=torch.float32)
-    for i, (s, v) in enumerate(zip(samples, values)):
-        p = len(s["prompt_ids"])
-        out[i, p - 1:p - 1 + len(v)] = torch.tensor(v, dtype=torch.float32)
-    return out
+def sample_layout(samples: list[dict], pad_id: int, packed: bool = False) -> tuple[Tokens, torch.Tensor]:
+    """Rollout samples (prompt + response) laid out, and the action mask over the shifted
+    frame: the positions that score response tokens."""
+    t = layout([list(s["prompt_ids"]) + list(s["response_ids"]) for s in samples], pad_id, packed)
+    return t, t.span_mask(*response_spans(samples))
+
+
+def response_spans(samples: list[dict]) -> tuple[list[int], list[int]]:
+    """Where each sample's response starts in its sequence, and its length."""
+    return [len(s["prompt_ids"]) for s in samples], [len(s["response_ids"]) for s in samples]
+
+
+def response_slices(frame: torch.Tensor, tokens: Tokens, samples: list[dict]) -> list[list[float]]:
+    """Per-sample response values out of a shifted frame."""
+    return tokens.slices(frame, *response_spans(samples))
+
+
+def to_frame(values: list[list[float]], tokens: Tokens, samples: list[dict]) -> torch.Tensor:
+    """Inverse of :func:`response_slices`: per-sample response lists into a frame."""
+    return tokens.to_frame(values, response_spans(samples)[0])

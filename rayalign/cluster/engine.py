@@ -228,8 +228,11 @@ def owned_fragments(engine, rank: int) -> list[tuple[str, tuple, int, dict]]:
 def load_weights(module, shards, rank: int) -> None:
     """Fill a freshly built module (before the engine wraps it) with checkpointed weights:
     under ZeRO-3 only this rank's partition of each parameter is read, otherwise the whole
-    parameter (every rank holds it anyway)."""
+    parameter (every rank holds it anyway). Frozen parameters (a LoRA base) are not in
+    checkpoints: they stay as the starting model loaded them."""
     for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
         if _stage3(p):
             start, numel = owned_range(p, rank)
             if numel:

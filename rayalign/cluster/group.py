@@ -123,6 +123,18 @@ class _GroupBase:
     def _submit(self, name: str, mode: str, args: tuple, kwargs: dict) -> "Pending":
         return Pending(lambda: self._call(name, mode, args, kwargs), eager=True)
 
+    def map(self, method: str, items: Sequence, *args, **kwargs) -> list:
+        """A split call over any number of items. Every rank must get work (a ZeRO-3 group's
+        forwards are collective), so the list is padded with its first item up to a
+        multiple of the world size; the padding's answers are dropped."""
+        if _method_mode(self.worker_cls, method) != SPLIT:
+            raise GroupError(f"{self.name}.{method} is not a split call")
+        items = list(items)
+        if not items:
+            return []
+        pad = (-len(items)) % self.world_size
+        return getattr(self, method)(items + items[:1] * pad, *args, **kwargs)[:len(items)]
+
     def _split_args(self, name: str, args: tuple, n: int) -> list[tuple]:
         if not args or not isinstance(args[0], (list, tuple)):
             raise GroupError(f"{self.name}.{name}: a split call needs a list as first argument")

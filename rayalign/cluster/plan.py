@@ -76,6 +76,26 @@ def model_shape(model: ModelConfig, head: str = "causal") -> Shape:
 
     from ..models import resolve
 
+    hf, m = _meta_model(model, head)
+    params = sum(p.numel() for p in m.parameters())  # parameters() yields tied weights once
+    h = int(getattr(hf, "hidden_size"))
+    heads = int(getattr(hf, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(hf, "head_dim", None) or h // heads)
+    inter = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * h
+    shape = Shape(params=params, layers=int(hf.num_hidden_layers), hidden=h, intermediate=int(inter),
+                  kv_dim=kv_heads * head_dim, vocab=int(hf.vocab_size), head=head)
+    _SHAPES[key] = shape
+    return shape
+
+
+def _meta_model(model: ModelConfig, head: str):
+    """The model's HF config and the model built on the meta device (no weights read)."""
+    import torch
+    import transformers
+
+    from ..models import resolve
+
     path = resolve(model.name, model.seed, model.overrides, say=lambda _m: None)
     hf = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     auto = {"causal": transformers.AutoModelForCausalLM,
@@ -88,16 +108,18 @@ def model_shape(model: ModelConfig, head: str = "causal") -> Shape:
             m = auto.from_config(hf)
         except ValueError:  # an encoder has no causal-LM class: plan it as a scorer
             m = transformers.AutoModel.from_config(hf)
-    params = sum(p.numel() for p in m.parameters())  # parameters() yields tied weights once
-    h = int(getattr(hf, "hidden_size"))
-    heads = int(getattr(hf, "num_attention_heads", 1) or 1)
-    kv_heads = int(getattr(hf, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(hf, "head_dim", None) or h // heads)
-    inter = getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * h
-    shape = Shape(params=params, layers=int(hf.num_hidden_layers), hidden=h, intermediate=int(inter),
-                  kv_dim=kv_heads * head_dim, vocab=int(hf.vocab_size), head=head)
-    _SHAPES[key] = shape
-    return shape
+    return hf, m
+
+
+def trainable_params(model: ModelConfig, head: str, train: TrainConfig | None) -> int:
+    """Parameters the optimizer holds: all of them, or with LoRA the adapters and a new head."""
+    P = model_shape(model, head).params
+    if train is None or train.lora is None:
+        return P
+    from .. import lora
+
+    _, m = _meta_model(model, head)
+    return lora.trainable_params(m, train.lora, tuple(lora.HEADS) if head != "causal" else ())
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -154,7 +176,8 @@ def roles_of(cfg: Config, prompt_tokens: int = 128) -> list[RoleLoad]:
         if a.estimator == "gae":
             out.append(RoleLoad("ppo", "critic", p.critic.model or pmodel, p.critic.group, head="value",
                                 train=p.critic.train, train_tokens=seq))
-        out.append(RoleLoad("ppo", "reference", pmodel, p.reference, score_batch=8, score_tokens=seq))
+        if p.policy.train.lora is None:  # with LoRA the reference is the policy's base, inside its ranks
+            out.append(RoleLoad("ppo", "reference", pmodel, p.reference, score_batch=8, score_tokens=seq))
         from ..rollout import vllm_available
 
         if cfg.rollout.engine in ("vllm", "hf") or (cfg.rollout.engine == "auto" and vllm_available()):
@@ -204,16 +227,19 @@ def estimate(load: RoleLoad) -> dict[str, Any]:
     grads32 = 0.0  # the fp32 gradient partition the optimizer reads (moves to the host with it)
     if load.train is not None:
         params = b * P / (W if z == 3 else 1)
-        master = 4 * P if half else 0
+        T = trainable_params(m, load.head, load.train)  # P, or LoRA's adapters (+ head)
+        master = 4 * T if half else 0
         if z == 0:
-            grads = b * P + (4 * P if half else 0)
-            optim = 8 * P + master
+            grads = b * T + (4 * T if half else 0)
+            optim = 8 * T + master
         else:
             # DeepSpeed (0.19) reduces gradients into each rank's partition in stage 1
             # as in stage 2 (measured: benchmarks/results/scaling.json).
-            grads = b * P / W if half else 0.0
-            grads32 = 4 * P / W
-            optim = (8 * P + master) / W
+            grads = b * T / W if half else 0.0
+            grads32 = 4 * T / W
+            optim = (8 * T + master) / W
+        if T < P:
+            params += b * T / (W if z == 3 else 1)  # the adapters sit beside the frozen base
         if z == 3:
             gathered = b * min(P, g.zero.max_live_parameters)
         tokens = load.train.micro_batch_size * load.train_sequences * load.train_tokens
@@ -241,6 +267,7 @@ def estimate(load: RoleLoad) -> dict[str, Any]:
     grads_all = grads + grads32
     device = params * (not off_par) + grads + (0.0 if off_opt else optim + grads32) + gathered + acts + kv
     return {"phase": load.phase, "role": load.role, "model": m.name, "params_n": P, "ranks": W, "zero": z,
+            "trainable_n": trainable_params(m, load.head, load.train) if load.train is not None else 0,
             "dtype": m.dtype, "train": load.train is not None,
             "params": params, "grads": grads_all, "optimizer": optim, "gathered": gathered,
             "activations": acts, "kv_cache": kv, "device": device, "host": host,
@@ -396,7 +423,9 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [cols]
     for r in plan["roles"]:
         n = r["params_n"]
-        lines.append([r["phase"], r["role"] + ("" if r["train"] else " (infer)"),
+        lora = r["train"] and 0 < r["trainable_n"] < n
+        lines.append([r["phase"], r["role"] + ("" if r["train"] else " (infer)")
+                      + (f" (LoRA {r['trainable_n'] / 1e6:.1f}M)" if lora else ""),
                       f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M", str(r["ranks"]), str(r["zero"]),
                       _fmt(r["params"]), _fmt(r["grads"]), _fmt(r["optimizer"]), _fmt(r["gathered"]),
                       _fmt(r["activations"]), _fmt(r["kv_cache"]), _fmt(r["device"]), _fmt(r["host"])])

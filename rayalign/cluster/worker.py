@@ -221,6 +221,41 @@ class Worker:
             n = int(t.item())
         return n
 
+    def lockstep_batches(self, items: list, batch_size: int, idle_item: Any = None):
+        """This rank's batches of ``items`` as ``(batch, idle)``. Under lockstep, idle batches
+        follow until every rank has run as many forwards: a rank whose share ran out runs its
+        first item again (or ``idle_item`` when it has none) and drops the answer."""
+        for b in range(self.batches_for_all_ranks(len(items), batch_size)):
+            chunk = items[b * batch_size:(b + 1) * batch_size]
+            if chunk:
+                yield chunk, False
+                continue
+            filler = items[:1] or ([idle_item] if idle_item is not None else [])
+            if not filler:
+                raise ValueError(f"rank {self.rank}: no item to run an idle batch with")
+            yield filler, True
+
+    # Whether this rank's forwards lay sequences out packed (see algos.lm.Tokens); set by
+    # init_model from the model config and what the architecture does with position ids.
+    packing = False
+
+    def check_packing(self, per_token: Callable, vocab_size: int) -> bool:
+        """Whether ``per_token(tokens) -> [R, W, ...]`` gives the same per-token outputs for
+        two sequences packed into one row as for the same sequences padded: the
+        architecture must keep attention inside each sequence from the position ids alone
+        (transformers' decoders do; encoders and custom models may not). Collective under
+        ZeRO-3: every rank runs it."""
+        import torch
+
+        from ..algos.lm import layout
+
+        g = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(1, max(2, vocab_size), (n,), generator=g).tolist() for n in (5, 9)]
+        with torch.no_grad():
+            outs = [per_token(t).float().cpu() for t in (layout(seqs, 0, False), layout(seqs, 0, True))]
+        a, b = (t.flat(o) for t, o in zip((layout(seqs, 0, False), layout(seqs, 0, True)), outs))
+        return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-3))
+
     @dispatch(ALL)
     def share_cores(self, ways: int = 1) -> int:
         """Use 1/ways of this rank's threads while ``ways`` roles run at once on the same

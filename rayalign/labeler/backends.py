@@ -39,7 +39,7 @@ class Backend(Protocol):
 
 
 class GroupBackend:
-    """A labeler actor group (``ActorGroup`` or ``LocalGroup`` of ``LabelerWorker``)."""
+    """A labeler actor group (``ActorGroup`` or ``LocalGroup`` of ``FrozenLMWorker``)."""
 
     def __init__(self, group, batch_size: int = 8):
         self.group, self.batch_size, self.name = group, batch_size, f"hf:{group.name}"

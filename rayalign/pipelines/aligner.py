@@ -97,9 +97,7 @@ def _generate(group, prompts: list[str], max_new_tokens: int, chunk: int = 16) -
     step = chunk * group.world_size
     for s in range(0, n, step):
         idx = order[s:s + step]
-        batch = [prompts[i] for i in idx]
-        pad = (-len(batch)) % group.world_size
-        for i, x in zip(idx, group.generate(batch + batch[:1] * pad, max_new_tokens, 0.0)):
+        for i, x in zip(idx, group.map("generate", [prompts[i] for i in idx], max_new_tokens, 0.0)):
             out[i] = x.strip()
     return out
 
@@ -321,9 +319,7 @@ def open_judge(cfg: Config) -> Iterator[Any]:
                            TrainConfig().model_dump(), 1)
 
             def judge(qs, outs, answers):
-                items = list(zip(qs, outs)) + list(zip(qs, answers))
-                pad = (-len(items)) % grp.world_size
-                s = grp.score_texts(items + items[:1] * pad, False)[:len(items)]
+                s = grp.map("score_texts", list(zip(qs, outs)) + list(zip(qs, answers)), False)
                 n = len(qs)
                 return [1 / (1 + math.exp(-(s[i] - s[n + i]))) for i in range(n)]
             judge.tag = f"reward model {e.rm_path}"

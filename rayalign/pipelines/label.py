@@ -14,14 +14,14 @@ from ..config import Config, ConfigError, GroupConfig, ModelConfig
 from ..labeler import FunctionBackend, GroupBackend, HTTPBackend, Labeler, gold_of, report
 from ..labeler.templates import resolve_template
 from ..tracking import Progress, write_summary
-from ..workers.labeler import LabelerWorker
+from ..workers.frozen import FrozenLMWorker
 from .common import prepare_run_dir, role_group, say
 
 
 @contextlib.contextmanager
 def lm_group(role: str, model: ModelConfig, group: GroupConfig, chat: bool = True) -> Iterator[ActorGroup]:
-    """A LabelerWorker group (scoring / sampling) for the duration of the block."""
-    with role_group(role, LabelerWorker, group) as grp:
+    """A FrozenLMWorker group (scoring / sampling) for the duration of the block."""
+    with role_group(role, FrozenLMWorker, group) as grp:
         info = grp.init_model(model.model_dump(), group.zero.model_dump(), chat)
         say(f"{role} ready: {model.name}, {info['params'] / 1e6:.1f}M parameters, {group.workers} worker(s)")
         yield grp
@@ -102,9 +102,7 @@ def sample_responses(cfg: Config, pairs: list[dict]) -> None:
         for k, seed in enumerate((sc.seed, sc.seed + 7919)):
             for i in range(0, len(prompts), step):
                 part = prompts[i:i + step]
-                pad = (-len(part)) % grp.world_size
-                got = grp.generate(part + part[:1] * pad, sc.max_new_tokens, sc.temperature, seed + i,
-                                   sc.batch_size)[:len(part)]
+                got = grp.map("generate", part, sc.max_new_tokens, sc.temperature, seed + i, sc.batch_size)
                 out[k].extend(got)
                 bar.update(len(part))
         bar.close()

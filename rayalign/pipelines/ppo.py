@@ -276,6 +276,32 @@ def prompts_for_iteration(prompts: list[str], it: int, n: int, seed: int) -> lis
     return [prompts[i] for i in order[idx * n:(idx + 1) * n]]
 
 
+class BaseOfPolicy:
+    """PPO's reference when the policy trains LoRA: the policy's own ranks with the adapter
+    switched off, i.e. the starting model, without a second copy of it. Answers the
+    reference calls a PPO iteration and the evaluation make."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    @property
+    def world_size(self) -> int:
+        return self.policy.world_size
+
+    def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8):
+        return self.policy.token_logprobs(samples, temperature, batch_size, adapter=False)
+
+    def submit(self, method: str, *args, **kwargs):
+        if method != "token_logprobs":
+            raise ValueError(f"the base-of-policy reference serves token_logprobs, not {method}")
+        return self.policy.submit(method, *args, adapter=False, **kwargs)
+
+    def map(self, method: str, items: list, *args, **kwargs) -> list:
+        if method != "generate":
+            raise ValueError(f"the base-of-policy reference maps generate, not {method}")
+        return self.policy.map(method, items, *args, adapter=False, **kwargs)
+
+
 def check_layout(cfg: Config) -> int:
     """The PPO minibatch in examples, after checking it splits over each trainable group."""
     a = cfg.ppo.algo
@@ -341,7 +367,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     """``rayalign ppo``. ``start_model`` / ``default_rm`` are what the `run` pipeline's
     earlier stages produced (the SFT policy, the trained reward model)."""
     from ..workers.critic import CriticWorker
-    from ..workers.labeler import LabelerWorker
+    from ..workers.frozen import FrozenLMWorker
     from ..workers.policy import PolicyWorker
 
     if cfg.ppo is None:
@@ -387,8 +413,12 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         info = policy.init_model(pmodel.model_dump(), pc.policy.group.zero.model_dump(), ptrain.model_dump(),
                                  total_steps, str(resume_from) if resume_from else None)
         say(f"policy ready: {info['params'] / 1e6:.1f}M parameters")
-        reference = stack.enter_context(role_group("reference", LabelerWorker, pc.reference))
-        reference.init_model(pmodel.model_dump(), pc.reference.zero.model_dump(), True)
+        if ptrain.lora is not None:
+            reference = BaseOfPolicy(policy)  # the starting model is the policy's base: one copy
+            say("reference: the policy's base model (its LoRA adapter off), no separate group")
+        else:
+            reference = stack.enter_context(role_group("reference", FrozenLMWorker, pc.reference))
+            reference.init_model(pmodel.model_dump(), pc.reference.zero.model_dump(), True)
         critic = None
         if a.estimator == "gae":
             critic = stack.enter_context(role_group("critic", CriticWorker, pc.critic.group))
@@ -397,7 +427,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
         rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
         sampler = stack.enter_context(open_sampler(cfg, policy, pmodel, start_it))
-        record_placement(run_dir, {"policy": policy, "reference": reference, "critic": critic,
+        record_placement(run_dir, {"policy": policy, "reference": None if ptrain.lora else reference, "critic": critic,
                                    "rollout": sampler.engines})
         # With an engine, the behaviour log-probs are the trainer's unless rollout.logprobs says engine.
         lp_from_rollout = a.logprobs_from_rollout if sampler.engines is None else cfg.rollout.logprobs == "engine"
@@ -542,9 +572,7 @@ def _generate_all(group, prompts: list[str], max_new_tokens: int, chunk: int = 1
     out: list[str] = []
     step = chunk * group.world_size
     for i in range(0, len(prompts), step):
-        part = prompts[i:i + step]
-        pad = (-len(part)) % group.world_size
-        out += [x.strip() for x in group.generate(part + part[:1] * pad, max_new_tokens, 0.0)[:len(part)]]
+        out += [x.strip() for x in group.map("generate", prompts[i:i + step], max_new_tokens, 0.0)]
     return out
 
 

@@ -51,6 +51,15 @@ class Sampler:
         self.ensure_synced()
         return self.engines.generate(prompts, max_new_tokens, temperature)
 
+    def map(self, method: str, items: list, *args, **kwargs) -> list:
+        """``generate`` over any number of prompts, padded to the sampling role's world size
+        (:meth:`rayalign.cluster.group.ActorGroup.map`)."""
+        if method != "generate":
+            raise ValueError(f"Sampler.map serves generate, not {method}")
+        if self.engines is not None:
+            self.ensure_synced()
+        return (self.engines or self.policy).map(method, items, *args, **kwargs)
+
 
 def engine_settings(cfg: Config) -> dict:
     rc = cfg.rollout
@@ -88,7 +97,7 @@ def open_sampler(cfg: Config, policy, model: ModelConfig, version: int = 0) -> I
 def sampling_group(cfg: Config, role: str, model: ModelConfig, group) -> Iterator:
     """A group that writes answers with ``model`` (label pairs, upstream answers, Aligner
     corrections to build from): vLLM engines where ``rollout.engine`` resolves to vllm,
-    else transformers.generate on a LabelerWorker group. Both answer
+    else transformers.generate on a FrozenLMWorker group. Both answer
     ``generate(prompts, max_new_tokens, temperature, seed, batch_size)``."""
     from ..models import resolve
     from ..workers.rollout import RolloutWorker

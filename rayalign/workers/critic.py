@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..algos import ppo
-from ..algos.lm import pack_samples, response_slices, to_frame
+from ..algos.lm import response_slices, sample_layout, to_frame
 from ..cluster.worker import SPLIT, dispatch
 from .trainable import TrainableWorker
 
@@ -14,6 +14,8 @@ class CriticWorker(TrainableWorker):
     model on its own. The value of response token j is read where its logprob is: at the
     position that predicts it."""
 
+    lora_task = "TOKEN_CLS"
+
     def auto_class(self):
         from transformers import AutoModelForTokenClassification
 
@@ -22,31 +24,29 @@ class CriticWorker(TrainableWorker):
     def load_kwargs(self):
         return {"num_labels": 1}
 
-    def _values(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, attn, act = pack_samples(samples, self.tok.pad_token_id)
-        v = self.engine(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits[..., 0]
-        return v[:, :-1].float(), act.to(v.device)
+    def _values(self, samples: list[dict]):
+        t, act = sample_layout(samples, self.tok.pad_token_id, self.packing)
+        v = self.per_token(t)[..., 0]
+        return v[:, :-1].float(), t, act.to(v.device)
 
     @dispatch(SPLIT)
     def values(self, samples: list[dict], batch_size: int = 8) -> list[list[float]]:
         out: list[list[float]] = []
         self.engine.eval()
         with torch.no_grad():
-            for b in range(self.batches_for_all_ranks(len(samples), batch_size)):
-                chunk = samples[b * batch_size:(b + 1) * batch_size]
-                v, _ = self._values(chunk or samples[:1])
-                if chunk:
-                    out += response_slices(v.cpu(), chunk)
+            for chunk, idle in self.lockstep_batches(samples, batch_size):
+                v, t, _ = self._values(chunk)
+                if not idle:
+                    out += response_slices(v.cpu(), t, chunk)
         self.engine.train()
         return out
 
     @dispatch(SPLIT)
     def value_update(self, samples: list[dict], global_tokens: int, clip: float = 0.2) -> dict[str, list]:
         def loss_of(chunk):
-            v, act = self._values(chunk)
-            w = v.shape[1]
-            old = to_frame([s["old_values"] for s in chunk], chunk, w).to(v.device)
-            ret = to_frame([s["returns"] for s in chunk], chunk, w).to(v.device)
+            v, t, act = self._values(chunk)
+            old = to_frame([s["old_values"] for s in chunk], t, chunk).to(v.device)
+            ret = to_frame([s["returns"] for s in chunk], t, chunk).to(v.device)
             loss, st = ppo.value_loss(v, old, ret, act, clip)
             n = act.sum()
             return loss * n, {"value_loss": float(loss.detach()) * float(n),

@@ -5,9 +5,9 @@ import contextlib
 
 import torch
 
-from ..algos.lm import shifted_nll_sum
+from ..algos import ppo
+from ..algos.lm import response_slices, sample_layout, sequence_logprobs, to_frame
 from ..cluster.worker import SPLIT, SavedActivations, dispatch, live_tensor_bytes
-from ..data import collate
 from .trainable import TrainableWorker
 
 
@@ -26,11 +26,9 @@ class PolicyWorker(TrainableWorker):
         acts: list[SavedActivations] = []
 
         def loss_of(chunk):
-            batch = {k: v.to(self.device) for k, v in collate(chunk, self.tok.pad_token_id).items()}
             ctx = SavedActivations(self.engine.module) if measure_memory else contextlib.nullcontext()
             with ctx:
-                out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                nll, n = shifted_nll_sum(out.logits, batch["labels"])
+                nll, n = self.lm_nll(chunk)
             if measure_memory:
                 acts[:] = [ctx]
             return nll, {"nll_sum": float(nll.detach()), "tokens": n}
@@ -46,10 +44,10 @@ class PolicyWorker(TrainableWorker):
     def eval_nll(self, examples: list[dict]) -> dict[str, list]:
         nll_total, tokens = 0.0, 0
         self.engine.eval()
+        mb = self.train_cfg.micro_batch_size
         with torch.no_grad():
-            for batch in self._micro_batches(examples):
-                out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                nll, n = shifted_nll_sum(out.logits, batch["labels"])
+            for i in range(0, len(examples), mb):
+                nll, n = self.lm_nll(examples[i:i + mb])
                 nll_total += float(nll)
                 tokens += n
         self.engine.train()
@@ -57,10 +55,20 @@ class PolicyWorker(TrainableWorker):
 
     # ------------------------------------------------------------ generation
 
+    def _adapter(self, on: bool):
+        """A context with this rank's LoRA adapter on (as it trains) or off (the base model:
+        PPO's reference when the policy trains LoRA)."""
+        if on:
+            return contextlib.nullcontext()
+        if not hasattr(self.engine.module, "disable_adapter"):
+            raise ValueError("adapter=False needs a policy that trains LoRA (train.lora)")
+        return self.engine.module.disable_adapter()
+
     @dispatch(SPLIT)
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0) -> list[str]:
-        """Chat-templated generation; greedy when temperature is 0."""
+                 top_p: float = 1.0, adapter: bool = True) -> list[str]:
+        """Chat-templated generation; greedy when temperature is 0. ``adapter=False``: the
+        base model under a LoRA adapter."""
         from ..data import chat_prompt
 
         module = self.engine.module
@@ -77,7 +85,7 @@ class PolicyWorker(TrainableWorker):
         if self.lockstep:
             kw["synced_gpus"] = True  # ZeRO-3: see rollout()
         module.config.use_cache = True
-        with torch.no_grad():
+        with torch.no_grad(), self._adapter(adapter):
             out = module.generate(**enc, **kw)
         module.config.use_cache = False
         module.train()
@@ -104,11 +112,8 @@ class PolicyWorker(TrainableWorker):
         # reaches them, and synced_gpus keeps every rank stepping until all are done.
         # (Gathering the whole model around generate() trips over the hooks' prefetching.)
         with torch.no_grad():
-            for b in range(self.batches_for_all_ranks(len(prompts), batch_size)):
-                chunk = prompts[b * batch_size:(b + 1) * batch_size]
-                idle = not chunk
-                ids = [self.tok(chat_prompt(self.tok, p), add_special_tokens=False)["input_ids"]
-                       for p in (chunk or prompts[:1])]
+            for chunk, idle in self.lockstep_batches(prompts, batch_size):
+                ids = [self.tok(chat_prompt(self.tok, p), add_special_tokens=False)["input_ids"] for p in chunk]
                 res = hf_sample(module, self.tok, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, min_new_tokens=min_new_tokens, device=self.device, sync=self.lockstep)
                 if idle:
@@ -119,27 +124,25 @@ class PolicyWorker(TrainableWorker):
         module.train()
         return out
 
-    def _logits(self, samples: list[dict], train: bool):
-        from ..algos.lm import pack_samples
-
-        ids, attn, act = pack_samples(samples, self.tok.pad_token_id)
-        logits = self.engine(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
-        return logits[:, :-1].float(), ids[:, 1:].to(self.device), act.to(self.device)
+    def _forward(self, samples: list[dict]):
+        """Logits of prompt+response sequences in this rank's layout, the layout, and the
+        action mask (the shifted positions that score response tokens)."""
+        t, act = sample_layout(samples, self.tok.pad_token_id, self.packing)
+        return self.per_token(t), t, act.to(self.device)
 
     @dispatch(SPLIT)
-    def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8) -> list[list[float]]:
-        """log π(response token) with logits divided by the sampling temperature."""
-        from ..algos.lm import response_slices
-
+    def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8,
+                       adapter: bool = True) -> list[list[float]]:
+        """log π(response token) with logits divided by the sampling temperature
+        (``adapter=False``: under the base model, PPO's reference with a LoRA policy)."""
         out: list[list[float]] = []
         self.engine.eval()
-        with torch.no_grad():
-            for b in range(self.batches_for_all_ranks(len(samples), batch_size)):
-                chunk = samples[b * batch_size:(b + 1) * batch_size]
-                logits, targets, _ = self._logits(chunk or samples[:1], train=False)
-                lp = torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None])[..., 0]
-                if chunk:
-                    out += response_slices(lp.cpu(), chunk)
+        with torch.no_grad(), self._adapter(adapter):
+            for chunk, idle in self.lockstep_batches(samples, batch_size):
+                logits, t, _ = self._forward(chunk)
+                if not idle:
+                    out += response_slices(sequence_logprobs(logits, t.ids.to(self.device), temperature).cpu(),
+                                           t, chunk)
         self.engine.train()
         return out
 
@@ -148,17 +151,13 @@ class PolicyWorker(TrainableWorker):
                    temperature: float = 1.0, entropy_coef: float = 0.0) -> dict[str, list]:
         """One optimizer step of the clipped PPO objective on this rank's share of a
         minibatch; the token mean is over the whole minibatch (any world size)."""
-        from ..algos import ppo
-        from ..algos.lm import to_frame
-
         def loss_of(chunk):
-            logits, targets, act = self._logits(chunk, train=True)
-            scaled = logits / temperature
-            logp = torch.log_softmax(scaled, -1).gather(-1, targets[..., None])[..., 0]
-            w = logp.shape[1]
-            old = to_frame([s["old_logprobs"] for s in chunk], chunk, w).to(logp.device)
-            adv = to_frame([s["advantages"] for s in chunk], chunk, w).to(logp.device)
-            isw = to_frame([s["is_weights"] for s in chunk], chunk, w).to(logp.device) \
+            logits, t, act = self._forward(chunk)
+            logp = sequence_logprobs(logits, t.ids.to(self.device), temperature)
+            scaled = logits[:, :-1].float() / temperature
+            old = to_frame([s["old_logprobs"] for s in chunk], t, chunk).to(logp.device)
+            adv = to_frame([s["advantages"] for s in chunk], t, chunk).to(logp.device)
+            isw = to_frame([s["is_weights"] for s in chunk], t, chunk).to(logp.device) \
                 if chunk[0].get("is_weights") is not None else None
             loss, st = ppo.policy_loss(logp, old, adv, act, clip, isw)
             n = act.sum()

@@ -16,7 +16,7 @@ import torch
 from ..algos.preference import bradley_terry_loss, centering_loss, soft_label_loss
 from ..cluster.worker import ALL, SPLIT, dispatch
 from ..config import RMLossConfig
-from ..data import pad_ids
+from ..algos.lm import layout
 from .trainable import TrainableWorker
 
 STATS_FILE = "reward_stats.json"
@@ -25,6 +25,8 @@ STATS_FILE = "reward_stats.json"
 class RewardWorker(TrainableWorker):
     loss_cfg: RMLossConfig = RMLossConfig()
     stats: dict[str, float] | None = None
+
+    lora_task = "SEQ_CLS"
 
     def auto_class(self):
         from transformers import AutoModelForSequenceClassification
@@ -44,9 +46,30 @@ class RewardWorker(TrainableWorker):
         self.loss_cfg = RMLossConfig.model_validate(loss)
         return True
 
+    def per_token(self, tokens) -> torch.Tensor:
+        """The score head's output at every position [R, W, 1], read before the model pools
+        it (a sequence-classification head pools at the last token of each *row*, which
+        in a packed row is only the last sequence's)."""
+        head = getattr(self.engine.module, "score", None)
+        if head is None:
+            raise TypeError(f"{type(self.engine.module).__name__} has no per-token score head")
+        seen: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda mod, args, out: seen.append(out))
+        try:
+            self.engine(**tokens.inputs(self.device))
+        finally:
+            hook.remove()
+        return seen[-1]
+
     def _scores(self, seqs: list[list[int]]) -> torch.Tensor:
-        ids, mask = pad_ids(seqs, self.tok.pad_token_id)
-        return self.engine(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, 0].float()
+        pad = self.tok.pad_token_id
+        t = layout(seqs, pad, self.packing)
+        if not t.packed:
+            return self.engine(**t.inputs(self.device)).logits[:, 0].float()
+        # Pooled where transformers pools a padded row: the last token that is not the pad id.
+        last = [max((i for i, x in enumerate(s) if x != pad), default=len(s) - 1) for s in seqs]
+        v = self.per_token(t)[0, :, 0].float()
+        return v[torch.tensor([c + j for c, j in zip(t.cols, last)], device=v.device)]
 
     def _pair_loss(self, r1, r2, p, margin) -> torch.Tensor:
         """Summed (not mean) loss over the micro-batch's pairs."""

@@ -16,12 +16,12 @@ import torch
 from ..cluster import engine as eng
 from ..cluster.worker import ALL, EACH, Worker, dispatch, live_tensor_bytes
 from ..config import ModelConfig, TrainConfig, ZeroConfig
-from ..data import collate
 
 
 class TrainableWorker(Worker):
     engine = None
     tok = None
+    lora_task = "CAUSAL_LM"  # PEFT's task type for this role's model (train.lora)
 
     def auto_class(self):
         """The transformers Auto class this role's model is built with."""
@@ -51,6 +51,12 @@ class TrainableWorker(Worker):
         torch.manual_seed(self.train_cfg.seed + self.rank)
         self.tok = load_tokenizer(model_dir)
         module = self.prepare_module(self._load_module(Path(model_dir)))
+        if self.train_cfg.lora is not None:
+            from .. import lora
+
+            module = lora.apply(module, self.train_cfg.lora, self.lora_task, self.train_cfg.seed)
+            if self.model_cfg.gradient_checkpointing:
+                module.enable_input_require_grads()  # frozen embeddings: checkpointed layers need a grad input
         shards, step = None, 0
         if resume_from:
             from .. import checkpoint
@@ -65,6 +71,7 @@ class TrainableWorker(Worker):
                                        total_steps, self.model_cfg.dtype)
         self.engine.train()  # dropout decisions stay with the model config
         self.lockstep = self.zero.stage == 3 and self.world_size > 1
+        self.packing = self.model_cfg.packing and self._packing_works(module)
         self.resume_read: dict[str, Any] = {}
         if shards is not None:
             eng.load_state(self.engine, shards, self.rank, step)
@@ -79,11 +86,26 @@ class TrainableWorker(Worker):
                 self.after_load(files)
         else:
             self.after_load(Path(model_dir))
-        return {"load_s": time.time() - t0, "step": step, "resume_read": self.resume_read,
+        return {"load_s": time.time() - t0, "step": step, "resume_read": self.resume_read, "packing": self.packing,
                 "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())}
 
     def after_load(self, src: Path) -> None:
         """Role-specific files read beside the loaded model."""
+
+    def per_token(self, tokens) -> torch.Tensor:
+        """The model's per-position output [R, W, ...] for laid-out tokens (a role whose head
+        pools, like the reward model's, reads it before the pooling)."""
+        return self.engine(**tokens.inputs(self.device)).logits
+
+    def _packing_works(self, module) -> bool:
+        self.engine.eval()
+        try:
+            vocab = min(int(getattr(module.config, "vocab_size", 0) or len(self.tok)), len(self.tok))
+            return self.check_packing(self.per_token, vocab)
+        except (TypeError, ValueError, RuntimeError):  # e.g. a forward without position_ids
+            return False
+        finally:
+            self.engine.train()
 
     @dispatch(ALL)
     def attach_files(self, files: dict[str, str]) -> bool:
@@ -118,11 +140,13 @@ class TrainableWorker(Worker):
             module = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True, **self.load_kwargs())
         return module.to(self.device) if self.device.type == "cuda" else module
 
-    def _micro_batches(self, examples: list[dict]):
-        mb = self.train_cfg.micro_batch_size
-        for i in range(0, len(examples), mb):
-            batch = collate(examples[i:i + mb], self.tok.pad_token_id)
-            yield {k: v.to(self.device) for k, v in batch.items()}
+    def lm_nll(self, examples: list[dict]) -> tuple[torch.Tensor, int]:
+        """Summed next-token NLL of SFT examples (``input_ids``, ``labels``) and the number of
+        scored tokens, in this rank's layout (packed or padded)."""
+        from ..algos.lm import layout_labeled, shifted_nll_sum
+
+        t, labels = layout_labeled(examples, self.tok.pad_token_id, self.packing)
+        return shifted_nll_sum(self.per_token(t), labels.to(self.device))
 
     def accumulate(self, items: list, global_count: int, loss_of: Callable[[list], tuple[torch.Tensor, dict]],
                    at_peak: Callable[[], None] | None = None) -> dict[str, list]:
@@ -224,13 +248,13 @@ class TrainableWorker(Worker):
 
         if self.rank != 0:
             if self.zero.stage == 3:
-                for _ in self._full_params():  # take part in every gather; rank 0 sends
+                for _ in self._hf_params():  # take part in every gather; rank 0 sends
                     pass
             return {}
         wait(call("begin_sync", version), "begin_sync")
         digests: dict[str, str] = {}
         sent, n_buckets, in_flight = 0, 0, None
-        for bucket in buckets(self._full_params(), int(bucket_mb * 2**20)):
+        for bucket in buckets(self._hf_params(), int(bucket_mb * 2**20)):
             for n, t in bucket:
                 digests[n] = tensor_digest(n, t)
                 sent += t.numel() * t.element_size()
@@ -250,6 +274,25 @@ class TrainableWorker(Worker):
         return {"sync_s": time.time() - t0, "sync_bytes": sent, "sync_buckets": n_buckets,
                 "digest": combine_digests(digests), "params": len(digests)}
 
+    def _hf_params(self):
+        """(name, full tensor) of the model as it leaves this role (export, rollout engines):
+        the parameters themselves, or with LoRA the merged weights under the base model's names."""
+        if self.train_cfg.lora is None:
+            return self._full_params()
+        from .. import lora
+
+        return lora.merged(self._full_params(), self.train_cfg.lora)
+
+    def _hf_specs(self, dtype) -> list[tuple[str, Any, tuple]]:
+        """(name, dtype, shape) of what :meth:`_hf_params` yields, in its order."""
+        metas = ((n, torch.empty(tuple(getattr(p, "ds_shape", None) or p.shape), device="meta"))
+                 for n, p in self.engine.module.named_parameters())
+        if self.train_cfg.lora is not None:
+            from .. import lora
+
+            metas = lora.merged(metas, self.train_cfg.lora)
+        return [(n, dtype, tuple(t.shape)) for n, t in metas]
+
     def _full_params(self):
         """(name, full tensor on the CPU) for each parameter in turn; under ZeRO-3 a
         collective gather of that one parameter (other ranks get None)."""
@@ -268,7 +311,7 @@ class TrainableWorker(Worker):
         """Content hash of every parameter as the engines receive them (collective)."""
         from ..rollout import combine_digests, tensor_digest
 
-        out = {n: tensor_digest(n, t) for n, t in self._full_params() if t is not None}
+        out = {n: tensor_digest(n, t) for n, t in self._hf_params() if t is not None}
         return combine_digests(out) if self.rank == 0 else None
 
     @dispatch(ALL)
@@ -279,9 +322,8 @@ class TrainableWorker(Worker):
         from .. import checkpoint
 
         dtype = getattr(torch, self.model_cfg.dtype)
-        specs = [(n, dtype, tuple(getattr(p, "ds_shape", None) or p.shape))
-                 for n, p in self.engine.module.named_parameters()]
-        params = self._full_params()
+        specs = self._hf_specs(dtype)
+        params = self._hf_params()
         if self.rank != 0:
             for _ in params:  # take part in every gather; rank 0 writes
                 pass
@@ -300,17 +342,22 @@ class TrainableWorker(Worker):
             index = {"metadata": {"total_size": sum(map(size, specs))}, "weight_map": weight_map}
             checkpoint.write_text(checkpoint.join(path, "model.safetensors.index.json"), json.dumps(index, indent=1))
         with checkpoint.local_dir(path) as out:
-            config = self.engine.module.config
+            config = self._base_module().config
             config.use_cache = True
             config.save_pretrained(out)
             config.use_cache = False
-            gen = getattr(self.engine.module, "generation_config", None)
+            gen = getattr(self._base_module(), "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(out)
             self.tok.padding_side = "right"
             self.tok.save_pretrained(out)
             self._write_side_files(out)
         return path
+
+    def _base_module(self):
+        """The transformers model inside the engine (inside PEFT's wrapper with LoRA)."""
+        m = self.engine.module
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def _write_side_files(self, out: Path) -> None:
         for name, text in getattr(self, "export_files", {}).items():

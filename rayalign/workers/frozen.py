@@ -1,4 +1,6 @@
-"""The AI-labeler role: a causal LM that scores candidate next tokens and writes rationales.
+"""A frozen causal LM: every role that only runs a model forward. It is PPO's reference
+(token log-probs), the AI labeler (scores of candidate next tokens, rationales), the sampler
+of label pairs and the Aligner's upstream (generation), and the evaluation judge.
 
 Inference only. Under ZeRO-3 the parameters stay partitioned across the group's ranks and
 are gathered layer by layer in each forward; every rank must then run the same number of
@@ -16,12 +18,13 @@ from ..cluster.worker import ALL, SPLIT, Worker, dispatch
 from ..config import ModelConfig, ZeroConfig
 
 
-class LabelerWorker(Worker):
+class FrozenLMWorker(Worker):
     model = None
     tok = None
 
     @dispatch(ALL)
     def init_model(self, model: dict, zero: dict | None = None, chat: bool = True) -> dict[str, Any]:
+        """Load the model for inference (partitioned across the ranks under ZeRO-3)."""
         from ..models import load_tokenizer, resolve
 
         t0 = time.time()
@@ -49,10 +52,28 @@ class LabelerWorker(Worker):
         else:
             self.model = module.to(self.device)
             self.lockstep = False
-        return {"load_s": time.time() - t0, "chat": self.chat,
+        try:
+            self.packing = self.model_cfg.packing and self.check_packing(
+                self.per_token, min(int(module.config.vocab_size), len(self.tok)))
+        except (TypeError, ValueError, RuntimeError):
+            self.packing = False
+        return {"load_s": time.time() - t0, "chat": self.chat, "packing": self.packing,
                 "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())}
 
     # ------------------------------------------------------------ helpers
+
+    def per_token(self, tokens) -> torch.Tensor:
+        # No cache: transformers reads packed position ids only without one.
+        return self.model(**tokens.inputs(self.device), use_cache=False).logits
+
+    def _span_logprobs(self, seqs: list[list[int]], starts: list[int], temperature: float = 1.0) -> list[list[float]]:
+        """log p of each sequence's tokens from ``starts[i]`` on, one forward in this rank's layout."""
+        from ..algos.lm import layout, sequence_logprobs
+
+        t = layout(seqs, self.tok.pad_token_id, self.packing)
+        with torch.no_grad():
+            lp = sequence_logprobs(self.per_token(t), t.ids.to(self.device), temperature).cpu()
+        return t.slices(lp, starts, [len(s) - k for s, k in zip(seqs, starts)])
 
     def render(self, text: str) -> str:
         """A labeling prompt as the model expects a user turn, ready for the answer."""
@@ -75,13 +96,11 @@ class LabelerWorker(Worker):
     def _last_logprobs(self, texts: list[str], batch_size: int) -> list[torch.Tensor]:
         """log-softmax of the next token after each (already rendered) text."""
         rows: list[torch.Tensor] = []
-        n = self.batches_for_all_ranks(len(texts), batch_size)
-        for b in range(n):
-            chunk = texts[b * batch_size:(b + 1) * batch_size] or [texts[0] if texts else "x"]
+        for chunk, idle in self.lockstep_batches(texts, batch_size, idle_item="x"):
             enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             with torch.no_grad():
-                logits = self.model(**enc).logits[:, -1, :].float()
-            if b * batch_size < len(texts):  # an idle batch only keeps ZeRO-3 ranks in step
+                logits = self.model(**enc, logits_to_keep=1).logits[:, -1, :].float()
+            if not idle:
                 rows.extend(torch.log_softmax(logits, dim=-1).cpu())
         return rows
 
@@ -151,10 +170,8 @@ class LabelerWorker(Worker):
         order = sorted(range(len(items)), key=lambda i: len(enc[i]))
         out: list[list[list[float]] | None] = [None] * len(items)
         pad = self.tok.pad_token_id
-        n = self.batches_for_all_ranks(len(items), batch_size)
-        for b in range(n):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            rows = [enc[i] for i in idx] or [enc[0] if enc else [pad]]
+        for idx, idle in self.lockstep_batches(order, batch_size, idle_item=-1):
+            rows = [enc[i] if i >= 0 else [pad] for i in idx]
             width = max(map(len, rows))
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -172,7 +189,7 @@ class LabelerWorker(Worker):
                                         logits_to_keep=1).logits[:, -1].float()
                     cache.crop(-q.shape[1])  # back to the shared text for the next question
                     per_q.append(torch.log_softmax(logits, -1)[:, opt_ids].cpu())
-            for r, i in enumerate(idx):
+            for r, i in enumerate([] if idle else idx):
                 out[i] = [per_q[k][r].tolist() for k in range(len(q_ids))]
         return out  # type: ignore[return-value]
 
@@ -181,48 +198,28 @@ class LabelerWorker(Worker):
         """For each (prompt, continuation): the summed log-probability of the continuation
         after the rendered prompt, and its token count."""
         out: list[tuple[float, int]] = []
-        n = self.batches_for_all_ranks(len(items), batch_size)
         pad = self.tok.pad_token_id
-        for b in range(n):
-            chunk = items[b * batch_size:(b + 1) * batch_size] or [("", "x")]
+        for chunk, idle in self.lockstep_batches(items, batch_size, idle_item=("", "x")):
             seqs, starts = [], []
             for prompt, cont in chunk:
                 p_ids = self.tok(self.render(prompt), add_special_tokens=False)["input_ids"]
-                c_ids = self.tok(cont, add_special_tokens=False)["input_ids"] or [pad]
-                seqs.append(p_ids + c_ids)
+                seqs.append(p_ids + (self.tok(cont, add_special_tokens=False)["input_ids"] or [pad]))
                 starts.append(len(p_ids))
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, sq in enumerate(seqs):
-                ids[i, :len(sq)] = torch.tensor(sq)
-                mask[i, :len(sq)] = 1
-            with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None].to(self.device))[..., 0]
-            if b * batch_size < len(items):
-                for i, sq in enumerate(seqs):
-                    span = logp[i, starts[i] - 1:len(sq) - 1]
-                    out.append((float(span.sum()), int(span.numel())))
+            spans = self._span_logprobs(seqs, starts)
+            if not idle:
+                out += [(float(sum(x)), len(x)) for x in spans]
         return out
 
     @dispatch(SPLIT)
     def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8) -> list[list[float]]:
         """log p(response token) under this (frozen) model, logits divided by the sampling
         temperature: the reference role of PPO."""
-        from ..algos.lm import pack_samples, response_slices
-
         out: list[list[float]] = []
-        n = self.batches_for_all_ranks(len(samples), batch_size)
-        for b in range(n):
-            chunk = samples[b * batch_size:(b + 1) * batch_size] or samples[:1]
-            ids, attn, _ = pack_samples(chunk, self.tok.pad_token_id)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
-            lp = torch.log_softmax(logits[:, :-1].float() / temperature, -1).gather(
-                -1, ids[:, 1:, None].to(self.device))[..., 0]
-            if b * batch_size < len(samples):
-                out += response_slices(lp.cpu(), chunk)
+        for chunk, idle in self.lockstep_batches(samples, batch_size):
+            seqs = [list(s["prompt_ids"]) + list(s["response_ids"]) for s in chunk]
+            spans = self._span_logprobs(seqs, [len(s["prompt_ids"]) for s in chunk], temperature)
+            if not idle:
+                out += spans
         return out
 
     @dispatch(SPLIT)
@@ -231,18 +228,16 @@ class LabelerWorker(Worker):
         """Continue each rendered prompt (rationales for chain-of-thought labeling)."""
         out: list[str] = []
         torch.manual_seed(seed + self.rank)
-        n = self.batches_for_all_ranks(len(items), batch_size)
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
                                   eos_token_id=self.tok.eos_token_id)
         kw.update(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else kw.update(do_sample=False)
         if self.lockstep:
             kw["synced_gpus"] = True  # ranks keep gathering until all have finished
-        for b in range(n):
-            chunk = items[b * batch_size:(b + 1) * batch_size]
-            texts = [self.render(t) for t in chunk] or [self.render("")]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        for chunk, idle in self.lockstep_batches(items, batch_size, idle_item=""):
+            enc = self.tok([self.render(t) for t in chunk], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self.device)
             with torch.no_grad():
                 gen = self.model.generate(**enc, **kw)
-            if chunk:
+            if not idle:
                 out.extend(self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
         return out

@@ -3,12 +3,12 @@ question asked on its own gives."""
 import pytest
 
 from rayalign.cluster.group import LocalGroup
-from rayalign.workers.labeler import LabelerWorker
+from rayalign.workers.frozen import FrozenLMWorker
 
 
 @pytest.fixture(scope="module")
 def worker():
-    grp = LocalGroup("labeler", LabelerWorker, threads=1)
+    grp = LocalGroup("labeler", FrozenLMWorker, threads=1)
     grp.init_model({"name": "tiny-llama"}, {}, True)
     # Not killed: in-process workers share this process's torch.distributed group, which
     # DeepSpeed keeps a handle on for the in-process tests that follow.
