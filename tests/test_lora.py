@@ -130,3 +130,25 @@ def test_lora_heads_train_with_their_adapters(role, tiny_dir, tmp_path):
     m = auto.from_pretrained(out, num_labels=1)
     assert not any("lora" in n or "modules_to_save" in n for n, _ in m.named_parameters())
     assert models.load_tokenizer(out) is not None
+
+
+def test_lora_with_gradient_checkpointing_trains(tiny_dir):
+    """Checkpointed layers recompute from a frozen embedding's output: the adapters must still
+    get gradients (PEFT's input-grad hook)."""
+    from rayalign import data, models
+    from rayalign.workers.policy import PolicyWorker
+
+    tok = models.load_tokenizer(tiny_dir)
+    examples = [data.encode_sft(tok, "hello! how are you today?", "i am fine, thank you.", 64)] * 2
+    targets = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+    train = TrainConfig(lr=1e-2, batch_size=2, micro_batch_size=2, lr_schedule="constant", lora=LC)
+    grp = LocalGroup("policy", PolicyWorker, threads=1)
+    try:
+        grp.init_model({"name": "tiny-llama", "gradient_checkpointing": True}, ZeroConfig(stage=1).model_dump(),
+                       train.model_dump(), 3)
+        first = grp.train_step(examples, targets)
+        assert first["grad_norm"][0] > 0
+        last = [grp.train_step(examples, targets) for _ in range(2)][-1]
+        assert last["nll_sum"][0] < first["nll_sum"][0]
+    finally:
+        grp.kill()

@@ -15,7 +15,7 @@ from ..labeler import FunctionBackend, GroupBackend, HTTPBackend, Labeler, gold_
 from ..labeler.templates import resolve_template
 from ..tracking import Progress, write_summary
 from ..workers.frozen import FrozenLMWorker
-from .common import prepare_run_dir, role_group, say
+from .common import prepare_run_dir, role_group, say, stage_layout
 
 
 @contextlib.contextmanager
@@ -142,13 +142,14 @@ def run_label(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
                 pairs = [cached[p["id"]] for p in pairs]
             else:
                 say(f"sampling two responses for {len(pairs)} prompts")
-                sample_responses(cfg, pairs)
+                with stage_layout(cfg, "sample"):
+                    sample_responses(cfg, pairs)
                 samples_path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         todo = [p for p in pairs if p["id"] not in done]
         say(f"{len(pairs)} pairs, {len(done)} already labelled, labeler {cfg.labeler.mode} "
             f"on {cfg.labeler.backend.type}")
         if todo:
-            with open_labeler(cfg) as labeler, out_path.open("a") as fh:
+            with stage_layout(cfg, "label"), open_labeler(cfg) as labeler, out_path.open("a") as fh:
                 bar = Progress(len(pairs), "label", initial=len(done))
                 step = cfg.label.chunk_size
                 for i in range(0, len(todo), step):
