@@ -97,8 +97,8 @@ def test_encode_sft_masks_the_prompt(tiny_dir):
     assert t.attention_mask[1].sum() == 8
     assert (labels[1, 8:] == -100).all()
     assert labels[0].tolist() == list(ex["labels"])
-    packed, plabels = layout_labeled([ex, short], tok.pad_token_id, packed=True)
-    assert packed.ids.shape == (1, len(ids) + 8) and packed.attention_mask is None
-    assert packed.position_ids[0, len(ids):].tolist() == list(range(8))
+    packed, plabels = layout_labeled([short, short, ex], tok.pad_token_id, packed=True)
+    assert packed.ids.shape == (2, len(ids)) and packed.attention_mask is None  # the two short ones share a row
+    assert packed.position_ids[1, :16].tolist() == list(range(8)) * 2
     # the second sequence's first token is never a target of the first's last position
-    assert plabels[0, len(ids)] == -100 and plabels[0, :len(ids)].tolist() == [-100] + list(ex["labels"][1:])
+    assert plabels[1, 8] == -100 and plabels[0].tolist() == [-100] + list(ex["labels"][1:])

@@ -52,28 +52,34 @@ def _samples(vocab: int, n: int = 4, seed: int = 0) -> list[dict]:
 
 
 def test_layouts_place_each_sequence_by_hand():
-    seqs = [[5, 6, 7], [8, 9], [4]]
+    seqs = [[5, 6, 7, 1], [8, 9], [4]]
     pad = layout(seqs, 0)
-    assert pad.ids.tolist() == [[5, 6, 7], [8, 9, 0], [4, 0, 0]]
-    assert pad.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert pad.ids.tolist() == [[5, 6, 7, 1], [8, 9, 0, 0], [4, 0, 0, 0]]
+    assert pad.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]
+    # Packed: rows as wide as the longest sequence, filled longest first; a row's unused end
+    # is padding in a segment of its own (its positions restart too).
     packed = layout(seqs, 0, packed=True)
-    assert packed.ids.tolist() == [[5, 6, 7, 8, 9, 4]] and packed.attention_mask is None
-    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0]]
-    assert (packed.rows, packed.cols) == ([0, 0, 0], [0, 3, 5])
+    assert packed.ids.tolist() == [[5, 6, 7, 1], [8, 9, 4, 0]] and packed.attention_mask is None
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]]
+    assert (packed.rows, packed.cols) == ([0, 1, 1], [0, 0, 2])
     # tokens 1.. of each sequence are scored at shifted positions col + t - 1
-    assert packed.span_mask([1, 1, 1], [2, 1, 0]).tolist() == [[1, 1, 0, 1, 0]]
-    assert pad.span_mask([1, 1, 1], [2, 1, 0]).tolist() == [[1, 1], [1, 0], [0, 0]]
-    frame = torch.arange(5.0)[None]
-    assert packed.slices(frame, [1, 1], [2, 1]) == [[0.0, 1.0], [3.0]]
-    assert packed.to_frame([[7.0, 8.0], [9.0]], [1, 1]).tolist() == [[7, 8, 0, 9, 0]]
-    assert packed.flat(torch.tensor([[1, 2, 3, 4, 5, 6]])).tolist() == [1, 2, 3, 4, 5, 6]
-    assert pad.flat(pad.ids).tolist() == [5, 6, 7, 8, 9, 4]
-    _, labels = layout_labeled([{"input_ids": [5, 6], "labels": [5, 6]},
-                                {"input_ids": [7, 8], "labels": [IGNORE, 8]}], 0, packed=True)
-    assert labels.tolist() == [[IGNORE, 6, IGNORE, 8]]  # never scored across the boundary
+    assert packed.span_mask([1, 1, 1], [3, 1, 0]).tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert pad.span_mask([1, 1, 1], [3, 1, 0]).tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    frame = torch.arange(6.0).view(2, 3)
+    assert packed.slices(frame, [1, 1], [3, 1]) == [[0.0, 1.0, 2.0], [3.0]]
+    assert packed.to_frame([[7.0, 8.0, 9.0], [6.0]], [1, 1]).tolist() == [[7, 8, 9], [6, 0, 0]]
+    assert packed.flat(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])).tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert pad.flat(pad.ids).tolist() == [5, 6, 7, 1, 8, 9, 4]
+    # every sequence alone in a row when none fits beside another: the padded layout's rows
+    assert layout([[1, 2], [3, 4]], 0, packed=True).ids.tolist() == [[1, 2], [3, 4]]
+    _, labels = layout_labeled([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                                {"input_ids": [8], "labels": [8]},
+                                {"input_ids": [9, 2], "labels": [IGNORE, 2]}], 0, packed=True)
+    assert labels.tolist() == [[IGNORE, 6, 7], [IGNORE, 2, IGNORE]]  # never scored across a boundary
     t, act = sample_layout([{"prompt_ids": [1, 2], "response_ids": [3]},
-                            {"prompt_ids": [4], "response_ids": [5, 6]}], 0, packed=True)
-    assert act.tolist() == [[0, 1, 0, 1, 1]]
+                            {"prompt_ids": [4], "response_ids": [5]}], 0, packed=True)
+    assert t.ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert act.tolist() == [[0, 1], [1, 0]]
     with pytest.raises(ValueError, match="at least one token"):
         layout([[1], []], 0)
 

@@ -41,10 +41,14 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: f
 class Tokens:
     """Token sequences laid out for one forward.
 
-    Padded: one right-padded row per sequence, with an attention mask. Packed: every
-    sequence in one row, no padding at all, position ids restarting at 0 for each, so the
-    model's attention stays inside each sequence (transformers builds that block-diagonal
-    causal mask from the position ids; flash-attention reads them as variable lengths).
+    Padded: one right-padded row per sequence, with an attention mask. Packed: sequences
+    placed one after another in rows as wide as the longest of them (first fit, longest
+    first), position ids restarting at 0 for each, so the model's attention stays inside
+    each sequence (transformers builds that block-diagonal causal mask from the position
+    ids; flash-attention reads them as variable lengths). Only a row's unused end is
+    padding (a segment of its own). Rows no wider than the padded layout's keep attention's
+    cost at or below the padded one's: one row of every sequence would cost the square of
+    the micro-batch's total length.
     Sequence ``i`` starts at ``(rows[i], cols[i])``; its token ``t`` is scored (predicted)
     at ``(rows[i], cols[i] + t - 1)`` of the shifted frame ``[R, W-1]``.
     """
@@ -103,14 +107,23 @@ def layout(seqs: list[list[int]], pad_id: int, packed: bool = False) -> Tokens:
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("layout: every sequence needs at least one token")
     lengths = [len(s) for s in seqs]
-    if packed:
-        ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
-        pos = torch.tensor([[i for n in lengths for i in range(n)]], dtype=torch.long)
-        cols = [0]
-        for n in lengths[:-1]:
-            cols.append(cols[-1] + n)
-        return Tokens(ids, None, pos, [0] * len(seqs), cols, lengths)
     width = max(lengths)
+    if packed:
+        rows, cols, fill = [0] * len(seqs), [0] * len(seqs), []
+        for i in sorted(range(len(seqs)), key=lambda k: -lengths[k]):
+            r = next((j for j, used in enumerate(fill) if used + lengths[i] <= width), len(fill))
+            if r == len(fill):
+                fill.append(0)
+            rows[i], cols[i] = r, fill[r]
+            fill[r] += lengths[i]
+        ids = torch.full((len(fill), width), pad_id, dtype=torch.long)
+        pos = torch.zeros_like(ids)
+        for s, r, c in zip(seqs, rows, cols):
+            ids[r, c:c + len(s)] = torch.tensor(s, dtype=torch.long)
+            pos[r, c:c + len(s)] = torch.arange(len(s))
+        for r, used in enumerate(fill):
+            pos[r, used:] = torch.arange(width - used)  # the unused end: a segment of its own
+        return Tokens(ids, None, pos, rows, cols, lengths)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for i, s in enumerate(seqs):

@@ -68,8 +68,9 @@ class RewardWorker(TrainableWorker):
             return self.engine(**t.inputs(self.device)).logits[:, 0].float()
         # Pooled where transformers pools a padded row: the last token that is not the pad id.
         last = [max((i for i, x in enumerate(s) if x != pad), default=len(s) - 1) for s in seqs]
-        v = self.per_token(t)[0, :, 0].float()
-        return v[torch.tensor([c + j for c, j in zip(t.cols, last)], device=v.device)]
+        v = self.per_token(t)[..., 0].float()
+        return v[torch.tensor(t.rows, device=v.device), torch.tensor([c + j for c, j in zip(t.cols, last)],
+                                                                    device=v.device)]
 
     def _pair_loss(self, r1, r2, p, margin) -> torch.Tensor:
         """Summed (not mean) loss over the micro-batch's pairs."""
