@@ -146,9 +146,10 @@ class RoleLoad:
     notes: list[str] = field(default_factory=list)
 
 
-def roles_of(cfg: Config, prompt_tokens: int = 128) -> list[RoleLoad]:
+def roles_of(cfg: Config, prompt_tokens: int = 128, allow_empty: bool = False) -> list[RoleLoad]:
     """Every role the config's stages start, stage by stage (stages run one after another,
-    so only roles of the same phase hold memory together)."""
+    so only roles of the same phase hold memory together). ``allow_empty``: a config whose
+    stages start no role (labelling over HTTP) gives an empty list instead of an error."""
     out: list[RoleLoad] = []
     if cfg.sft is not None:
         s = cfg.sft
@@ -197,7 +198,7 @@ def roles_of(cfg: Config, prompt_tokens: int = 128) -> list[RoleLoad]:
         al = cfg.aligner
         out.append(RoleLoad("aligner", "aligner", al.model or cfg.model, al.group, train=al.train,
                             train_tokens=al.data.max_length))
-    if not out:
+    if not out and not allow_empty:
         raise ConfigError("the config defines no stage to plan (sft, label, rm, ppo or aligner)")
     return out
 

@@ -113,7 +113,7 @@ def stage_layout(cfg: Config, phase: str) -> Iterator[Layout]:
     from ..cluster.plan import roles_of
 
     global _layout
-    roles = {lo.role: lo.group for lo in roles_of(cfg) if lo.phase == phase}
+    roles = {lo.role: lo.group for lo in roles_of(cfg, allow_empty=True) if lo.phase == phase}
     try:
         lay = Layout(roles)
     except placement.PlacementError as exc:
