@@ -46,6 +46,15 @@ ppo:
     return cfg
 
 
+# vLLM's CPU kernels need a head size of 32 or more: the tiny model with 2 heads of 64.
+VLLM_MODEL = ("{name: tiny-llama, overrides: {hidden_size: 128, intermediate_size: 256, num_attention_heads: 2, "
+              "num_key_value_heads: 1, head_dim: 64}}")
+VLLM_ROLLOUT = """
+rollout: {engine: vllm, group: {workers: 1, cpus_per_worker: 0.25, threads_per_worker: 1}, kv_cache_gb: 0.25,
+          max_model_len: 512, tis_cap: 2.0, sync_bucket_mb: 0.2}
+"""
+
+
 def cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, "-m", "rayalign.cli", *args], env=env, start_new_session=True,
@@ -60,13 +69,7 @@ def by_step(run_dir):
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 def test_ppo_with_a_vllm_rollout_engine(tmp_path):
-    # vLLM's CPU kernels need a head size of 32 or more: the tiny model with 2 heads of 64.
-    model = ("{name: tiny-llama, overrides: {hidden_size: 128, intermediate_size: 256, num_attention_heads: 2, "
-             "num_key_value_heads: 1, head_dim: 64}}")
-    cfg = ppo_yaml(tmp_path, iterations=3, save_every=0, model=model, extra="""
-rollout: {engine: vllm, group: {workers: 1, cpus_per_worker: 0.25, threads_per_worker: 1}, kv_cache_gb: 0.25,
-          max_model_len: 512, tis_cap: 2.0, sync_bucket_mb: 0.2}
-""")
+    cfg = ppo_yaml(tmp_path, iterations=3, save_every=0, model=VLLM_MODEL, extra=VLLM_ROLLOUT)
     run_dir = tmp_path / "run"
     p = cli(["ppo", str(cfg), "--run-dir", str(run_dir)])
     out = p.communicate(timeout=500)[0]
@@ -91,12 +94,7 @@ def test_ppo_with_lora_policy_and_critic(tmp_path):
     """LoRA on a ZeRO-3 policy of 2 ranks and on the critic: the reference is the policy's base
     (no reference group), the engine gets merged weights (its log-probs equal the trainer's),
     checkpoints hold only adapters (and the critic's head), the export is a plain HF model."""
-    model = ("{name: tiny-llama, overrides: {hidden_size: 128, intermediate_size: 256, num_attention_heads: 2, "
-             "num_key_value_heads: 1, head_dim: 64}}")
-    cfg = ppo_yaml(tmp_path, iterations=2, save_every=2, model=model, extra="""
-rollout: {engine: vllm, group: {workers: 1, cpus_per_worker: 0.25, threads_per_worker: 1}, kv_cache_gb: 0.25,
-          max_model_len: 512, tis_cap: 2.0, sync_bucket_mb: 0.2}
-""")
+    cfg = ppo_yaml(tmp_path, iterations=2, save_every=2, model=VLLM_MODEL, extra=VLLM_ROLLOUT)
     run_dir = tmp_path / "run"
     p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), "ppo.policy.group.zero.stage=3",
              "ppo.policy.train.lora={r: 4, alpha: 8}", "ppo.critic.train.lora={r: 4, alpha: 8}",

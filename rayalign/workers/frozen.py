@@ -52,11 +52,8 @@ class FrozenLMWorker(Worker):
         else:
             self.model = module.to(self.device)
             self.lockstep = False
-        try:
-            self.packing = self.model_cfg.packing and self.check_packing(
-                self.per_token, min(int(module.config.vocab_size), len(self.tok)))
-        except (TypeError, ValueError, RuntimeError):
-            self.packing = False
+        self.packing = self.model_cfg.packing and self.check_packing(
+            self.per_token, min(int(module.config.vocab_size), len(self.tok)))
         return {"load_s": time.time() - t0, "chat": self.chat, "packing": self.packing,
                 "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())}
 

@@ -102,8 +102,6 @@ class TrainableWorker(Worker):
         try:
             vocab = min(int(getattr(module.config, "vocab_size", 0) or len(self.tok)), len(self.tok))
             return self.check_packing(self.per_token, vocab)
-        except (TypeError, ValueError, RuntimeError):  # e.g. a forward without position_ids
-            return False
         finally:
             self.engine.train()
 
