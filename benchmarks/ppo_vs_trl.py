@@ -198,7 +198,8 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
                 if sampler is not None:
                     sampler.version = it + 1  # the next rollout syncs the updated weights
                 backlog = m.pop("critic_backlog", None)
-                m.pop("samples")
+                m.pop("batch")
+                m.pop("examples")
                 its.append({k: m.get(k, 0.0) for k in ("iteration_s", "generate_s", "score_s", "train_s", "sync_s",
                                                        "response_length", "approx_kl_epoch1", "kl",
                                                        "logprob_drift_mean", "logprob_drift_max")})

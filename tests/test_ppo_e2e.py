@@ -140,3 +140,50 @@ def test_deferred_critic_update_is_the_same_arithmetic(tiny_dir):
     for x, y in zip(a, b):
         for k in ("reward_mean", "kl", "policy_loss", "approx_kl_epoch2"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_driver_traffic_does_not_grow_with_the_batch(local_ray):
+    """The driver passes handles: at 4x the samples, the bytes it sends and reads per
+    iteration stay the same while the training batch in the object store grows 4x."""
+    from rayalign.batch import TRAFFIC, Batch, column, put, task
+    from rayalign.cluster import placement
+    from rayalign.cluster.group import ActorGroup
+    from rayalign.pipelines.ppo import iteration_prompts
+    from rayalign.workers.critic import CriticWorker
+    from rayalign.workers.frozen import FrozenLMWorker
+    from rayalign.workers.policy import PolicyWorker
+
+    roles = {r: GroupConfig(workers=1, cpus_per_worker=0.5, zero=ZeroConfig(stage=1))
+             for r in ("policy", "critic", "reference")}
+    pools = placement.place(roles)
+    groups = []
+    try:
+        # One micro-batch per step whatever the minibatch's size (DeepSpeed fixes the count).
+        tr = TrainConfig(lr=1e-4, batch_size=16, micro_batch_size=16, lr_schedule="constant").model_dump()
+        for name, cls in (("policy", PolicyWorker), ("critic", CriticWorker), ("reference", FrozenLMWorker)):
+            groups.append(ActorGroup(name, cls, roles[name], pools, roles=roles))
+        pol, cri, ref = groups
+        pol.init_model(MODEL, roles["policy"].zero.model_dump(), tr, 200)
+        cri.init_model(MODEL, roles["critic"].zero.model_dump(), tr, 200)
+        ref.init_model(MODEL, {}, True)
+        dataset = put(Batch({"prompt": column("prompt", [f"{p} {i}" for p in PROMPTS for i in range(4)])}), True)
+        seen = {}
+        for it, n in enumerate((8, 8, 32)):
+            TRAFFIC.reset(on=True)
+            _, prompts = task(iteration_prompts, dataset, it, n, 0, 1)
+            m = ppo_iteration(pol, ref, cri, even_share, prompts, temperature=1.0, max_new_tokens=8, epochs=2,
+                              minibatches=2, seed=it, overlap="off")
+            seen[n] = (TRAFFIC.total, m["batch_nbytes"])
+            TRAFFIC.reset(on=False)
+            assert m["reward_mean"] > 0 and m["value_loss"] > 0 and len(m["examples"]) == 4
+        (small, small_batch), (big, big_batch) = seen[8], seen[32]
+        print(f"driver bytes: {small} at 8 samples, {big} at 32; batch {small_batch} -> {big_batch}")
+        assert big_batch > 3 * small_batch
+        assert big <= small * 1.05 + 256, seen
+    finally:
+        for g in groups:
+            g.kill()
+        TRAFFIC.reset(on=False)
+        placement.release(pools.values())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import GroupConfig
+from ..batch import TRAFFIC, split_sizes
 from .placement import Pool, role_shares
 from .worker import ALL, EACH, SPLIT, Worker
 
@@ -29,10 +30,8 @@ class GroupError(RuntimeError):
 def split_list(items: Sequence, n: int) -> list[list]:
     """Contiguous chunks whose sizes differ by at most one (earlier chunks larger)."""
     items = list(items)
-    q, r = divmod(len(items), n)
     out, start = [], 0
-    for i in range(n):
-        k = q + (1 if i < r else 0)
+    for k in split_sizes(len(items), n):
         out.append(items[start:start + k])
         start += k
     return out
@@ -91,6 +90,22 @@ def _method_mode(worker_cls: type, name: str) -> str:
     return mode
 
 
+def _returns_rows(worker_cls: type, name: str, args: tuple) -> bool:
+    """A split call given a Rows handle whose method declares per-row output."""
+    from ..batch import Rows
+
+    return bool(args) and isinstance(args[0], Rows) and getattr(getattr(worker_cls, name), "_rayalign_out", None)
+
+
+def _rows_of(metas: list[dict], batches: list):
+    """Rows over the ranks' answers, in rank order."""
+    from ..batch import Rows
+
+    complete = set(metas[0]["complete"]).intersection(*(m["complete"] for m in metas))
+    return Rows(tuple((b, m["rows"]) for m, b in zip(metas, batches)),
+                complete=tuple(k for k in metas[0]["complete"] if k in complete))
+
+
 class Pending:
     """A group call in flight (or, in process, already done)."""
 
@@ -136,6 +151,12 @@ class _GroupBase:
         return getattr(self, method)(items + items[:1] * pad, *args, **kwargs)[:len(items)]
 
     def _split_args(self, name: str, args: tuple, n: int) -> list[tuple]:
+        from ..batch import Rows
+
+        if args and isinstance(args[0], Rows):
+            if len(args[0]) < n:
+                raise GroupError(f"{self.name}.{name}: {len(args[0])} rows cannot be split over {n} ranks")
+            return [(part,) + tuple(args[1:]) for part in args[0].split(n)]
         if not args or not isinstance(args[0], (list, tuple)):
             raise GroupError(f"{self.name}.{name}: a split call needs a list as first argument")
         if len(args[0]) < n:
@@ -197,9 +218,16 @@ class ActorGroup(_GroupBase):
     def _submit(self, name: str, mode: str, args: tuple, kwargs: dict) -> Pending:
         import ray
 
+        TRAFFIC.sent((args, kwargs), f"{self.name}.{name}")
         if mode == SPLIT:
-            refs = [getattr(a, name).remote(*sa, **kwargs)
-                    for a, sa in zip(self.actors, self._split_args(name, args, len(self.actors)))]
+            parts = self._split_args(name, args, len(self.actors))
+            if _returns_rows(self.worker_cls, name, args):
+                # The answers stay in the object store: the driver waits on each rank's small
+                # meta and hands on a Rows over the batches.
+                pairs = [getattr(a, name).options(num_returns=2).remote(*sa, **kwargs)
+                         for a, sa in zip(self.actors, parts)]
+                return Pending(lambda: _rows_of(self._get([m for m, _ in pairs], name), [b for _, b in pairs]))
+            refs = [getattr(a, name).remote(*sa, **kwargs) for a, sa in zip(self.actors, parts)]
             return Pending(lambda: merge(self._get(refs, name)))
         refs = [getattr(a, name).remote(*args, **kwargs) for a in self.actors]
 
@@ -215,7 +243,9 @@ class ActorGroup(_GroupBase):
         import ray
 
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            out = ray.get(refs, timeout=self.timeout_s)
+            TRAFFIC.received(out, f"{self.name}.{method}")
+            return out
         except ray.exceptions.GetTimeoutError:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             late = [i for i, r in enumerate(refs) if r not in ready]
@@ -265,6 +295,8 @@ class LocalGroup(_GroupBase):
 
     def _call(self, name: str, mode: str, args: tuple, kwargs: dict):
         out = getattr(self.worker, name)(*args, **kwargs)
+        if mode == SPLIT and _returns_rows(self.worker_cls, name, args):
+            return _rows_of([out[0]], [out[1]])
         return [out] if mode == EACH else out
 
     def kill(self) -> None:

@@ -12,6 +12,7 @@ rank 0's answer (collectives need every rank); ``@dispatch(EACH)`` returns the l
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import os
 import socket
@@ -22,13 +23,45 @@ EACH = "each"    # every rank runs it with the same args; the list of results is
 SPLIT = "split"  # the first argument (a list) is split into contiguous chunks, one per rank
 
 
-def dispatch(mode: str) -> Callable:
+def dispatch(mode: str, out: str | None = None, takes: str | None = None) -> Callable:
+    """Declare how a group call is dispatched. A SPLIT method also accepts a
+    :class:`rayalign.batch.Rows` handle as its first argument: the rank loads its rows
+    and the method sees them as per-row dicts (``takes``: only that column's values).
+    ``out`` declares what the method returns per row: ``"rows"`` (dicts, e.g. samples)
+    or a column name of :data:`rayalign.batch.COLUMNS`; given a handle, such a method
+    answers ``(meta, Batch)`` and the batch stays in the object store."""
     if mode not in (ALL, EACH, SPLIT):
         raise ValueError(f"unknown dispatch mode {mode!r}")
+    if (out or takes) and mode != SPLIT:
+        raise ValueError("out= and takes= apply to split calls")
 
     def mark(fn: Callable) -> Callable:
-        fn._rayalign_dispatch = mode
-        return fn
+        if mode != SPLIT:
+            fn._rayalign_dispatch = mode
+            return fn
+
+        @functools.wraps(fn)
+        def call(self, first, *args, **kwargs):
+            from ..batch import Batch, Rows, column, meta_of
+
+            if not isinstance(first, Rows):
+                return fn(self, first, *args, **kwargs)
+            given = first.load()
+            rows = given.get(takes) if takes else given.to_rows()
+            result = fn(self, rows, *args, **kwargs)
+            if out is None:
+                return result
+            if out == "rows":
+                if takes:  # the input column travels on with the answers (a rollout keeps its prompt)
+                    result = [dict(r, **{takes: x}) for r, x in zip(result, rows)]
+                batch = Batch.from_rows(result)
+            else:
+                batch = Batch({out: column(out, result)})
+            return meta_of(batch), batch
+
+        call._rayalign_dispatch = mode
+        call._rayalign_out = out
+        return call
 
     return mark
 

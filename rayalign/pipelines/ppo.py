@@ -29,18 +29,7 @@ from .common import checkpoint_root, prepare_run_dir, record_placement, role_gro
 ScoreFn = Callable[[list[str], list[dict]], list[float]]
 
 
-def _frame(lists: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample response lists into [B, R] right-padded tensors plus their mask."""
-    width = max(len(x) for x in lists)
-    t = torch.zeros((len(lists), width))
-    m = torch.zeros((len(lists), width))
-    for i, x in enumerate(lists):
-        t[i, :len(x)] = torch.tensor(x)
-        m[i, :len(x)] = 1
-    return t, m
-
-
-def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[str], *,
+def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[str] | Rows", *,
                   temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 32,
                   kl_coef: float = 0.05, kl_estimator: str = "k1", estimator: str = "gae",
                   samples_per_prompt: int = 1, gamma: float = 1.0, lam: float = 0.95, clip: float = 0.2,
@@ -51,7 +40,14 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
                   defer_critic: bool = False, critic_backlog: list | None = None,
                   seed: int = 0, sampler=None, tis_cap: float | None = None) -> dict[str, Any]:
     """One PPO iteration. ``reward_fn(prompts, samples)`` gives one score per sample (the
-    combined reward sources). Returns metrics and the samples.
+    combined reward sources). Returns metrics, a few example samples (``examples``) and the
+    iteration's training batch as a :class:`~rayalign.batch.Rows` handle (``batch``).
+
+    The data stays off the driver: ``prompts`` (a list, or Rows of a ``prompt`` column
+    already repeated ``samples_per_prompt`` times) go to the sampler, whose samples stay in
+    the object store; the reference, critic and policy read them there; scoring and the
+    advantage math run in tasks beside them; the updates select their minibatch rows from
+    (seed, epoch). The driver passes handles and reads metrics.
 
     ``overlap``: roles that do not depend on each other run at the same time. ``separate``
     (roles on their own nodes or GPUs): reference, critic and reward scoring overlap, and
@@ -63,14 +59,22 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
     default the policy's own workers); its weight syncs are the ``sync_s`` phase.
     ``tis_cap``: truncated importance weights against the engine's log-probs.
     """
+    from ..batch import Batch, Rows, column, put, task
+    from ..cluster.group import ActorGroup
+
     if overlap not in ("shared_cores", "separate", "off"):
         raise ValueError(f"overlap must be shared_cores, separate or off, not {overlap!r}")
     if estimator == "gae" and critic is None:
         raise ValueError("estimator gae needs a critic")
     times: dict[str, float] = {}
-    batch = [p for p in prompts for _ in range(samples_per_prompt)]  # a prompt's samples stay adjacent
+    if not isinstance(prompts, Rows):
+        # A prompt's samples stay adjacent (the per-prompt baselines rely on it).
+        batch = [p for p in prompts for _ in range(samples_per_prompt)]
+        prompts = put(Batch({"prompt": column("prompt", batch)}), isinstance(policy, ActorGroup))
+    remote = prompts.remote
+    engines = sampler is not None and sampler.engines is not None
 
-    if sampler is not None and sampler.engines is not None:
+    if engines:
         t = time.time()
         sampler.ensure_synced()  # the weights of the last update, before this rollout
         times["sync_s"] = time.time() - t
@@ -82,89 +86,48 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         if pending and overlap == "off":
             for p in pending:
                 p.result()
-        samples = (sampler or policy).rollout(batch, max_new_tokens, temperature, top_p, seed, rollout_batch_size,
+        samples = (sampler or policy).rollout(prompts, max_new_tokens, temperature, top_p, seed, rollout_batch_size,
                                               min_new_tokens)
         critic_stats = _critic_stats([p.result() for p in pending])
     times["generate_s"] = time.time() - t
 
     t = time.time()
-    engine_lp = [s.get("rollout_logprobs") for s in samples]
-    have_engine_lp = all(x is not None for x in engine_lp)
-    drift: dict[str, float] = {}
-    is_w = None
-    if logprobs_from_rollout and have_engine_lp:
-        old_logp = engine_lp
-    else:
-        old_logp = policy.token_logprobs(samples, temperature)
-        if have_engine_lp and sampler is not None and sampler.engines is not None:
-            tl, tmask = _frame(old_logp)
-            el, _ = _frame(engine_lp)
-            drift = ppo.logprob_drift(tl, el, tmask)
-            if tis_cap is not None:
-                is_w = ppo.truncated_is_weights(tl, el, tis_cap) * tmask
-                drift["tis_weight_mean"] = float((is_w.sum() / tmask.sum()))
+    have_engine_lp = "rollout_logprobs" in samples.complete
+    old = None
+    if not (logprobs_from_rollout and have_engine_lp):
+        old = policy.token_logprobs(samples, temperature)
     gae_on = estimator == "gae"
     # Scoring forwards overlap only where roles have their own cores: on shared cores two
     # threads on one forward beat one thread each on two (measured: benchmarks/README.md).
     go = overlap == "separate"
     ref_f = reference.submit("token_logprobs", samples, temperature) if go else None
     val_f = critic.submit("values", samples) if gae_on and go else None
-    raw = torch.tensor(reward_fn(batch, samples), dtype=torch.float32)
-    ref_logp = ref_f.result() if ref_f else reference.token_logprobs(samples, temperature)
+    score_meta, scores = task(score_samples, samples, reward_fn, remote=remote)
+    ref_lp = ref_f.result() if ref_f else reference.token_logprobs(samples, temperature)
     values = (val_f.result() if val_f else critic.values(samples)) if gae_on else None
-    scores = raw
-    if missing_eos_penalty is not None:
-        scores = ppo.eos_penalty(scores, torch.tensor([s["ended"] for s in samples]), missing_eos_penalty)
-    if reward_clip is not None:
-        scores = scores.clamp(-reward_clip, reward_clip)
+    settings = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, estimator=estimator,
+                    samples_per_prompt=samples_per_prompt, gamma=gamma, lam=lam,
+                    missing_eos_penalty=missing_eos_penalty, reward_clip=reward_clip,
+                    drift=engines and have_engine_lp and old is not None, tis_cap=tis_cap,
+                    version=sampler.version if engines else None,
+                    epochs=epochs, minibatches=minibatches, seed=seed)
+    info, train = task(advantages, samples, old, ref_lp, values, scores, settings, remote=remote)
     times["score_s"] = time.time() - t
 
-    logp, mask = _frame(old_logp)
-    ref, _ = _frame(ref_logp)
-    kl = ppo.kl_estimate(logp, ref, kl_estimator) * mask
-    if estimator == "gae":
-        rewards = ppo.token_rewards(scores, kl, mask, kl_coef)
-        v, _ = _frame(values)
-        adv, returns = ppo.gae(rewards, v, mask, gamma, lam)
-        adv = ppo.masked_whiten(adv, mask)
-    else:
-        # Critic-free: the KL penalty folds into the sequence reward, the baseline is per batch
-        # (reinforce) or per prompt (rloo, group_norm); every token shares its sequence's advantage.
-        seq = scores - kl_coef * kl.sum(1)
-        adv = ppo.sequence_baselines(seq, samples_per_prompt, estimator)[:, None] * mask
-        if estimator != "group_norm":  # already on a unit scale per group
-            # Whitened like GAE's: the step size then does not depend on the reward's scale
-            # (as in REINFORCE++ and RLOO's normalised advantages).
-            adv = ppo.masked_whiten(adv, mask)
-        returns = None
-
-    for i, s in enumerate(samples):
-        n = int(mask[i].sum())
-        s["old_logprobs"] = old_logp[i]
-        if is_w is not None:
-            s["is_weights"] = is_w[i, :n].tolist()
-        s["advantages"] = adv[i, :n].tolist()
-        if values is not None:
-            s["old_values"] = values[i]
-            s["returns"] = returns[i, :n].tolist()
-
     t = time.time()
-    if len(samples) % minibatches:
-        raise ValueError(f"{len(samples)} samples do not split into {minibatches} minibatches")
-    mbs = len(samples) // minibatches
+    n = info["rows"]
+    if n % minibatches:
+        raise ValueError(f"{n} samples do not split into {minibatches} minibatches")
+    mbs = n // minibatches
     stats: dict[str, float] = {}
-    backlog: list | None = [] if values is not None and defer_critic else None
-    now = values is not None and not defer_critic
+    backlog: list | None = [] if gae_on and defer_critic else None
+    now = gae_on and not defer_critic
     with _overlapped([policy, critic] if now else [], overlap):
-        _updates(policy, critic if now else None, samples, epochs, minibatches, mbs, clip,
+        _updates(policy, critic if now else None, train, info["minibatch_tokens"], epochs, minibatches, mbs, clip,
                  value_clip, temperature, entropy_coef, seed, overlap, stats, backlog)
     times["train_s"] = time.time() - t
-    seq_kl = kl.sum(1)
     out = {
-        "reward_mean": float(raw.mean()), "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
-        "score_mean": float(scores.mean()),
-        "kl": float(seq_kl.mean()), "kl_coef": kl_coef, "response_length": float(mask.sum(1).mean()),
-        "ended_rate": sum(s["ended"] for s in samples) / len(samples),
+        **info["metrics"], **score_meta["terms"], "kl_coef": kl_coef,
         "policy_loss": stats[f"loss_epoch{epochs}"], "clipfrac": stats[f"clipfrac_epoch{epochs}"],
         "approx_kl": stats[f"approx_kl_epoch{epochs}"], "entropy": stats[f"entropy_epoch{epochs}"],
         **{k: v for k, v in stats.items() if "_epoch" in k},
@@ -177,11 +140,102 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: list[s
         out.update(critic_stats)
     if backlog is not None:
         out["critic_backlog"] = backlog
-    out.update(drift)
     out.update(times)
     out["iteration_s"] = sum(times.values())
-    out["samples"] = samples
+    out["batch_nbytes"] = info["nbytes"]
+    out["examples"] = info["examples"]
+    out["batch"] = train
     return out
+
+
+def score_samples(samples, reward_fn: ScoreFn):
+    """The reward of each sample (a task beside the reference and critic forwards): a
+    ``score`` column, and each reward term's mean where the reward is a mix."""
+    from ..batch import Batch, BatchError, column, meta_of
+
+    rows = samples.load().to_rows(["prompt", "prompt_ids", "response_ids", "response", "ended"])
+    scores = reward_fn([r["prompt"] for r in rows], rows)
+    if len(scores) != len(rows):
+        raise BatchError(f"the reward gave {len(scores)} scores for {len(rows)} samples")
+    out = Batch({"score": column("score", [float(x) for x in scores])})
+    return meta_of(out, terms=dict(getattr(reward_fn, "last_terms", None) or {})), out
+
+
+def minibatch(rows, seed: int, epoch: int, j: int, size: int, shuffle: bool):
+    """Minibatch ``j`` of ``epoch``: a fixed shuffle per (seed, epoch), so resumed runs see
+    the same minibatches."""
+    base = rows.shuffled(seed * 7919 + epoch) if shuffle else rows
+    return base.take(j * size, (j + 1) * size)
+
+
+def advantages(samples, old, ref, values, scores, s: dict):
+    """Rewards, KL and advantages of an iteration's samples (a task off the driver): the
+    training batch (samples plus ``old_logprobs``, ``advantages``, and for GAE
+    ``old_values``/``returns``) and the iteration's metrics."""
+    from ..batch import Batch, Ragged, Rows, frame, meta_of, unframe
+    from ..rollout import WeightVersionError
+
+    b = samples.load()
+    if s["version"] is not None:
+        got = set(b.get("weight_version"))
+        if got != {s["version"]}:
+            raise WeightVersionError(f"rollouts sampled with weight version(s) {sorted(got)}, the policy is at "
+                                     f"{s['version']}")
+    lens = b.columns["response_ids"].lengths
+    width = int(lens.max())
+    engine_lp = b.columns.get("rollout_logprobs")
+    old_col = old.load().columns["logprobs"] if old is not None else Ragged(engine_lp.values, engine_lp.offsets)
+    logp, mask = frame(old_col, width)
+    metrics: dict[str, Any] = {}
+    is_w = None
+    if s["drift"]:
+        el, _ = frame(engine_lp, width)
+        metrics.update(ppo.logprob_drift(logp, el, mask))
+        if s["tis_cap"] is not None:
+            is_w = ppo.truncated_is_weights(logp, el, s["tis_cap"]) * mask
+            metrics["tis_weight_mean"] = float(is_w.sum() / mask.sum())
+    ref_lp, _ = frame(ref.load().columns["logprobs"], width)
+    raw = torch.from_numpy(scores.load().columns["score"].copy())
+    sc = raw
+    if s["missing_eos_penalty"] is not None:
+        sc = ppo.eos_penalty(sc, torch.from_numpy(b.columns["ended"].copy()), s["missing_eos_penalty"])
+    if s["reward_clip"] is not None:
+        sc = sc.clamp(-s["reward_clip"], s["reward_clip"])
+    kl = ppo.kl_estimate(logp, ref_lp, s["kl_estimator"]) * mask
+    cols: dict[str, Any] = {"old_logprobs": old_col}
+    if s["estimator"] == "gae":
+        v, _ = frame(values.load().columns["values"], width)
+        rewards = ppo.token_rewards(sc, kl, mask, s["kl_coef"])
+        adv, returns = ppo.gae(rewards, v, mask, s["gamma"], s["lam"])
+        adv = ppo.masked_whiten(adv, mask)
+        cols["old_values"] = unframe(v, lens)
+        cols["returns"] = unframe(returns, lens)
+    else:
+        # Critic-free: the KL penalty folds into the sequence reward, the baseline is per batch
+        # (reinforce) or per prompt (rloo, group_norm); every token shares its sequence's advantage.
+        seq = sc - s["kl_coef"] * kl.sum(1)
+        adv = ppo.sequence_baselines(seq, s["samples_per_prompt"], s["estimator"])[:, None] * mask
+        if s["estimator"] != "group_norm":  # already on a unit scale per group
+            # Whitened like GAE's: the step size then does not depend on the reward's scale
+            # (as in REINFORCE++ and RLOO's normalised advantages).
+            adv = ppo.masked_whiten(adv, mask)
+    cols["advantages"] = unframe(adv, lens)
+    if is_w is not None:
+        cols["is_weights"] = unframe(is_w, lens)
+    train = b.with_columns(cols)
+    n, mbs = len(train), len(train) // s["minibatches"]
+    whole = Rows(((train, n),))
+    tokens = [[int(lens[minibatch(whole, s["seed"], e, j, mbs, s["minibatches"] > 1).indices()].sum())
+               for j in range(s["minibatches"])] for e in range(s["epochs"])]
+    ended = b.columns["ended"]
+    metrics.update({
+        "reward_mean": float(raw.mean()), "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+        "score_mean": float(sc.mean()), "kl": float(kl.sum(1).mean()),
+        "response_length": float(mask.sum(1).mean()), "ended_rate": float(ended.mean()),
+    })
+    examples = [{"prompt_tokens": len(r["prompt_ids"]), "response": r["response"], "ended": r["ended"]}
+                for r in b.take(range(min(4, n))).to_rows(["prompt_ids", "response", "ended"])]
+    return meta_of(train, metrics=metrics, minibatch_tokens=tokens, examples=examples), train
 
 
 @contextlib.contextmanager
@@ -217,29 +271,26 @@ def flush_critic(critic, backlog: list | None, value_clip: float = 0.2) -> dict[
     return _critic_stats([critic.value_update(part, tokens, value_clip) for part, tokens in backlog or []])
 
 
-def _updates(policy, critic, samples, epochs, minibatches, mbs, clip, value_clip, temperature, entropy_coef,
+def _updates(policy, critic, train, tokens, epochs, minibatches, mbs, clip, value_clip, temperature, entropy_coef,
              seed, overlap, stats, backlog=None) -> None:
     """PPO epochs x minibatches of policy (and critic) steps; the critic's step runs beside
-    the policy's."""
+    the policy's. ``tokens[epoch][j]``: the response tokens of each minibatch."""
     for epoch in range(epochs):
-        order = list(range(len(samples)))
-        if minibatches > 1:  # a fixed shuffle per (seed, epoch): resumed runs see the same minibatches
-            random.Random(seed * 7919 + epoch).shuffle(order)
-        for j in range(0, len(samples), mbs):
-            part = [samples[k] for k in order[j:j + mbs]]
-            tokens = sum(len(s["response_ids"]) for s in part)
+        for j in range(minibatches):
+            part = minibatch(train, seed, epoch, j, mbs, minibatches > 1)
+            n_tok = tokens[epoch][j]
             if backlog is not None:
-                backlog.append((part, tokens))
-            pending = critic.submit("value_update", part, tokens, value_clip) \
+                backlog.append((part, n_tok))
+            pending = critic.submit("value_update", part, n_tok, value_clip) \
                 if critic is not None and overlap != "off" else None
-            r = policy.ppo_update(part, tokens, clip, temperature, entropy_coef)
+            r = policy.ppo_update(part, n_tok, clip, temperature, entropy_coef)
             n = sum(r["tokens"])
             for k in ("loss", "clipfrac", "approx_kl", "entropy"):
                 key = f"{k}_epoch{epoch + 1}"
                 stats[key] = stats.get(key, 0.0) + sum(r[k]) / n / minibatches
             stats["grad_norm"] = r["grad_norm"][0]
             if critic is not None:
-                c = pending.result() if pending else critic.value_update(part, tokens, value_clip)
+                c = pending.result() if pending else critic.value_update(part, n_tok, value_clip)
                 share = 1.0 / (minibatches * epochs)
                 stats["value_loss"] = stats.get("value_loss", 0.0) + sum(c["value_loss"]) / sum(c["tokens"]) * share
                 stats["vf_clipfrac"] = stats.get("vf_clipfrac", 0.0) + sum(c["vf_clipfrac"]) / sum(c["tokens"]) * share
@@ -264,6 +315,16 @@ def load_prompts(cfg: Config) -> tuple[list[str], list[str], dict[str, str]]:
         raise ConfigError(f"ppo.algo.prompts_per_iteration ({cfg.ppo.algo.prompts_per_iteration}) exceeds the "
                           f"{len(train)} training prompts")
     return train, held, kinds
+
+
+def iteration_prompts(dataset, it: int, n: int, seed: int, samples_per_prompt: int = 1):
+    """Iteration ``it``'s prompts drawn from the prompt set's rows (a task: the driver sends
+    the handle and the numbers), each repeated ``samples_per_prompt`` times."""
+    from ..batch import Batch, column, meta_of
+
+    chosen = prompts_for_iteration(dataset.load().get("prompt"), it, n, seed)
+    b = Batch({"prompt": column("prompt", [p for p in chosen for _ in range(samples_per_prompt)])})
+    return meta_of(b), b
 
 
 def prompts_for_iteration(prompts: list[str], it: int, n: int, seed: int) -> list[str]:
@@ -445,8 +506,13 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
         bar = Progress(a.iterations, "ppo", initial=start_it)
         backlog: list | None = None
         waiting: tuple[int, dict] | None = None  # a row whose critic losses are still to come
+        # The prompt set goes to the object store once; each iteration's prompts are drawn
+        # there (a task), so the driver's traffic does not grow with the batch.
+        from ..batch import Batch, column, put, task
+
+        dataset = put(Batch({"prompt": column("prompt", train_prompts)}), remote=True)
         for it in range(start_it, a.iterations):
-            prompts = prompts_for_iteration(train_prompts, it, a.prompts_per_iteration, a.seed)
+            _, prompts = task(iteration_prompts, dataset, it, a.prompts_per_iteration, a.seed, a.samples_per_prompt)
             sampler.version = it  # the weights after `it` updates
             m = ppo_iteration(
                 policy, reference, critic, rewards, prompts, temperature=a.temperature, top_p=a.top_p,
@@ -458,7 +524,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 rollout_batch_size=a.rollout_batch_size, overlap=a.overlap,
                 defer_critic=a.defer_critic_update and a.overlap != "off", critic_backlog=backlog,
                 seed=a.seed * 100_003 + it, sampler=sampler, tis_cap=cfg.rollout.tis_cap)
-            samples = m.pop("samples")
+            m.pop("batch")
+            examples = m.pop("examples")
             backlog = m.pop("critic_backlog", None)
             done = it + 1
             if waiting is not None:
@@ -473,14 +540,13 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 # The checkpoint (and the run's end) holds the critic after its last update.
                 m.update(flush_critic(critic, backlog, a.value_clip))
                 backlog = None
-            m.update(rewards.last_terms)
-            kl_ctl.update(m["kl"], len(samples))
+            kl_ctl.update(m["kl"], a.prompts_per_iteration * a.samples_per_prompt)
             if backlog:
                 waiting = (done, m)
             else:
                 tracker.log("ppo", done, m)
             history.append(m)
-            _write_samples(run_dir, done, samples)
+            _write_samples(run_dir, done, examples)
             bar.update(1, reward=m["reward_mean"], kl=m["kl"], s=m["iteration_s"])
             if ev_cfg.reward_every and fixed and (done % ev_cfg.reward_every == 0 or done == a.iterations):
                 heldout_eval(done)
@@ -540,11 +606,10 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _write_samples(run_dir: Path, it: int, samples: list[dict]) -> None:
+def _write_samples(run_dir: Path, it: int, examples: list[dict]) -> None:
     with (run_dir / "ppo_samples.jsonl").open("a") as fh:
-        for s in samples[:4]:
-            fh.write(json.dumps({"iteration": it, "prompt_tokens": len(s["prompt_ids"]),
-                                 "response": s["response"], "ended": s["ended"]}) + "\n")
+        for e in examples:
+            fh.write(json.dumps({"iteration": it, **e}) + "\n")
 
 
 def heldout_reward(policy, rewards, prompts: list[str], max_new_tokens: int,

@@ -32,13 +32,17 @@ class Sampler:
         self.last_sync = self.policy.sync_weights(targets, self.version, self.rc.sync_bucket_mb, self.rc.sync_timeout_s)
         self._engine_version = self.version
 
-    def rollout(self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                batch_size: int, min_new_tokens: int = 0) -> list[dict]:
+    def rollout(self, prompts, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                batch_size: int, min_new_tokens: int = 0):
+        """Samples for ``prompts`` (a list, or :class:`~rayalign.batch.Rows` of prompts: then
+        Rows of samples)."""
         if self.engines is None:
             return self.policy.rollout(prompts, max_new_tokens, temperature, top_p, seed, batch_size, min_new_tokens)
         self.ensure_synced()
         samples = self.engines.rollout(prompts, max_new_tokens, temperature, top_p, seed, batch_size,
                                        min_new_tokens, self.version)
+        if not isinstance(samples, list):
+            return samples  # rows in the object store: the advantage task checks their versions
         stale = {s["weight_version"] for s in samples} - {self.version}
         if stale:
             raise WeightVersionError(f"rollouts sampled with weight version(s) {sorted(stale)}, the policy is at "

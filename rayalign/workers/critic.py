@@ -29,7 +29,7 @@ class CriticWorker(TrainableWorker):
         v = self.per_token(t)[..., 0]
         return v[:, :-1].float(), t, act.to(v.device)
 
-    @dispatch(SPLIT)
+    @dispatch(SPLIT, out="values")
     def values(self, samples: list[dict], batch_size: int = 8) -> list[list[float]]:
         out: list[list[float]] = []
         self.engine.eval()

@@ -207,7 +207,7 @@ class FrozenLMWorker(Worker):
                 out += [(float(sum(x)), len(x)) for x in spans]
         return out
 
-    @dispatch(SPLIT)
+    @dispatch(SPLIT, out="logprobs")
     def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8) -> list[list[float]]:
         """log p(response token) under this (frozen) model, logits divided by the sampling
         temperature: the reference role of PPO."""

@@ -94,7 +94,7 @@ class PolicyWorker(TrainableWorker):
 
     # ------------------------------------------------------------ PPO
 
-    @dispatch(SPLIT)
+    @dispatch(SPLIT, out="rows", takes="prompt")
     def rollout(self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.7,
                 top_p: float = 1.0, seed: int = 0, batch_size: int = 8, min_new_tokens: int = 0) -> list[dict]:
         """Sample one response per prompt (left-padded batches). Each response is cut after
@@ -130,7 +130,7 @@ class PolicyWorker(TrainableWorker):
         t, act = sample_layout(samples, self.tok.pad_token_id, self.packing)
         return self.per_token(t), t, act.to(self.device)
 
-    @dispatch(SPLIT)
+    @dispatch(SPLIT, out="logprobs")
     def token_logprobs(self, samples: list[dict], temperature: float = 1.0, batch_size: int = 8,
                        adapter: bool = True) -> list[list[float]]:
         """log π(response token) with logits divided by the sampling temperature

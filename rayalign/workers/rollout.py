@@ -40,7 +40,7 @@ class RolloutWorker(Worker):
 
     # ------------------------------------------------------------ sampling
 
-    @dispatch(SPLIT)
+    @dispatch(SPLIT, out="rows", takes="prompt")
     def rollout(self, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.7, top_p: float = 1.0,
                 seed: int = 0, batch_size: int = 16, min_new_tokens: int = 0, version: int | None = None,
                 first_index: int = 0) -> list[dict]:
