@@ -12,7 +12,8 @@ of positions. Groups split a ``Rows`` over their ranks (:mod:`rayalign.cluster.g
 each rank fetches only the pieces its rows are in. The driver passes handles and reads
 small metadata, so what crosses it per PPO iteration does not grow with the batch
 (``benchmarks/driver_bytes.py``). :func:`task` runs a function off the driver on
-handles (a Ray task where the rows are in the object store, in process otherwise).
+handles (in the session's data-plane worker where the rows are in the object store, in
+process otherwise).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import collections
 import dataclasses
 import pickle
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -352,6 +354,9 @@ _CACHE: "collections.OrderedDict[str, Batch]" = collections.OrderedDict()
 _CACHE_SIZE = 8
 
 
+_CACHE_LOCK = threading.Lock()
+
+
 def _fetch(piece: Any) -> Batch:
     if isinstance(piece, Batch):
         return piece
@@ -360,15 +365,17 @@ def _fetch(piece: Any) -> Batch:
     import ray
 
     key = piece.hex()
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
     b = ray.get(piece)
     if not isinstance(b, Batch):
         raise BatchError(f"object {key[:16]} holds a {type(b).__name__}, not a Batch")
-    _CACHE[key] = b
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    with _CACHE_LOCK:
+        _CACHE[key] = b
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
     return b
 
 
@@ -395,8 +402,8 @@ def meta_of(batch: Batch, **extra) -> dict:
 def task(fn: Callable[..., tuple[dict, Batch]], *args, remote: bool | None = None, timeout_s: float | None = 600,
          **kwargs) -> tuple[dict, Rows]:
     """Run ``fn(*args) -> (meta, batch)`` off the driver when its rows are in the object
-    store (a Ray task taking no CPU of the placement groups: it waits on the roles' work);
-    returns the small ``meta`` and the batch as :class:`Rows`."""
+    store (in the session's data-plane worker, :class:`_PlaneWorker`); returns the small
+    ``meta`` and the batch as :class:`Rows`."""
     if remote is None:
         remote = any(isinstance(a, Rows) and a.remote for a in args)
     if not remote:
@@ -406,15 +413,45 @@ def task(fn: Callable[..., tuple[dict, Batch]], *args, remote: bool | None = Non
 
     _ship_by_value(fn, *args, *kwargs.values())
     TRAFFIC.sent((args, kwargs))
-    meta_ref, batch_ref = ray.remote(num_cpus=0, num_returns=2, max_retries=0)(fn).remote(*args, **kwargs)
+    meta_ref, batch_ref = _plane().run.options(num_returns=2).remote(fn, args, kwargs)
     try:
         meta = ray.get(meta_ref, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise BatchError(f"{getattr(fn, '__name__', fn)} did not finish within {timeout_s:g}s") from None
+    except ray.exceptions.RayActorError:
+        _PLANE.clear()  # the next call starts a new one
+        raise
     except ray.exceptions.RayTaskError as e:
         raise e.as_instanceof_cause() from None
     TRAFFIC.received(meta)
     return meta, Rows(((batch_ref, meta["rows"]),), complete=tuple(meta["complete"]))
+
+
+class _PlaneWorker:
+    """Where the driver's data-plane functions run: one process per Ray session that
+    takes no CPU of the placement groups (its work is small and waits on the roles'),
+    kept alive so each call does not start and import a new worker (a plain task did:
+    ~4 s a call, since Ray retires idle task workers after a second)."""
+
+    def run(self, fn, args, kwargs):
+        return fn(*args, **kwargs)
+
+
+_PLANE: dict = {}
+
+
+def _plane():
+    import ray
+
+    try:
+        session = ray._private.worker.global_worker.node.session_name
+    except AttributeError:
+        session = None
+    if _PLANE.get("session") != session or "actor" not in _PLANE:
+        _PLANE.clear()
+        _PLANE.update(session=session, actor=ray.remote(num_cpus=0, max_concurrency=4, max_restarts=0)(
+            _PlaneWorker).options(name=None).remote())
+    return _PLANE["actor"]
 
 
 def _ship_by_value(*objs: Any) -> None:

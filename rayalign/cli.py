@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -119,10 +120,9 @@ def cmd_serve(args) -> int:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            import signal
-
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
             print("[rayalign] stopping", file=sys.stderr, flush=True)
+            raise
         finally:
             serve.shutdown()
     return 0
@@ -326,12 +326,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    from .cluster.procs import stop_on_signals
+
+    stop_on_signals()
     try:
         return args.fn(args)
     except RayalignError as exc:
         kind = "config error" if isinstance(exc, ConfigError) else "error"
         print(f"rayalign: {kind}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"rayalign: stopped by {signal.Signals(signum).name}; the processes it started are stopped "
+              "(a run with checkpoints continues with --resume RUN_DIR)", file=sys.stderr, flush=True)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -351,8 +351,14 @@ class PPOAlgoConfig(Section):
         "arithmetic: the critic is read only after it); for roles on separate devices. On shared CPU cores it "
         "loses: decoding is memory-bound and slows 2-3x beside a backward pass (benchmarks/README.md)")
     seed: int = 0
-    save_every: int = Field(0, ge=0, description="iterations between checkpoints (0 = at the end)")
+    save_every: int = Field(10, ge=0, description="iterations between checkpoints (0: only at the end and by "
+                            "save_minutes); every role, the KL state and the data cursor commit together")
+    save_minutes: float = Field(30.0, ge=0, description="a checkpoint at least this often (0: off), so a failure "
+                                "loses at most this much work")
     keep_checkpoints: int = Field(1, ge=1)
+    max_failures: int = Field(3, ge=0, description="lost actors, nodes or unanswered calls the run recovers from "
+                              "inside the job (roles restarted from the last commit); past it the run stops with "
+                              "the resume command")
 
     @model_validator(mode="after")
     def _check(self) -> "PPOAlgoConfig":

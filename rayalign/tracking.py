@@ -69,15 +69,18 @@ class Tracker:
 
 
 def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
-    rows = []
+    """The rows of ``stage`` (all stages: None). A later row for the same stage and step
+    replaces the earlier one: a resumed or recovered run ran that step again from its
+    checkpoint, and the later row is the one the run's state continues from."""
+    rows: dict[tuple, dict] = {}
     if not Path(path).is_file():
-        return rows
+        return []
     for line in Path(path).read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             if stage is None or r.get("stage") == stage:
-                rows.append(r)
-    return rows
+                rows[(r.get("stage"), r.get("step"))] = r
+    return list(rows.values())
 
 
 def plot_metrics(run_dir: Path, stage: str, keys: list[list[str]], title: str | None = None) -> Path | None:

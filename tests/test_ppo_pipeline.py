@@ -163,11 +163,56 @@ def test_ppo_kill_and_resume_matches_uninterrupted(tmp_path):
     out = p.communicate(timeout=400)[0]
     assert p.returncode == 0, out[-3000:]
     assert "resuming after iteration" in out
-    resumed = by_step(cut_dir)
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    for it in range(1, 7):
+    same_metrics(by_step(cut_dir), full)
+
+    # Inside the job (ZeRO-2): two ranks SIGKILLed, the run restarts its roles from the last
+    # commit each time and ends where the uninterrupted run did.
+    out, killed = chaos_run(cfg, tmp_path / "chaos", [2, 4], 0)
+    summary = json.loads((tmp_path / "chaos" / "summary.json").read_text())["ppo"]
+    assert [r["failure"] for r in summary["recoveries"]] == [1, 2], (summary["recoveries"], killed)
+    same_metrics(by_step(tmp_path / "chaos"), full)
+
+
+def chaos_run(cfg, run_dir, kills: list[int], seed: int, *over) -> tuple[str, list[dict]]:
+    """``rayalign ppo`` while SIGKILL hits a random rank of a random trained role once
+    each iteration in ``kills`` is logged (after the previous recovery finished)."""
+    from rayalign.chaos import kill_during_ppo
+
+    p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), *over])
+    try:
+        killed = kill_during_ppo(p, run_dir, kills, seed, timeout_s=500)
+    except Exception:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise RuntimeError(p.communicate()[0][-4000:])
+    out = p.communicate(timeout=500)[0]
+    assert p.returncode == 0, out[-4000:]
+    return out, killed
+
+
+def same_metrics(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for it in a:
         for k in ("reward_mean", "kl", "policy_loss", "value_loss", "response_length", "kl_coef"):
-            assert resumed[it][k] == pytest.approx(full[it][k], rel=1e-4, abs=1e-5), (it, k)
+            assert a[it][k] == pytest.approx(b[it][k], rel=1e-4, abs=1e-5), (it, k)
+
+
+@pytest.mark.timeout(900)
+def test_ppo_recovers_inside_the_job_under_zero3(tmp_path):
+    """Two ranks killed (SIGKILL) during a ZeRO-3 run: the job restarts its roles from the
+    last commit each time and finishes with the uninterrupted run's metrics."""
+    cfg = ppo_yaml(tmp_path, iterations=4, save_every=1)
+    over = ["ppo.policy.group.zero.stage=3", "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null"]
+    full_dir = tmp_path / "full"
+    p = cli(["ppo", str(cfg), "--run-dir", str(full_dir), *over])
+    out = p.communicate(timeout=400)[0]
+    assert p.returncode == 0, out[-3000:]
+    out, killed = chaos_run(cfg, tmp_path / "chaos", [1, 3], 3, *over)
+    summary = json.loads((tmp_path / "chaos" / "summary.json").read_text())["ppo"]
+    assert len(summary["recoveries"]) == 2, (summary["recoveries"], killed)
+    for r in summary["recoveries"]:
+        assert r["to_next_iteration_s"] > 0 and "died" in r["what"], r
+    assert out.count("Restarting the roles") == 2
+    same_metrics(by_step(tmp_path / "chaos"), by_step(full_dir))
 
 
 @pytest.mark.timeout(600)
@@ -207,3 +252,33 @@ def test_ppo_config_errors(tmp_path, capsys):
     assert main(["ppo", str(cfg), "ppo.rewards=[{type: function, function: 'nowhere:fn'}]",
                  "ppo.eval.win_rate=false"]) == 2
     assert "cannot import reward function 'nowhere:fn'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_every_process_the_command_started(tmp_path, sig):
+    """SIGTERM (systemd, Kubernetes) or SIGINT to `rayalign ppo`: within 30 s every process
+    it started is gone (Ray's agents included), the exit status says which signal, and the
+    last line says why."""
+    from rayalign.chaos import ppo_progress
+    from rayalign.cluster.procs import alive, descendants
+
+    cfg = ppo_yaml(tmp_path, iterations=20, save_every=0)
+    run_dir = tmp_path / "run"
+    p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null"])
+    deadline = time.time() + 200
+    while ppo_progress(run_dir)[0] < 1 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[0][-3000:]
+    started = descendants(p.pid)
+    assert any((Path("/proc") / str(c) / "cmdline").read_bytes().startswith(b"ray::PolicyWorker") for c in started)
+    t0 = time.time()
+    p.send_signal(sig)
+    out = p.communicate(timeout=60)[0]
+    took = time.time() - t0
+    assert p.returncode == 128 + int(sig), out[-3000:]
+    assert took < 30, took
+    assert f"stopped by {sig.name}" in out.strip().splitlines()[-1], out[-2000:]
+    time.sleep(1)
+    left = [c for c in started if alive(c)]
+    assert not left, [(c, (Path("/proc") / str(c) / "cmdline").read_bytes()[:80]) for c in left]

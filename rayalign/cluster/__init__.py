@@ -38,7 +38,24 @@ def ray_session(cfg: ClusterConfig):
                  include_dashboard=False, object_store_memory=cfg.object_store_memory_mb * 2**20,
                  runtime_env={"env_vars": env_vars}, log_to_driver=True,
                  configure_logging=True, logging_level="warning")
+    embedded = not address and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    from .procs import restore_stop_handlers
+
+    restore_stop_handlers()
     try:
         yield
     finally:
-        ray.shutdown()
+        shutdown(embedded)
+
+
+def shutdown(embedded: bool) -> None:
+    """Stop Ray; for an embedded one, also every process it started. ``ray.shutdown()``
+    leaves ``DashboardAgent`` and ``RuntimeEnvAgent`` running (they ignore SIGTERM and are
+    re-parented once the raylet is gone): they are found before and killed after."""
+    import ray
+
+    from .procs import descendants, stop_all
+
+    ours = descendants(os.getpid()) if embedded else []
+    ray.shutdown()
+    stop_all(ours, grace_s=5.0)

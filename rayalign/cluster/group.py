@@ -27,6 +27,30 @@ class GroupError(RuntimeError):
     pass
 
 
+class LostRankError(GroupError):
+    """A rank died or did not answer within its timeout: restarting the role can help."""
+
+
+def lost_actor(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a lost actor, node or object: what a
+    restart of the roles from the last checkpoint recovers, unlike a bug or bad input."""
+    try:
+        import ray.exceptions as rex
+    except ImportError:
+        return isinstance(exc, LostRankError)
+    lost = (LostRankError, rex.RayActorError, rex.ObjectLostError, rex.OwnerDiedError, rex.NodeDiedError,
+            rex.GetTimeoutError)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, lost):
+            return True
+        if isinstance(exc, rex.RayTaskError) and isinstance(getattr(exc, "cause", None), lost):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def split_list(items: Sequence, n: int) -> list[list]:
     """Contiguous chunks whose sizes differ by at most one (earlier chunks larger)."""
     items = list(items)
@@ -249,7 +273,7 @@ class ActorGroup(_GroupBase):
         except ray.exceptions.GetTimeoutError:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             late = [i for i, r in enumerate(refs) if r not in ready]
-            raise GroupError(f"{self.name}.{method}: rank(s) {late} did not answer within {self.timeout_s:g}s "
+            raise LostRankError(f"{self.name}.{method}: rank(s) {late} did not answer within {self.timeout_s:g}s "
                              "(a stopped or overloaded process); the job stops here") from None
         except ray.exceptions.RayActorError as e:
             dead = []
@@ -260,7 +284,7 @@ class ActorGroup(_GroupBase):
                     dead.append(i)
                 except Exception:
                     pass
-            raise GroupError(f"{self.name}.{method}: rank(s) {dead or '?'} died during the call "
+            raise LostRankError(f"{self.name}.{method}: rank(s) {dead or '?'} died during the call "
                              f"({str(e).splitlines()[0][:200]}); resume the run from its last checkpoint") from e
 
     def kill(self) -> None:

@@ -20,6 +20,8 @@ import torch
 from .. import checkpoint, data
 from ..algos import ppo
 from ..cluster import ray_session
+from ..cluster.group import lost_actor
+from ..errors import RayalignError
 from ..config import Config, ConfigError, ModelConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import checkpoint_root, prepare_run_dir, record_placement, role_group, say, stage_layout
@@ -406,6 +408,22 @@ def _maybe_labeler(cfg: Config, needed: bool):
         yield lab
 
 
+class RecoveryError(RayalignError, RuntimeError):
+    """A run that lost actors more often than its ``max_failures`` allows."""
+
+
+def _start_point(root: str, resume: bool, needs_critic: bool) -> tuple[int, float | None, str | None, str | None]:
+    """Where a run (re)starts: (iteration, KL coefficient, policy checkpoint, critic
+    checkpoint) of the last commit, or the beginning."""
+    resume_from = _resume_point(root, needs_critic) if resume else None
+    if resume_from is None:
+        return 0, None, None, None
+    st = checkpoint.read_state(resume_from)["trainer"]
+    it = int(st["iteration"])
+    critic_from = checkpoint.step_dir(checkpoint.join(root, "critic"), it) if needs_critic else None
+    return it, float(st["kl_coef"]), resume_from, critic_from
+
+
 def _resume_point(root: str, needs_critic: bool) -> str | None:
     """The policy checkpoint of the newest step that every role committed. Run directories
     written before multi-role commits have only the policy's ``latest``; the critic's
@@ -442,14 +460,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     train_prompts, held, kinds = load_prompts(cfg)
     run_dir = prepare_run_dir(cfg, run_dir, "ppo", resume)
     root = checkpoint_root(cfg, run_dir)
-    start_it, kl_value, resume_from = 0, None, None
-    if resume:
-        resume_from = _resume_point(root, a.estimator == "gae")
-    if resume_from is not None:
-        st = checkpoint.read_state(resume_from)["trainer"]
-        start_it, kl_value = int(st["iteration"]), float(st["kl_coef"])
-    critic_from = checkpoint.step_dir(checkpoint.join(root, "critic"), start_it) if resume_from else None
-
+    start_it, kl_value, resume_from, critic_from = _start_point(root, resume, a.estimator == "gae")
     pmodel = policy_start(cfg, start_model)
     cmodel = pc.critic.model or pmodel
     kl_ctl = _kl_controller(cfg, kl_value)
@@ -462,113 +473,160 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
 
     t0 = time.time()
     summary: dict[str, Any] = {}
-    history: list[dict] = []
     ptrain = pc.policy.train.model_copy(update={"batch_size": mb})
     ctrain = pc.critic.train.model_copy(update={"batch_size": mb})
     # One optimizer step per minibatch; the schedule spans the whole run.
     total_steps = a.iterations * a.epochs * a.minibatches
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(ray_session(cfg.cluster))
-        stack.enter_context(stage_layout(cfg, "ppo"))  # colocate_with between PPO's roles
-        policy = stack.enter_context(role_group("policy", PolicyWorker, pc.policy.group))
-        info = policy.init_model(pmodel.model_dump(), pc.policy.group.zero.model_dump(), ptrain.model_dump(),
-                                 total_steps, str(resume_from) if resume_from else None)
-        say(f"policy ready: {info['params'] / 1e6:.1f}M parameters")
-        if ptrain.lora is not None:
-            reference = BaseOfPolicy(policy)  # the starting model is the policy's base: one copy
-            say("reference: the policy's base model (its LoRA adapter off), no separate group")
-        else:
-            reference = stack.enter_context(role_group("reference", FrozenLMWorker, pc.reference))
-            reference.init_model(pmodel.model_dump(), pc.reference.zero.model_dump(), True)
-        critic = None
-        if a.estimator == "gae":
-            critic = stack.enter_context(role_group("critic", CriticWorker, pc.critic.group))
-            critic.init_model(cmodel.model_dump(), pc.critic.group.zero.model_dump(), ctrain.model_dump(),
-                              total_steps, str(critic_from) if critic_from else None)
-        labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
-        rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
-        sampler = stack.enter_context(open_sampler(cfg, policy, pmodel, start_it))
-        record_placement(run_dir, {"policy": policy, "reference": None if ptrain.lora else reference, "critic": critic,
-                                   "rollout": sampler.engines})
-        # With an engine, the behaviour log-probs are the trainer's unless rollout.logprobs says engine.
-        lp_from_rollout = a.logprobs_from_rollout if sampler.engines is None else cfg.rollout.logprobs == "engine"
-        ev_cfg = pc.eval
-        fixed = held[:ev_cfg.reward_prompts]
+    resumed_at = start_it if resume_from else None
+    progress = {"iteration": start_it, "done_at": time.time()}  # what a failure interrupts
+    recoveries: list[dict] = []
 
-        def heldout_eval(it: int) -> None:
-            sampler.version = it
-            r = heldout_reward(sampler, rewards, fixed, a.max_new_tokens, kinds)
-            tracker.log("ppo_heldout", it, r)
-            say(f"held-out reward after iteration {it}: {r['heldout_reward']:.3f} on {len(fixed)} fixed prompts")
-
-        if ev_cfg.reward_every and fixed and start_it == 0:
-            heldout_eval(0)
-        bar = Progress(a.iterations, "ppo", initial=start_it)
-        backlog: list | None = None
-        waiting: tuple[int, dict] | None = None  # a row whose critic losses are still to come
-        # The prompt set goes to the object store once; each iteration's prompts are drawn
-        # there (a task), so the driver's traffic does not grow with the batch.
-        from ..batch import Batch, column, put, task
-
-        dataset = put(Batch({"prompt": column("prompt", train_prompts)}), remote=True)
-        for it in range(start_it, a.iterations):
-            _, prompts = task(iteration_prompts, dataset, it, a.prompts_per_iteration, a.seed, a.samples_per_prompt)
-            sampler.version = it  # the weights after `it` updates
-            m = ppo_iteration(
-                policy, reference, critic, rewards, prompts, temperature=a.temperature, top_p=a.top_p,
-                max_new_tokens=a.max_new_tokens, kl_coef=kl_ctl.value, kl_estimator=a.kl.estimator,
-                estimator=a.estimator, samples_per_prompt=a.samples_per_prompt, gamma=a.gamma, lam=a.lam,
-                clip=a.clip, value_clip=a.value_clip, entropy_coef=a.entropy_coef, epochs=a.epochs,
-                minibatches=a.minibatches, missing_eos_penalty=a.missing_eos_penalty,
-                reward_clip=a.reward_clip, logprobs_from_rollout=lp_from_rollout,
-                rollout_batch_size=a.rollout_batch_size, overlap=a.overlap,
-                defer_critic=a.defer_critic_update and a.overlap != "off", critic_backlog=backlog,
-                seed=a.seed * 100_003 + it, sampler=sampler, tis_cap=cfg.rollout.tis_cap)
-            m.pop("batch")
-            examples = m.pop("examples")
-            backlog = m.pop("critic_backlog", None)
-            done = it + 1
-            if waiting is not None:
-                # The critic update of the previous rollout finished during this rollout: its
-                # losses belong to the previous iteration's row, which is logged now.
-                prev_done, prev = waiting
-                prev.update({k: m.pop(k) for k in ("value_loss", "vf_clipfrac") if k in m})
-                tracker.log("ppo", prev_done, prev)
-                waiting = None
-            checkpoint_due = (a.save_every and done % a.save_every == 0) or done == a.iterations
-            if checkpoint_due and backlog:
-                # The checkpoint (and the run's end) holds the critic after its last update.
-                m.update(flush_critic(critic, backlog, a.value_clip))
-                backlog = None
-            kl_ctl.update(m["kl"], a.prompts_per_iteration * a.samples_per_prompt)
-            if backlog:
-                waiting = (done, m)
+    def attempt(start_it: int, kl_ctl, resume_from: str | None, critic_from: str | None):
+        """The run from ``start_it`` to the end: start the roles, iterate, evaluate. A lost
+        actor anywhere ends the attempt (its roles are stopped on the way out)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(stage_layout(cfg, "ppo"))  # colocate_with between PPO's roles
+            policy = stack.enter_context(role_group("policy", PolicyWorker, pc.policy.group))
+            info = policy.init_model(pmodel.model_dump(), pc.policy.group.zero.model_dump(), ptrain.model_dump(),
+                                     total_steps, str(resume_from) if resume_from else None)
+            say(f"policy ready: {info['params'] / 1e6:.1f}M parameters")
+            if ptrain.lora is not None:
+                reference = BaseOfPolicy(policy)  # the starting model is the policy's base: one copy
+                say("reference: the policy's base model (its LoRA adapter off), no separate group")
             else:
-                tracker.log("ppo", done, m)
-            history.append(m)
-            _write_samples(run_dir, done, examples)
-            bar.update(1, reward=m["reward_mean"], kl=m["kl"], s=m["iteration_s"])
-            if ev_cfg.reward_every and fixed and (done % ev_cfg.reward_every == 0 or done == a.iterations):
-                heldout_eval(done)
-            if checkpoint_due:
-                state = {"iteration": done, "kl_coef": kl_ctl.value}
-                roles = ["policy"]
-                if critic is not None:
-                    critic.save_checkpoint(checkpoint.join(root, "critic"), done, state, 0)
-                    roles.append("critic")
-                policy.save_checkpoint(checkpoint.join(root, "policy"), done, state, 0)
-                checkpoint.commit(root, done, roles, a.keep_checkpoints)
-        bar.close()
-        if critic is not None:
-            critic.kill()  # not needed for the evaluation; its memory is (a CPU rank keeps its peak)
-        final = run_dir / "final" / "policy"
-        policy.export_hf(str(final))
-        ev: dict[str, Any] = {}
-        if pc.eval.win_rate and held:
-            sampler.version = a.iterations
-            ev = evaluate_win_rate(cfg, sampler, reference, labeler, held, kinds)
-            tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
-        mem = policy.memory()
+                reference = stack.enter_context(role_group("reference", FrozenLMWorker, pc.reference))
+                reference.init_model(pmodel.model_dump(), pc.reference.zero.model_dump(), True)
+            critic = None
+            if a.estimator == "gae":
+                critic = stack.enter_context(role_group("critic", CriticWorker, pc.critic.group))
+                critic.init_model(cmodel.model_dump(), pc.critic.group.zero.model_dump(), ctrain.model_dump(),
+                                  total_steps, str(critic_from) if critic_from else None)
+            labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
+            rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
+            sampler = stack.enter_context(open_sampler(cfg, policy, pmodel, start_it))
+            record_placement(run_dir, {"policy": policy, "reference": None if ptrain.lora else reference,
+                                       "critic": critic, "rollout": sampler.engines})
+            if recoveries and "restart_s" not in recoveries[-1]:
+                recoveries[-1]["restart_s"] = round(time.time() - recoveries[-1]["detected_at"], 2)
+            # With an engine, the behaviour log-probs are the trainer's unless rollout.logprobs says engine.
+            lp_from_rollout = a.logprobs_from_rollout if sampler.engines is None else cfg.rollout.logprobs == "engine"
+            ev_cfg = pc.eval
+            fixed = held[:ev_cfg.reward_prompts]
+
+            def heldout_eval(it: int) -> None:
+                sampler.version = it
+                r = heldout_reward(sampler, rewards, fixed, a.max_new_tokens, kinds)
+                tracker.log("ppo_heldout", it, r)
+                say(f"held-out reward after iteration {it}: {r['heldout_reward']:.3f} on {len(fixed)} fixed prompts")
+
+            if ev_cfg.reward_every and fixed and start_it == 0:
+                heldout_eval(0)
+            bar = Progress(a.iterations, "ppo", initial=start_it)
+            stack.callback(bar.close)  # closed before any error or stop message is printed
+            backlog: list | None = None
+            waiting: tuple[int, dict] | None = None  # a row whose critic losses are still to come
+            # The prompt set goes to the object store once; each iteration's prompts are drawn
+            # there (a task), so the driver's traffic does not grow with the batch.
+            from ..batch import Batch, column, put, task
+
+            dataset = put(Batch({"prompt": column("prompt", train_prompts)}), remote=True)
+            last_save = time.time()
+            for it in range(start_it, a.iterations):
+                progress["iteration"] = it
+                _, prompts = task(iteration_prompts, dataset, it, a.prompts_per_iteration, a.seed,
+                                  a.samples_per_prompt)
+                sampler.version = it  # the weights after `it` updates
+                m = ppo_iteration(
+                    policy, reference, critic, rewards, prompts, temperature=a.temperature, top_p=a.top_p,
+                    max_new_tokens=a.max_new_tokens, kl_coef=kl_ctl.value, kl_estimator=a.kl.estimator,
+                    estimator=a.estimator, samples_per_prompt=a.samples_per_prompt, gamma=a.gamma, lam=a.lam,
+                    clip=a.clip, value_clip=a.value_clip, entropy_coef=a.entropy_coef, epochs=a.epochs,
+                    minibatches=a.minibatches, missing_eos_penalty=a.missing_eos_penalty,
+                    reward_clip=a.reward_clip, logprobs_from_rollout=lp_from_rollout,
+                    rollout_batch_size=a.rollout_batch_size, overlap=a.overlap,
+                    defer_critic=a.defer_critic_update and a.overlap != "off", critic_backlog=backlog,
+                    seed=a.seed * 100_003 + it, sampler=sampler, tis_cap=cfg.rollout.tis_cap)
+                m.pop("batch")
+                examples = m.pop("examples")
+                backlog = m.pop("critic_backlog", None)
+                done = it + 1
+                if waiting is not None:
+                    # The critic update of the previous rollout finished during this rollout: its
+                    # losses belong to the previous iteration's row, which is logged now.
+                    prev_done, prev = waiting
+                    prev.update({k: m.pop(k) for k in ("value_loss", "vf_clipfrac") if k in m})
+                    tracker.log("ppo", prev_done, prev)
+                    waiting = None
+                checkpoint_due = ((a.save_every and done % a.save_every == 0) or done == a.iterations
+                                  or (a.save_minutes and time.time() - last_save >= a.save_minutes * 60))
+                if checkpoint_due and backlog:
+                    # The checkpoint (and the run's end) holds the critic after its last update.
+                    m.update(flush_critic(critic, backlog, a.value_clip))
+                    backlog = None
+                kl_ctl.update(m["kl"], a.prompts_per_iteration * a.samples_per_prompt)
+                if backlog:
+                    waiting = (done, m)
+                else:
+                    tracker.log("ppo", done, m)
+                _write_samples(run_dir, done, examples)
+                bar.update(1, reward=m["reward_mean"], kl=m["kl"], s=m["iteration_s"])
+                if recoveries and "to_next_iteration_s" not in recoveries[-1]:
+                    r = recoveries[-1]
+                    r["to_next_iteration_s"] = round(time.time() - r["detected_at"], 2)
+                    tracker.log("ppo_recovery", done, {k: v for k, v in r.items() if k != "detected_at"})
+                    say(f"recovered: iteration {done} finished {r['to_next_iteration_s']:.0f}s after the failure")
+                if ev_cfg.reward_every and fixed and (done % ev_cfg.reward_every == 0 or done == a.iterations):
+                    heldout_eval(done)
+                if checkpoint_due:
+                    # Every role's shard first; the commit then names them together, so a crash
+                    # anywhere in between leaves the previous commit whole.
+                    state = {"iteration": done, "kl_coef": kl_ctl.value}
+                    roles = ["policy"]
+                    if critic is not None:
+                        critic.save_checkpoint(checkpoint.join(root, "critic"), done, state, 0)
+                        roles.append("critic")
+                    policy.save_checkpoint(checkpoint.join(root, "policy"), done, state, 0)
+                    checkpoint.commit(root, done, roles, a.keep_checkpoints)
+                    last_save = time.time()
+                progress["done_at"] = time.time()
+            bar.close()
+            progress["iteration"] = a.iterations
+            if critic is not None:
+                critic.kill()  # not needed for the evaluation; its memory is (a CPU rank keeps its peak)
+            final = run_dir / "final" / "policy"
+            policy.export_hf(str(final))
+            ev: dict[str, Any] = {}
+            if pc.eval.win_rate and held:
+                sampler.version = a.iterations
+                ev = evaluate_win_rate(cfg, sampler, reference, labeler, held, kinds)
+                tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
+            return ev, policy.memory(), final
+
+    with ray_session(cfg.cluster):
+        while True:
+            try:
+                ev, mem, final = attempt(start_it, kl_ctl, resume_from, critic_from)
+                break
+            except Exception as exc:
+                if not lost_actor(exc):
+                    raise
+                detected = time.time()
+                what = str(exc).splitlines()[0][:300]
+                if len(recoveries) >= a.max_failures:
+                    raise RecoveryError(
+                        f"PPO stopped: {what}. That is failure {len(recoveries) + 1}, past ppo.algo.max_failures "
+                        f"({a.max_failures}). Continue from the last checkpoint with: rayalign ppo CONFIG --resume "
+                        f"{run_dir}") from exc
+                start_it, kl_value, resume_from, critic_from = _start_point(root, True, a.estimator == "gae")
+                kl_ctl = _kl_controller(cfg, kl_value)
+                lost_its = progress["iteration"] - start_it
+                recoveries.append({"failure": len(recoveries) + 1, "what": what, "at_iteration": progress["iteration"],
+                                   "resumed_from_iteration": start_it, "iterations_lost": lost_its,
+                                   "partial_iteration_s": round(detected - progress["done_at"], 2),
+                                   "detected_at": detected, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                say(f"failure {len(recoveries)} of at most {a.max_failures} during iteration {progress['iteration'] + 1}: "
+                    f"{what}. Restarting the roles from "
+                    + (f"the commit of iteration {start_it}" if resume_from else "the start (no commit yet)"))
     tracker.close()
     plot_metrics(run_dir, "ppo", [["reward_mean"], ["kl"], ["approx_kl", "clipfrac"], ["value_loss"],
                                   ["response_length"], ["generate_s", "score_s", "train_s"]],
@@ -585,7 +643,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     timed = rows[1:] or rows
     summary = {
         "stage": "ppo", "policy_start": pmodel.name, "estimator": a.estimator, "iterations": a.iterations,
-        "resumed_from_iteration": start_it if resume_from else None,
+        "resumed_from_iteration": resumed_at,
+        "recoveries": [{k: v for k, v in r.items() if k != "detected_at"} for r in recoveries],
         "policy_workers": pc.policy.group.workers, "zero_stage": pc.policy.group.zero.stage,
         "reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
         "reward_last3_mean": statistics.fmean(r["reward_mean"] for r in rows[-3:]) if rows else None,
