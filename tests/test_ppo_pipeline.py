@@ -200,13 +200,13 @@ def same_metrics(a: dict, b: dict) -> None:
 def test_ppo_recovers_inside_the_job_under_zero3(tmp_path):
     """Two ranks killed (SIGKILL) during a ZeRO-3 run: the job restarts its roles from the
     last commit each time and finishes with the uninterrupted run's metrics."""
-    cfg = ppo_yaml(tmp_path, iterations=4, save_every=1)
+    cfg = ppo_yaml(tmp_path, iterations=3, save_every=1)
     over = ["ppo.policy.group.zero.stage=3", "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null"]
     full_dir = tmp_path / "full"
     p = cli(["ppo", str(cfg), "--run-dir", str(full_dir), *over])
     out = p.communicate(timeout=400)[0]
     assert p.returncode == 0, out[-3000:]
-    out, killed = chaos_run(cfg, tmp_path / "chaos", [1, 3], 3, *over)
+    out, killed = chaos_run(cfg, tmp_path / "chaos", [1, 2], 3, *over)
     summary = json.loads((tmp_path / "chaos" / "summary.json").read_text())["ppo"]
     assert len(summary["recoveries"]) == 2, (summary["recoveries"], killed)
     for r in summary["recoveries"]:
@@ -255,7 +255,7 @@ def test_ppo_config_errors(tmp_path, capsys):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM])  # SIGINT takes the same handler: test_procs.py
 def test_a_signal_stops_every_process_the_command_started(tmp_path, sig):
     """SIGTERM (systemd, Kubernetes) or SIGINT to `rayalign ppo`: within 30 s every process
     it started is gone (Ray's agents included), the exit status says which signal, and the

@@ -573,7 +573,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 if recoveries and "to_next_iteration_s" not in recoveries[-1]:
                     r = recoveries[-1]
                     r["to_next_iteration_s"] = round(time.time() - r["detected_at"], 2)
-                    tracker.log("ppo_recovery", done, {k: v for k, v in r.items() if k != "detected_at"})
+                    tracker.log("ppo_recovery", done, r)
                     say(f"recovered: iteration {done} finished {r['to_next_iteration_s']:.0f}s after the failure")
                 if ev_cfg.reward_every and fixed and (done % ev_cfg.reward_every == 0 or done == a.iterations):
                     heldout_eval(done)
@@ -644,7 +644,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     summary = {
         "stage": "ppo", "policy_start": pmodel.name, "estimator": a.estimator, "iterations": a.iterations,
         "resumed_from_iteration": resumed_at,
-        "recoveries": [{k: v for k, v in r.items() if k != "detected_at"} for r in recoveries],
+        "recoveries": recoveries,
         "policy_workers": pc.policy.group.workers, "zero_stage": pc.policy.group.zero.stage,
         "reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
         "reward_last3_mean": statistics.fmean(r["reward_mean"] for r in rows[-3:]) if rows else None,
