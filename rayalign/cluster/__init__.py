@@ -5,6 +5,7 @@ import contextlib
 import os
 
 from ..config import ClusterConfig
+from .procs import descendants, is_ray_process, restore_stop_handlers, stop_all
 
 
 @contextlib.contextmanager
@@ -19,6 +20,7 @@ def ray_session(cfg: ClusterConfig):
         yield
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    before: set[int] | None = None  # an embedded Ray: the processes already here
     env_vars = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false"}
     for key in ("RAYALIGN_CACHE", "XDG_CACHE_HOME", "PYTHONPATH"):
@@ -31,6 +33,7 @@ def ray_session(cfg: ClusterConfig):
     elif address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
+        before = set(descendants(os.getpid()))
         # address="local": a new embedded Ray even when another local cluster runs on this
         # machine (`ray start`, a test's head node), which ray.init() would otherwise join
         # and then refuse the CPU count for.
@@ -38,24 +41,20 @@ def ray_session(cfg: ClusterConfig):
                  include_dashboard=False, object_store_memory=cfg.object_store_memory_mb * 2**20,
                  runtime_env={"env_vars": env_vars}, log_to_driver=True,
                  configure_logging=True, logging_level="warning")
-    embedded = not address and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    from .procs import restore_stop_handlers
-
     restore_stop_handlers()
     try:
         yield
     finally:
-        shutdown(embedded)
+        shutdown(before)
 
 
-def shutdown(embedded: bool) -> None:
-    """Stop Ray; for an embedded one, also every process it started. ``ray.shutdown()``
-    leaves ``DashboardAgent`` and ``RuntimeEnvAgent`` running (they ignore SIGTERM and are
+def shutdown(before: set[int] | None) -> None:
+    """Stop Ray; for an embedded one (``before``: the processes this one had already
+    started), also every Ray process it started. ``ray.shutdown()`` leaves
+    ``DashboardAgent`` and ``RuntimeEnvAgent`` running (they ignore SIGTERM and are
     re-parented once the raylet is gone): they are found before and killed after."""
     import ray
 
-    from .procs import descendants, stop_all
-
-    ours = descendants(os.getpid()) if embedded else []
+    ours = [] if before is None else [p for p in descendants(os.getpid()) if p not in before and is_ray_process(p)]
     ray.shutdown()
     stop_all(ours, grace_s=5.0)

@@ -29,6 +29,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def is_ray_process(pid: int) -> bool:
+    """Ray's daemons (raylet, GCS, dashboard and agents) and workers (``ray::...``), not
+    other children of this process."""
+    try:
+        cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+    return cmd.startswith(b"ray::") or b"/ray/" in cmd or b"raylet" in cmd or b"gcs_server" in cmd
+
+
 def alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
