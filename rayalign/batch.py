@@ -462,12 +462,28 @@ def _ship_by_value(*objs: Any) -> None:
 
     from ray import cloudpickle
 
-    for obj in objs:
+    todo, seen = list(objs), set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        # A reward mix's terms are closures over the functions that need shipping.
+        todo += [t[-1] for t in getattr(obj, "terms", None) or [] if isinstance(t, tuple)]
         if isinstance(obj, types.FunctionType):
+            todo += [c.cell_contents for c in obj.__closure__ or () if _cell_set(c)]
             mod = sys.modules.get(obj.__module__)
             if mod is not None and not obj.__module__.startswith(("rayalign", "__main__")) \
                     and "site-packages" not in (getattr(mod, "__file__", None) or "site-packages"):
                 cloudpickle.register_pickle_by_value(mod)
+
+
+def _cell_set(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------- driver traffic
