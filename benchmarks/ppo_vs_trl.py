@@ -179,7 +179,7 @@ def run_rayalign(prompts: list[str], iterations: int, batch: int, length: int, t
             reward.init_model(ModelConfig(name=str(scalar)).model_dump(), zero, train, 1)
             sampler = None
             if engine != "trainer":
-                engines = ActorGroup("rollout", RolloutWorker, g, pools, roles=roles, timeout_s=rc.call_timeout_s)
+                engines = ActorGroup("rollout", RolloutWorker, g, pools, roles=roles, timeout_s=g.call_timeout_s)
                 groups.append(engines)
                 info = engines.init_engine({"name": MODEL}, engine,
                                            engine_settings(Config(rollout=rc)) | {"max_model_len": 1024}, -1)

@@ -38,7 +38,7 @@ def config(tmp: Path, model: str, iterations: int, zero: int) -> Path:
     cfg.write_text(f"""
 name: recovery-bench
 model: {{name: {model}}}
-cluster: {{num_cpus: 2, object_store_memory_mb: 200}}
+cluster: {{num_cpus: 2, object_store_memory_mb: 200, max_failures: 5}}
 tracking: {{root: {tmp / 'runs'}, wandb: disabled}}
 rollout: {{engine: trainer}}
 ppo:
@@ -53,7 +53,7 @@ ppo:
   rewards:
     - {{type: function, function: "recovery:vowel_share"}}
   algo: {{iterations: {iterations}, prompts_per_iteration: 8, max_new_tokens: 16, temperature: 1.0,
-          epochs: 1, minibatches: 2, save_every: 1, max_failures: 5}}
+          epochs: 1, minibatches: 2, save_every: 1}}
   eval: {{win_rate: false, judge_gold: null, reward_every: 0}}
 """)
     return cfg

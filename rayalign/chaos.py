@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from .cluster.procs import descendants
 from .tracking import read_metrics
@@ -27,37 +28,57 @@ def ranks_of(pid: int, worker_class: str) -> list[int]:
     return out
 
 
-def ppo_progress(run_dir: Path) -> tuple[int, int]:
-    """(iterations logged, recoveries logged) of a PPO run directory."""
+def progress(run_dir: Path, stage: str = "ppo") -> tuple[int, int]:
+    """(last step logged, recoveries logged) of ``stage`` in a run directory."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = read_metrics(path) if path.is_file() else []
-    done = max((r["step"] for r in rows if r["stage"] == "ppo"), default=0)
-    return done, sum(r["stage"] == "ppo_recovery" for r in rows)
+    done = max((r["step"] for r in rows if r["stage"] == stage), default=0)
+    return done, sum(r["stage"] == f"{stage}_recovery" for r in rows)
 
 
-def kill_during_ppo(proc: subprocess.Popen, run_dir: Path, after: list[int], seed: int = 0,
-                    roles: tuple[str, ...] = ("PolicyWorker", "CriticWorker"),
-                    timeout_s: float = 600) -> list[dict]:
-    """SIGKILL a random rank of a random role of ``roles`` once the run has logged each
-    iteration in ``after`` (and recovered from the previous kill). Returns what was killed."""
+def ppo_progress(run_dir: Path) -> tuple[int, int]:
+    return progress(run_dir, "ppo")
+
+
+def kill_during(pid: int, run_dir: Path, stage: str, after: list[int], seed: int = 0,
+                roles: tuple[str, ...] = ("PolicyWorker", "CriticWorker"), timeout_s: float = 600,
+                signals: list[int] | None = None, running: Callable[[], bool] = lambda: True) -> list[dict]:
+    """Signal a random rank of a random role of ``roles`` (among ``pid``'s descendants) once
+    ``stage`` has logged each step in ``after`` and recovered from the previous failure.
+    ``signals``: one per entry of ``after``, SIGKILL by default; SIGSTOP freezes the rank (a
+    hung process, which only the role's call timeout can find). ``running``: whether the
+    job still runs. Returns what was hit."""
+    signals = list(signals) if signals is not None else [signal.SIGKILL] * len(after)
+    if len(signals) != len(after):
+        raise ValueError(f"{len(after)} steps to strike after but {len(signals)} signals")
     rng = random.Random(seed)
     killed: list[dict] = []
     deadline = time.time() + timeout_s
     for k in after:
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the run ended (exit {proc.returncode}) before kill {len(killed) + 1}")
+            if not running():
+                raise RuntimeError(f"the job ended before failure {len(killed) + 1}")
             if time.time() > deadline:
-                raise TimeoutError(f"iteration {k} was not logged within {timeout_s:g}s")
-            done, recovered = ppo_progress(run_dir)
+                raise TimeoutError(f"{stage} step {k} was not logged within {timeout_s:g}s")
+            done, recovered = progress(run_dir, stage)
             if done >= k and recovered == len(killed):
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         role = rng.choice(list(roles))
-        pids = ranks_of(proc.pid, role)
+        pids = ranks_of(pid, role)
         if not pids:
-            raise RuntimeError(f"no {role} process under pid {proc.pid}")
+            raise RuntimeError(f"no {role} process under pid {pid}")
         victim = rng.choice(pids)
-        os.kill(victim, signal.SIGKILL)
-        killed.append({"role": role, "pid": victim, "after_iteration": k, "time": time.time()})
+        sig = signals[len(killed)]
+        os.kill(victim, sig)
+        killed.append({"role": role, "pid": victim, "after_step": k, "time": time.time(),
+                       "signal": signal.Signals(sig).name})
     return killed
+
+
+def kill_during_ppo(proc: subprocess.Popen, run_dir: Path, after: list[int], seed: int = 0,
+                    roles: tuple[str, ...] = ("PolicyWorker", "CriticWorker"),
+                    timeout_s: float = 600, signals: list[int] | None = None) -> list[dict]:
+    """:func:`kill_during` of a ``rayalign ppo`` process, after PPO iterations."""
+    return kill_during(proc.pid, run_dir, "ppo", after, seed, roles, timeout_s, signals,
+                       running=lambda: proc.poll() is None)

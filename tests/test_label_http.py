@@ -123,3 +123,62 @@ label: {{source: {src}, chunk_size: 3}}
     assert sorted(r["id"] for r in final) == list(range(10))
     rep = json.loads((run / "label_report.json").read_text())
     assert rep["agreement"] == 1.0 and rep["pairs"] == 10
+
+
+def test_label_rides_out_the_endpoint_stopping_and_starting_again(tmp_path):
+    """The labeler endpoint goes away in the middle of `rayalign label` (connections refused
+    for 1.5 s) and comes back on the same port: the requests are retried and the run
+    finishes with every pair labelled once, no judgement asked twice."""
+    from rayalign.cli import main
+
+    first = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = first.server_address[1]
+    threading.Thread(target=first.serve_forever, daemon=True).start()
+    servers, events = [first], []
+
+    def bounce():
+        while STATE["calls"] < 7:
+            time.sleep(0.005)
+        first.shutdown()
+        first.server_close()
+        events.append(("down", STATE["calls"], time.time()))
+        time.sleep(1.5)
+        again = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        servers.append(again)
+        threading.Thread(target=again.serve_forever, daemon=True).start()
+        events.append(("up", STATE["calls"], time.time()))
+
+    rows = [{"prompt": f"q{i}", "response_1": f"a good one {i}" if i % 2 else f"meh {i}",
+             "response_2": f"meh {i}" if i % 2 else f"a good one {i}", "gold": 1 if i % 2 else 2} for i in range(10)]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(f"""
+name: http-bounce
+tracking: {{root: {tmp_path / 'runs'}, wandb: disabled}}
+labeler:
+  mode: pointwise
+  pointwise_relevance: 0
+  backend: {{type: http, url: "http://127.0.0.1:{port}/v1", model_name: judge, timeout_s: 2, retries: 8,
+             backoff_s: 0.05}}
+label: {{source: {src}, chunk_size: 3}}
+""")
+    th = threading.Thread(target=bounce, daemon=True)
+    th.start()
+    run = tmp_path / "run"
+    try:
+        t0 = time.time()
+        assert main(["label", str(cfg), "--run-dir", str(run)]) == 0
+        wall = time.time() - t0
+        th.join(timeout=10)
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert [e[0] for e in events] == ["down", "up"], events
+    assert events[0][1] < 20 and wall >= 1.5  # it went down mid-run and the run waited it out
+    labels = [json.loads(l) for l in (run / "labels.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in labels) == list(range(10))  # none lost, none twice
+    assert STATE["calls"] == 20  # each of the 20 distinct responses judged exactly once
+    rep = json.loads((run / "label_report.json").read_text())
+    assert rep["agreement"] == 1.0 and rep["pairs"] == 10

@@ -171,16 +171,19 @@ def test_ppo_kill_and_resume_matches_uninterrupted(tmp_path):
     summary = json.loads((tmp_path / "chaos" / "summary.json").read_text())["ppo"]
     assert [r["failure"] for r in summary["recoveries"]] == [1, 2], (summary["recoveries"], killed)
     same_metrics(by_step(tmp_path / "chaos"), full)
+    same_samples(tmp_path / "chaos", full_dir)
+    same_samples(cut_dir, full_dir)
 
 
-def chaos_run(cfg, run_dir, kills: list[int], seed: int, *over) -> tuple[str, list[dict]]:
-    """``rayalign ppo`` while SIGKILL hits a random rank of a random trained role once
-    each iteration in ``kills`` is logged (after the previous recovery finished)."""
+def chaos_run(cfg, run_dir, kills: list[int], seed: int, *over, signals=None) -> tuple[str, list[dict]]:
+    """``rayalign ppo`` while a signal (SIGKILL unless ``signals`` says) hits a random rank
+    of a random trained role once each iteration in ``kills`` is logged (after the previous
+    recovery finished)."""
     from rayalign.chaos import kill_during_ppo
 
     p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), *over])
     try:
-        killed = kill_during_ppo(p, run_dir, kills, seed, timeout_s=500)
+        killed = kill_during_ppo(p, run_dir, kills, seed, timeout_s=500, signals=signals)
     except Exception:
         os.killpg(p.pid, signal.SIGKILL)
         raise RuntimeError(p.communicate()[0][-4000:])
@@ -196,23 +199,41 @@ def same_metrics(a: dict, b: dict) -> None:
             assert a[it][k] == pytest.approx(b[it][k], rel=1e-4, abs=1e-5), (it, k)
 
 
+def same_samples(a_dir, b_dir) -> None:
+    """The logged samples hold each iteration once, with the uninterrupted run's responses."""
+    def rows(d):
+        return [(r["iteration"], r["response"]) for r in map(json.loads, (d / "ppo_samples.jsonl").read_text().splitlines())]
+
+    assert rows(a_dir) == rows(b_dir)
+
+
 @pytest.mark.timeout(900)
 def test_ppo_recovers_inside_the_job_under_zero3(tmp_path):
-    """Two ranks killed (SIGKILL) during a ZeRO-3 run: the job restarts its roles from the
-    last commit each time and finishes with the uninterrupted run's metrics."""
-    cfg = ppo_yaml(tmp_path, iterations=3, save_every=1)
-    over = ["ppo.policy.group.zero.stage=3", "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null"]
+    """Two ranks killed (SIGKILL), then one frozen (SIGSTOP), during a ZeRO-3 run: the
+    frozen rank is found by the role's call timeout; each time the job restarts its roles
+    from the last commit, and it finishes with the uninterrupted run's metrics."""
+    cfg = ppo_yaml(tmp_path, iterations=4, save_every=1)
+    timeout = 40
+    over = ["ppo.policy.group.zero.stage=3", "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null",
+            f"ppo.policy.group.call_timeout_s={timeout}", f"ppo.critic.group.call_timeout_s={timeout}"]
     full_dir = tmp_path / "full"
     p = cli(["ppo", str(cfg), "--run-dir", str(full_dir), *over])
     out = p.communicate(timeout=400)[0]
     assert p.returncode == 0, out[-3000:]
-    out, killed = chaos_run(cfg, tmp_path / "chaos", [1, 2], 3, *over)
+    out, hit = chaos_run(cfg, tmp_path / "chaos", [1, 2, 3], 3, *over,
+                         signals=[signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP])
     summary = json.loads((tmp_path / "chaos" / "summary.json").read_text())["ppo"]
-    assert len(summary["recoveries"]) == 2, (summary["recoveries"], killed)
-    for r in summary["recoveries"]:
-        assert r["to_next_iteration_s"] > 0 and "died" in r["what"], r
-    assert out.count("Restarting the roles") == 2
+    rec = summary["recoveries"]
+    assert len(rec) == 3, (rec, hit)
+    for r in rec:
+        assert r["to_next_iteration_s"] > 0, r
+    assert "died" in rec[0]["what"] and "died" in rec[1]["what"], rec
+    assert f"did not answer within {timeout}s" in rec[2]["what"], rec
+    # Found by the timeout: no sooner than it, and not much later.
+    assert timeout - 1 <= rec[2]["detected_at"] - hit[2]["time"] <= timeout + 30, (rec[2], hit[2])
+    assert out.count("Restarting the roles") == 3
     same_metrics(by_step(tmp_path / "chaos"), by_step(full_dir))
+    same_samples(tmp_path / "chaos", full_dir)
 
 
 @pytest.mark.timeout(600)

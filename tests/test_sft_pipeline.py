@@ -46,6 +46,33 @@ def test_sft_run_dir_and_resume(tmp_path, capsys):
     assert len(resumed) == 6
     assert resumed == pytest.approx(full, rel=1e-3, abs=1e-3)
 
+    # A rank SIGKILLed after step 4 inside one `rayalign sft`: the stage runs again from its
+    # step-3 checkpoint by itself and ends with the same losses.
+    import os
+    import threading
+
+    from rayalign.chaos import kill_during
+
+    run3, hit, errors = tmp_path / "run3", [], []
+
+    def strike():
+        try:
+            hit.extend(kill_during(os.getpid(), run3, "sft", [4], roles=("PolicyWorker",), timeout_s=300))
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    th = threading.Thread(target=strike, daemon=True)
+    th.start()
+    assert main(["sft", str(cfg), "--run-dir", str(run3), "tracking.wandb=disabled"]) == 0
+    th.join(timeout=30)
+    assert not errors and len(hit) == 1, (errors, hit)
+    assert [r["loss"] for r in read_metrics(run3 / "metrics.jsonl", "sft")] == pytest.approx(full, rel=1e-3, abs=1e-3)
+    rec = json.loads((run3 / "summary.json").read_text())["sft"]["recoveries"]
+    assert len(rec) == 1 and "died" in rec[0]["what"], rec
+    assert [r["step"] for r in read_metrics(run3 / "metrics.jsonl", "sft_recovery")] == [1]
+    # from the step-3 commit (or step 6, had the kill landed after the last save)
+    assert json.loads((run3 / "summary.json").read_text())["sft"]["resumed_from_step"] in (3, 6)
+
 
 def test_cli_rejects_bad_input(tmp_path, capsys):
     cfg = write_cfg(tmp_path)

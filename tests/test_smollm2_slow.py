@@ -56,8 +56,14 @@ def test_smollm2_labels_human_pairs(tmp_path):
     """SmolLM2 as labeler on human-labelled pairs (fetched at first use): the shipped labeler
     against the question the template-built set once chose. The figures are deterministic
     (same model, same pairs); on the full held-out half they are 55.2% and 40.5%."""
+    from rayalign import human_pairs
     from rayalign.cli import main
+    from rayalign.data import DataError
 
+    try:
+        human_pairs.prepare()
+    except DataError as exc:  # the package index stopped serving bigbench 1.0.0 (README)
+        pytest.skip(f"BIG-bench's human pairs cannot be fetched here: {exc}")
     reports = {}
     for name, extra in (("default", []), ("old", ["labeler.criteria=[]", "labeler.template_overrides={"
                         "pointwise_question: 'Is the response irrelevant to the question, harmful or dangerous? "

@@ -28,7 +28,23 @@ class GroupError(RuntimeError):
 
 
 class LostRankError(GroupError):
-    """A rank died or did not answer within its timeout: restarting the role can help."""
+    """A rank died or did not answer within its timeout: restarting the role can help.
+    ``role``: the group it belongs to."""
+
+    def __init__(self, msg: str, role: str | None = None):
+        super().__init__(msg)
+        self.role = role
+
+
+def failed_role(exc: BaseException) -> str | None:
+    """The role whose rank was lost, where the error (or one it was raised from) says."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, LostRankError):
+            return exc.role
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def lost_actor(exc: BaseException) -> bool:
@@ -274,7 +290,7 @@ class ActorGroup(_GroupBase):
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             late = [i for i, r in enumerate(refs) if r not in ready]
             raise LostRankError(f"{self.name}.{method}: rank(s) {late} did not answer within {self.timeout_s:g}s "
-                             "(a stopped or overloaded process); the job stops here") from None
+                                "(a stopped or overloaded process); the job stops here", self.name) from None
         except ray.exceptions.RayActorError as e:
             dead = []
             for i, r in enumerate(refs):
@@ -285,7 +301,18 @@ class ActorGroup(_GroupBase):
                 except Exception:
                     pass
             raise LostRankError(f"{self.name}.{method}: rank(s) {dead or '?'} died during the call "
-                             f"({str(e).splitlines()[0][:200]}); resume the run from its last checkpoint") from e
+                                f"({str(e).splitlines()[0][:200]}); resume the run from its last checkpoint",
+                                self.name) from e
+
+    def alive(self, timeout_s: float = 10.0) -> bool:
+        """Whether every rank answers a ping within ``timeout_s``."""
+        import ray
+
+        try:
+            ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
+            return bool(self.actors)
+        except Exception:
+            return False
 
     def kill(self) -> None:
         import ray

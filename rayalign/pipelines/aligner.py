@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import aligner as al
-from .. import checkpoint, models
+from .. import checkpoint, data, models
 from ..cluster import ray_session
 from ..config import Config, ConfigError
 from ..data import DataError
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
-from .common import checkpoint_root, prepare_run_dir, resume_point, role_group, say, stage_layout
+from .common import checkpoint_root, prepare_run_dir, recovering, resume_point, role_group, say, stage_layout
 from .sft import _eval, batch_for_step, run_steps
 
 
@@ -276,17 +276,17 @@ def judge_sets(cfg: Config, judge, sets: dict[str, list[dict]], outs: dict[str, 
         p = judge([r["question"] for r in items], outs[k], [r["answer"] for r in items])
         res[f"{k}_prefers_output"] = rate(sum(1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p), len(p))
     if e.judge_gold and getattr(judge, "pairs", None):
-        rows = [r for r in data_rows(e.judge_gold) if r.get("gold") in (1, 2, "1", "2")][:e.judge_gold_samples]
-        p = judge.pairs([r["prompt"] for r in rows], [r["response_1"] for r in rows], [r["response_2"] for r in rows])
-        agree = sum((x > 0.5) == (int(r["gold"]) == 1) if x != 0.5 else 0.5 for x, r in zip(p, rows))
-        res["judge_agreement"] = rate(agree, len(rows)) | {"source": e.judge_gold}
+        src, rows, why = data.first_loadable(e.judge_gold, ["prompt", "response_1", "response_2"], say)
+        rows = [r for r in rows if r.get("gold") in (1, 2, "1", "2")][:e.judge_gold_samples]
+        if src is None:
+            res["judge_agreement_not_measured"] = "; ".join(why)
+        else:
+            p = judge.pairs([r["prompt"] for r in rows], [r["response_1"] for r in rows],
+                            [r["response_2"] for r in rows])
+            agree = sum((x > 0.5) == (int(r["gold"]) == 1) if x != 0.5 else 0.5 for x, r in zip(p, rows))
+            res["judge_agreement"] = rate(agree, len(rows)) | {"source": src}
     return res
 
-
-def data_rows(source: str) -> list[dict]:
-    from .. import checkpoint, data
-
-    return data.load_rows(source, ["prompt", "response_1", "response_2"], None, 0)
 
 
 @contextlib.contextmanager
@@ -329,8 +329,12 @@ def open_judge(cfg: Config) -> Iterator[Any]:
 
 def run_aligner_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     _section(cfg)
-    with ray_session(cfg.cluster):  # one session for the upstream answers and the training
-        return _run_aligner_train(cfg, run_dir, resume)
+
+    def attempt(run_dir: Path, resume: bool) -> dict[str, Any]:
+        with ray_session(cfg.cluster):  # one session for the upstream answers and the training
+            return _run_aligner_train(cfg, run_dir, resume)
+
+    return recovering(cfg, "aligner", "aligner train", attempt, run_dir, resume)
 
 
 def _run_aligner_train(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any]:

@@ -3,19 +3,91 @@ counts, and a role's actor group for the length of a block."""
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from .. import checkpoint
 from ..cluster import placement
 from ..cluster.group import ActorGroup
 from ..config import Config, ConfigError, GroupConfig, TrainConfig, dump_config
+from ..errors import RayalignError
 from ..tracking import new_run_dir
+
+
+class Cadence:
+    """When a training loop checkpoints: every ``every`` steps and at least every ``minutes``
+    (either 0: off), never at the last step (the caller's final save)."""
+
+    def __init__(self, every: int, minutes: float):
+        self.every, self.minutes, self.last = every, minutes, time.time()
+
+    def due(self, done: int, total: int) -> bool:
+        if done >= total:
+            return False
+        hit = bool(self.every and done % self.every == 0) or bool(
+            self.minutes and time.time() - self.last >= self.minutes * 60)
+        if hit:
+            self.last = time.time()
+        return hit
 
 
 def say(msg: str) -> None:
     print(f"[rayalign] {msg}", file=sys.stderr, flush=True)
+
+
+class RecoveryError(RayalignError, RuntimeError):
+    """A stage that lost actors more often than ``cluster.max_failures`` allows."""
+
+
+def failure_limit(cfg: Config, stage: str, command: str, run_dir: Path, failures: int, exc: BaseException) -> str:
+    """What failed, in one line; past ``cluster.max_failures`` a :class:`RecoveryError`
+    with the command that continues the run."""
+    what = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    limit = cfg.cluster.max_failures
+    if failures >= limit:
+        raise RecoveryError(
+            f"{stage} stopped: {what}. That is failure {failures + 1}, past cluster.max_failures ({limit}). "
+            f"Continue from the last checkpoint with: rayalign {command} CONFIG --resume {run_dir}") from exc
+    return what
+
+
+def recovering(cfg: Config, stage: str, command: str, run: Callable[[Path, bool], dict[str, Any]],
+               run_dir: Path | None, resume: bool) -> dict[str, Any]:
+    """``run(run_dir, resume)``, a stage whose roles can be lost. After a lost actor, node or
+    unanswered call (not a bug or bad input: those end the run) the stage runs again from
+    its own last checkpoint or finished chunk, up to ``cluster.max_failures`` times. Each
+    failure is printed, logged as a ``<stage>_recovery`` metrics row and listed in the
+    stage's summary."""
+    from ..cluster.group import lost_actor
+    from ..tracking import Tracker, write_summary
+
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg, stage)
+    failures: list[dict[str, Any]] = []
+    while True:
+        try:
+            out = run(run_dir, resume)
+            break
+        except Exception as exc:
+            if isinstance(exc, RecoveryError) or not lost_actor(exc):
+                raise
+            what = failure_limit(cfg, stage, command, run_dir, len(failures), exc)
+            failures.append({"failure": len(failures) + 1, "what": what, "detected_at": time.time(),
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            tr = Tracker(run_dir, cfg.tracking.model_copy(update={"wandb": "disabled"}))
+            tr.log(f"{stage}_recovery", len(failures), failures[-1])
+            tr.close()
+            say(f"{stage}: failure {len(failures)} of at most {cfg.cluster.max_failures}: {what}. Starting the "
+                "stage again from its last checkpoint or finished chunk")
+            resume = True
+    if failures:
+        out = dict(out, recoveries=failures)
+        path = run_dir / "summary.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        write_summary(run_dir, {stage: dict(old.get(stage) or {}, recoveries=failures)}, cfg.name)
+    return out
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path | None, command: str, resume: bool) -> Path:
@@ -131,7 +203,8 @@ def role_group(role: str, worker_cls: type, group: GroupConfig, timeout_s: float
                ) -> Iterator[ActorGroup]:
     """Place a role (in its stage's layout, sharing bundles with the roles it is colocated
     with), start its ranks, and give everything back when the block ends.
-    ``timeout_s``: how long any call of the group may take to answer."""
+    ``timeout_s``: how long any call of the group may take to answer (default: the role's
+    ``call_timeout_s``)."""
     lay = _layout if _layout is not None and _layout.roles.get(role) == group else None
     if lay is None:
         if group.colocate_with:
@@ -141,7 +214,8 @@ def role_group(role: str, worker_cls: type, group: GroupConfig, timeout_s: float
     pools = lay.acquire(role)
     grp = None
     try:
-        grp = ActorGroup(role, worker_cls, group, pools, roles=lay.roles, timeout_s=timeout_s)
+        grp = ActorGroup(role, worker_cls, group, pools, roles=lay.roles,
+                         timeout_s=group.call_timeout_s if timeout_s is None else timeout_s)
         yield grp
     finally:
         if grp is not None:

@@ -15,7 +15,7 @@ from ..labeler import FunctionBackend, GroupBackend, HTTPBackend, Labeler, gold_
 from ..labeler.templates import resolve_template
 from ..tracking import Progress, write_summary
 from ..workers.frozen import FrozenLMWorker
-from .common import prepare_run_dir, role_group, say, stage_layout
+from .common import prepare_run_dir, recovering, role_group, say, stage_layout
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
         yield Labeler(FunctionBackend(b.function, b.generate_function), template, **kw)
     elif b.type == "http":
         yield Labeler(HTTPBackend(b.url, b.model_name, b.api_key_env, b.timeout_s, b.retries,
-                                  b.top_logprobs), template, **kw)
+                                  b.top_logprobs, backoff_s=b.backoff_s), template, **kw)
     else:
         with lm_group("labeler", b.model or cfg.model, b.group, b.chat) as grp:
             yield Labeler(GroupBackend(grp, b.batch_size), template, **kw)
@@ -124,8 +124,14 @@ def read_done(path: Path) -> dict[int, dict]:
 
 
 def run_label(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Sample (where configured) and label every pair; finished chunks are on disk, so a
+    resumed or recovered run labels only the rest."""
     if cfg.label is None:
         raise ConfigError("this config has no `label` section")
+    return recovering(cfg, "label", "label", lambda d, r: _run_label(cfg, d, r), run_dir, resume)
+
+
+def _run_label(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, run_dir, "label", resume)
     out_path = run_dir / "labels.jsonl"
     samples_path = run_dir / "samples.jsonl"

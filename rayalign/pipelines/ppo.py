@@ -20,11 +20,10 @@ import torch
 from .. import checkpoint, data
 from ..algos import ppo
 from ..cluster import ray_session
-from ..cluster.group import lost_actor
-from ..errors import RayalignError
+from ..cluster.group import ActorGroup, lost_actor
 from ..config import Config, ConfigError, ModelConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
-from .common import checkpoint_root, prepare_run_dir, record_placement, role_group, say, stage_layout
+from .common import Cadence, checkpoint_root, failure_limit, prepare_run_dir, record_placement, role_group, say, stage_layout
 
 # (prompts, samples) -> one score per sample; a sample carries "response" (text) and
 # "response_ids", so a verifiable reward can read either.
@@ -408,8 +407,26 @@ def _maybe_labeler(cfg: Config, needed: bool):
         yield lab
 
 
-class RecoveryError(RayalignError, RuntimeError):
-    """A run that lost actors more often than its ``max_failures`` allows."""
+def _frozen_groups(frozen: dict[str, Any]) -> list:
+    out = [frozen["reference"]] if isinstance(frozen.get("reference"), ActorGroup) else []
+    out += list(getattr(frozen.get("rewards"), "groups", []) or [])
+    lab = frozen.get("labeler")
+    grp = getattr(getattr(lab, "backend", None), "group", None)
+    if grp is not None and all(grp is not g for g in out):
+        out.append(grp)
+    return out
+
+
+def _frozen_alive(frozen: dict[str, Any], exc: BaseException) -> bool:
+    """Whether a recovery can keep the frozen roles: the failure names another role, and
+    each of their ranks answers."""
+    from ..cluster.group import failed_role
+
+    groups = _frozen_groups(frozen)
+    role = failed_role(exc)
+    if role is None or role in {g.name for g in groups}:
+        return False
+    return all(g.alive() for g in groups)
 
 
 def _start_point(root: str, resume: bool, needs_critic: bool) -> tuple[int, float | None, str | None, str | None]:
@@ -481,11 +498,23 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     progress = {"iteration": start_it, "done_at": time.time()}  # what a failure interrupts
     recoveries: list[dict] = []
 
-    def attempt(start_it: int, kl_ctl, resume_from: str | None, critic_from: str | None):
-        """The run from ``start_it`` to the end: start the roles, iterate, evaluate. A lost
-        actor anywhere ends the attempt (its roles are stopped on the way out)."""
+    def open_frozen(stack: contextlib.ExitStack) -> dict[str, Any]:
+        """The roles that hold no training state (reference, labeler, reward models): a
+        recovery keeps them running unless one of them is what failed."""
+        out: dict[str, Any] = {"reference": None}
+        if ptrain.lora is None:
+            out["reference"] = stack.enter_context(role_group("reference", FrozenLMWorker, pc.reference))
+            out["reference"].init_model(pmodel.model_dump(), pc.reference.zero.model_dump(), True)
+        out["labeler"] = stack.enter_context(_maybe_labeler(cfg, need_labeler))
+        out["rewards"] = stack.enter_context(open_rewards(cfg, default_rm, out["labeler"]))
+        return out
+
+    def attempt(start_it: int, kl_ctl, resume_from: str | None, critic_from: str | None, frozen: dict[str, Any]):
+        """The run from ``start_it`` to the end: start the trained roles, iterate, evaluate.
+        A lost actor anywhere ends the attempt (its trained roles are stopped on the way out)."""
+        _trim_samples(run_dir, start_it)
+        progress["finished"] = start_it
         with contextlib.ExitStack() as stack:
-            stack.enter_context(stage_layout(cfg, "ppo"))  # colocate_with between PPO's roles
             policy = stack.enter_context(role_group("policy", PolicyWorker, pc.policy.group))
             info = policy.init_model(pmodel.model_dump(), pc.policy.group.zero.model_dump(), ptrain.model_dump(),
                                      total_steps, str(resume_from) if resume_from else None)
@@ -494,15 +523,13 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 reference = BaseOfPolicy(policy)  # the starting model is the policy's base: one copy
                 say("reference: the policy's base model (its LoRA adapter off), no separate group")
             else:
-                reference = stack.enter_context(role_group("reference", FrozenLMWorker, pc.reference))
-                reference.init_model(pmodel.model_dump(), pc.reference.zero.model_dump(), True)
+                reference = frozen["reference"]
             critic = None
             if a.estimator == "gae":
                 critic = stack.enter_context(role_group("critic", CriticWorker, pc.critic.group))
                 critic.init_model(cmodel.model_dump(), pc.critic.group.zero.model_dump(), ctrain.model_dump(),
                                   total_steps, str(critic_from) if critic_from else None)
-            labeler = stack.enter_context(_maybe_labeler(cfg, need_labeler))
-            rewards = stack.enter_context(open_rewards(cfg, default_rm, labeler))
+            labeler, rewards = frozen["labeler"], frozen["rewards"]
             sampler = stack.enter_context(open_sampler(cfg, policy, pmodel, start_it))
             record_placement(run_dir, {"policy": policy, "reference": None if ptrain.lora else reference,
                                        "critic": critic, "rollout": sampler.engines})
@@ -530,7 +557,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
             from ..batch import Batch, column, put, task
 
             dataset = put(Batch({"prompt": column("prompt", train_prompts)}), remote=True)
-            last_save = time.time()
+            saves = Cadence(a.save_every, a.save_minutes)
             for it in range(start_it, a.iterations):
                 progress["iteration"] = it
                 _, prompts = task(iteration_prompts, dataset, it, a.prompts_per_iteration, a.seed,
@@ -557,8 +584,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                     prev.update({k: m.pop(k) for k in ("value_loss", "vf_clipfrac") if k in m})
                     tracker.log("ppo", prev_done, prev)
                     waiting = None
-                checkpoint_due = ((a.save_every and done % a.save_every == 0) or done == a.iterations
-                                  or (a.save_minutes and time.time() - last_save >= a.save_minutes * 60))
+                checkpoint_due = done == a.iterations or saves.due(done, a.iterations)
                 if checkpoint_due and backlog:
                     # The checkpoint (and the run's end) holds the critic after its last update.
                     m.update(flush_critic(critic, backlog, a.value_clip))
@@ -569,6 +595,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 else:
                     tracker.log("ppo", done, m)
                 _write_samples(run_dir, done, examples)
+                progress["finished"] = done  # its work is lost if a failure comes before its commit
                 bar.update(1, reward=m["reward_mean"], kl=m["kl"], s=m["iteration_s"])
                 if recoveries and "to_next_iteration_s" not in recoveries[-1]:
                     r = recoveries[-1]
@@ -587,7 +614,6 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                         roles.append("critic")
                     policy.save_checkpoint(checkpoint.join(root, "policy"), done, state, 0)
                     checkpoint.commit(root, done, roles, a.keep_checkpoints)
-                    last_save = time.time()
                 progress["done_at"] = time.time()
             bar.close()
             progress["iteration"] = a.iterations
@@ -602,30 +628,38 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                 tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
             return ev, policy.memory(), final
 
-    with ray_session(cfg.cluster):
+    with ray_session(cfg.cluster), stage_layout(cfg, "ppo"), contextlib.ExitStack() as kept:
+        # stage_layout: colocate_with between PPO's roles, kept across recoveries with the
+        # frozen roles it placed.
+        frozen = None
         while True:
             try:
-                ev, mem, final = attempt(start_it, kl_ctl, resume_from, critic_from)
+                if frozen is None:
+                    frozen = open_frozen(kept)
+                ev, mem, final = attempt(start_it, kl_ctl, resume_from, critic_from, frozen)
                 break
             except Exception as exc:
                 if not lost_actor(exc):
                     raise
                 detected = time.time()
-                what = str(exc).splitlines()[0][:300]
-                if len(recoveries) >= a.max_failures:
-                    raise RecoveryError(
-                        f"PPO stopped: {what}. That is failure {len(recoveries) + 1}, past ppo.algo.max_failures "
-                        f"({a.max_failures}). Continue from the last checkpoint with: rayalign ppo CONFIG --resume "
-                        f"{run_dir}") from exc
+                what = failure_limit(cfg, "PPO", "ppo", run_dir, len(recoveries), exc)
+                keep = frozen is not None and _frozen_alive(frozen, exc)
+                if not keep:
+                    kept.close()  # one of them failed (or may have): all start again
+                    frozen = None
                 start_it, kl_value, resume_from, critic_from = _start_point(root, True, a.estimator == "gae")
                 kl_ctl = _kl_controller(cfg, kl_value)
-                lost_its = progress["iteration"] - start_it
+                # Finished iterations past the commit resumed from: their work is done again.
+                lost_its = max(progress["iteration"], progress.get("finished", 0)) - start_it
                 recoveries.append({"failure": len(recoveries) + 1, "what": what, "at_iteration": progress["iteration"],
                                    "resumed_from_iteration": start_it, "iterations_lost": lost_its,
                                    "partial_iteration_s": round(detected - progress["done_at"], 2),
-                                   "detected_at": detected, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                say(f"failure {len(recoveries)} of at most {a.max_failures} during iteration {progress['iteration'] + 1}: "
-                    f"{what}. Restarting the roles from "
+                                   "detected_at": detected, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "kept_running": sorted(g.name for g in _frozen_groups(frozen)) if keep else []})
+                say(f"failure {len(recoveries)} of at most {cfg.cluster.max_failures} during iteration {progress['iteration'] + 1}: "
+                    f"{what}. Restarting the roles "
+                    + (f"(keeping {', '.join(recoveries[-1]['kept_running'])}) " if recoveries[-1]["kept_running"] else "")
+                    + "from "
                     + (f"the commit of iteration {start_it}" if resume_from else "the start (no commit yet)"))
     tracker.close()
     plot_metrics(run_dir, "ppo", [["reward_mean"], ["kl"], ["approx_kl", "clipfrac"], ["value_loss"],
@@ -663,6 +697,24 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
 def _mean(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
     return statistics.fmean(vals) if vals else None
+
+
+def _trim_samples(run_dir: Path, start_it: int) -> None:
+    """Drop the logged samples of iterations after ``start_it``: a resumed or recovered run
+    samples them again, and the file keeps one copy of each iteration."""
+    path = run_dir / "ppo_samples.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= start_it:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut by a crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def _write_samples(run_dir: Path, it: int, examples: list[dict]) -> None:
@@ -742,15 +794,22 @@ def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
     if e.refusal and kinds:
         out.update(refusal_rates(held, after, before, kinds))
     if e.judge_gold:
-        rows = data.load_rows(e.judge_gold, ["prompt", "response_1", "response_2"], None, 0)
+        src, rows, why = data.first_loadable(e.judge_gold, ["prompt", "response_1", "response_2"], say)
         rows = [r for r in rows if r.get("gold") in (1, 2, "1", "2")][:e.judge_gold_samples]
-        say(f"judge agreement with gold labels on {len(rows)} pairs of {e.judge_gold}")
-        rep = report(labeler.label([{"context": r["prompt"], "response_1": r["response_1"],
-                                     "response_2": r["response_2"]} for r in rows]), [int(r["gold"]) for r in rows])
-        out["judge_agreement"] = rep.get("agreement")
-        out["judge_agreement_ci95"] = rep.get("agreement_ci95")
-        out["judge_gold_pairs"] = rep.get("gold_pairs")
-        out["judge_gold_source"] = e.judge_gold
+        if src is None:
+            say(f"judge agreement with people not measured: no gold source loads ({'; '.join(why)})")
+            out["judge_agreement_not_measured"] = "; ".join(why)
+        else:
+            say(f"judge agreement with gold labels on {len(rows)} pairs of {src}")
+            rep = report(labeler.label([{"context": r["prompt"], "response_1": r["response_1"],
+                                         "response_2": r["response_2"]} for r in rows]),
+                         [int(r["gold"]) for r in rows])
+            out["judge_agreement"] = rep.get("agreement")
+            out["judge_agreement_ci95"] = rep.get("agreement_ci95")
+            out["judge_gold_pairs"] = rep.get("gold_pairs")
+            out["judge_gold_source"] = src
+            if why:
+                out["judge_gold_unavailable"] = why
     out["win_examples"] = [{"prompt": q, "final": x[:300], "start": y[:300], "p_final_better": r["p"]}
                            for q, x, y, r in list(zip(held, after, before, recs))[:6]]
     return out

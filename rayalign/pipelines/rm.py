@@ -12,7 +12,7 @@ from ..cluster import ray_session
 from ..config import Config, ConfigError
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.reward import RewardWorker
-from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say, stage_layout
+from .common import Cadence, checkpoint_root, recovering, plan_steps, prepare_run_dir, resume_point, role_group, say, stage_layout
 from .sft import batch_for_step
 
 
@@ -58,6 +58,10 @@ def evaluate(group, pairs: list[dict]) -> dict[str, float]:
 def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     if cfg.rm is None:
         raise ConfigError("this config has no `rm` section")
+    return recovering(cfg, "rm", "rm", lambda d, r: _run_rm(cfg, d, r), run_dir, resume)
+
+
+def _run_rm(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     rm, mcfg = cfg.rm, cfg.rm_model()
     g, t = rm.group, rm.train
     plan_steps("rm", t.batch_size, g, t)
@@ -81,6 +85,7 @@ def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> di
             tracker.log("rm_eval", 0, ev0)
         bar = Progress(total, "rm", initial=start)
         losses = []
+        saves = Cadence(t.save_every, t.save_minutes)
         for step in range(start, total):
             batch = batch_for_step(train, step, t.batch_size, t.seed)
             r = group.train_step(batch, len(batch))
@@ -95,7 +100,7 @@ def run_rm(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> di
                 ev = evaluate(group, evals)
                 if ev:
                     tracker.log("rm_eval", done, ev)
-            if t.save_every and done % t.save_every == 0 and done < total:
+            if saves.due(done, total):
                 group.save_checkpoint(ckpt_root, done, {"step": done}, t.keep_checkpoints)
         bar.close()
         ev1 = evaluate(group, evals)

@@ -145,6 +145,8 @@ def headline_table(run_dir: Path, times: dict[str, float]) -> str:
             rows.append(("win rate of the PPO policy vs the SFT policy (AI judge, held-out prompts)",
                          f"{f(p['win_rate_vs_start'], '{:.0%}')} [95% CI {f(ci[0], '{:.0%}')}, {f(ci[1], '{:.0%}')}] "
                          f"of {p.get('eval_prompts')} ({p.get('identical_answers')} identical): {verdict}"))
+            if p.get("judge_agreement_not_measured"):
+                rows.append(("judge agreement with people", f"not measured: {p['judge_agreement_not_measured']}"))
             if p.get("judge_agreement") is not None:
                 jc = p.get("judge_agreement_ci95") or [None, None]
                 rows.append((f"judge agreement with people ({p.get('judge_gold_source')})",

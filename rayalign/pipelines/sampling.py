@@ -89,7 +89,7 @@ def open_sampler(cfg: Config, policy, model: ModelConfig, version: int = 0) -> I
         s.version = version
         yield s
         return
-    with role_group("rollout", RolloutWorker, rc.group, timeout_s=rc.call_timeout_s) as engines:
+    with role_group("rollout", RolloutWorker, rc.group) as engines:
         info = engines.init_engine(model.model_dump(), kind, engine_settings(cfg), -1)
         say(f"rollout: {len(info)} {kind} engine(s) ready in {max(i['init_s'] for i in info):.0f}s")
         s = Sampler(policy, engines, rc, kind)
@@ -113,7 +113,7 @@ def sampling_group(cfg: Config, role: str, model: ModelConfig, group) -> Iterato
         with lm_group(role, model, group) as grp:
             yield grp
         return
-    with role_group(role, RolloutWorker, group, timeout_s=cfg.rollout.call_timeout_s) as grp:
+    with role_group(role, RolloutWorker, group) as grp:
         info = grp.init_engine(model.model_dump(), "vllm", engine_settings(cfg), 0)
         say(f"{role} ready: {model.name} on {len(info)} vLLM engine(s)")
         yield grp

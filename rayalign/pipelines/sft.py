@@ -11,7 +11,7 @@ from ..cluster import ray_session
 from ..config import Config, ConfigError, TrainConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from ..workers.policy import PolicyWorker
-from .common import checkpoint_root, plan_steps, prepare_run_dir, resume_point, role_group, say, stage_layout
+from .common import Cadence, checkpoint_root, recovering, plan_steps, prepare_run_dir, resume_point, role_group, say, stage_layout
 
 
 def prepare_examples(cfg: Config) -> tuple[list[dict], list[dict], list[str]]:
@@ -55,6 +55,10 @@ def run_sft(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     """Train, checkpoint, export. Returns the summary (also written to the run dir)."""
     if cfg.sft is None:
         raise ConfigError("this config has no `sft` section")
+    return recovering(cfg, "sft", "sft", lambda d, r: _run_sft(cfg, d, r, samples), run_dir, resume)
+
+
+def _run_sft(cfg: Config, run_dir: Path, resume: bool, samples: int) -> dict[str, Any]:
     s, mcfg = cfg.sft, cfg.sft_model()
     g, t = s.group, s.train
     plan_steps("sft", t.batch_size, g, t)  # the batch layout is checked before anything loads
@@ -120,6 +124,7 @@ def run_steps(group, batch_of: Callable[[int], list[dict]], steps: range, t: Tra
     Returns the losses and the target tokens seen."""
     losses: list[float] = []
     tokens_seen = 0
+    saves = Cadence(t.save_every, t.save_minutes)
     for step in steps:
         batch = batch_of(step)
         r = group.train_step(batch, sum(data_targets(e) for e in batch))
@@ -135,7 +140,7 @@ def run_steps(group, batch_of: Callable[[int], list[dict]], steps: range, t: Tra
                 tracker.log(f"{stage}_eval", done, {"eval_loss": ev})
         tracker.log(stage, done, metrics)
         bar.update(1, loss=loss, lr=metrics["lr"])
-        if t.save_every and done % t.save_every == 0 and done < total:
+        if saves.due(done, total):
             group.save_checkpoint(ckpt_root, done, {"step": done}, t.keep_checkpoints)
     return losses, tokens_seen
 
