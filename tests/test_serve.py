@@ -182,11 +182,22 @@ def test_bad_input_gets_4xx_and_good_requests_keep_succeeding(server):
         (None, b"{not json", 400, "JSON"),
         (None, b'["question", "answer"]', 422, "object"),
         (None, json.dumps({"question": "q?", "answer": "x" * 20_000}).encode(), 413, "limit"),  # huge body
+        (None, b'{"question": "q?", "answer": "a.", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", 400, "deep"),
+        (None, b'{"question": "q?", "answer": "a.", "temperature": NaN}', 400, "NaN"),
+        (None, b'{"question": "q?", "answer": "a.", "top_p": Infinity}', 400, "Infinity"),
+        (None, b'{"question": "q?", "answer": "a.", "temperature": 1e400}', 422, "temperature"),  # inf
+        # Accepted extremes are answered (200), not a 500 that takes the batch with it.
+        ({"question": "q?", "answer": "a.", "temperature": 5e-324}, None, 200, ""),
+        ({"question": "q?", "answer": "a.", "temperature": 2.0, "top_p": 5e-324}, None, 200, ""),
+        ({"question": "q?", "answer": "a.", "temperature": 1e-300, "top_p": 1.0, "max_new_tokens": 1}, None, 200, ""),
     ]
     try:
         for body, raw, status, words in cases:
             r = post(u, body, raw)
             assert r.status_code == status, (body or raw[:60], r.status_code, r.text[:300])
+            if status == 200:
+                assert isinstance(r.json()["correction"], str)
+                continue
             err = r.json()["error"]
             assert err["status"] == status and words.lower() in err["message"].lower(), err
         assert requests.get(u, timeout=30).status_code == 405
@@ -197,6 +208,58 @@ def test_bad_input_gets_4xx_and_good_requests_keep_succeeding(server):
     assert results and all(s == 200 and c == ad.REFUSAL for s, c in results), results[:5]
     health = requests.get(server["url"] + "/open/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["batches"] > 0 and health["engine_s"] > 0
+
+
+def test_sampling_is_safe_at_every_accepted_extreme():
+    """Every temperature in (0, 2] and top_p in (0, 1] the schema accepts gives a token of the
+    vocabulary, a masked (-inf) token is never drawn, and a vanishing temperature is greedy."""
+    import torch
+
+    from rayalign.serve.engine import AlignerEngine
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 30
+    logits[:, 7] = float("-inf")  # as min_new_tokens masks EOS
+    tiny = (5e-324, 1e-300, 1e-38, 1e-8)
+    for t in tiny + (0.3, 1.0, 2.0):
+        for p in (5e-324, 1e-300, 0.5, 1.0):
+            for _ in range(5):
+                got = AlignerEngine._pick(logits, t, p)
+                assert got.shape == (4,) and ((got >= 0) & (got < 50) & (got != 7)).all(), (t, p, got)
+            if t in tiny or p < 1e-100:
+                assert torch.equal(got, logits.argmax(-1)), (t, p)
+    half = logits.half()  # a half-precision model's logits too
+    assert AlignerEngine._pick(half, 5e-324, 1.0).tolist() == half.float().argmax(-1).tolist()
+
+
+def test_a_failing_item_fails_alone():
+    """A batch that fails is generated again item by item: the item that fails by itself
+    gets an error, its batch-mates their answers, in order."""
+    from rayalign.serve.app import correct_isolated
+
+    calls = []
+
+    def correct(items, n, t, p):
+        calls.append(len(items))
+        if any("poison" in q for q, _ in items):
+            raise RuntimeError("probability tensor contains nan")
+        return [{"correction": a.upper()} for _, a in items]
+
+    items = [("q1", "a"), ("poison?", "b"), ("q3", "c")]
+    out = correct_isolated(correct, items, 8, 1.0, 1.0)
+    assert out == [{"correction": "A"}, {"error": "RuntimeError: probability tensor contains nan"},
+                   {"correction": "C"}]
+    assert calls == [3, 1, 1, 1]
+    assert correct_isolated(correct, items[:1], 8, 1.0, 1.0) == [{"correction": "A"}] and calls[-1] == 1
+
+
+def test_json_depth_is_measured_without_parsing():
+    from rayalign.serve.app import json_depth
+
+    assert json_depth('{"a": [1, {"b": "[[[[ {{"}]}') == 3  # brackets inside strings do not count
+    assert json_depth('{"a": "\\"[", "b": [[]]}') == 3
+    assert json_depth("[" * 10_000 + "]" * 10_000) == 10_000
+    assert json_depth('"plain"') == 0
 
 
 def test_auth_on_and_off(server):

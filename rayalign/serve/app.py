@@ -16,6 +16,7 @@ event loop keeps accepting requests while a batch generates in its worker thread
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 from ray import serve
 
 from ..config import ServeConfig, UpstreamConfig
+
+logger = logging.getLogger("ray.serve")
 
 API_VERSION = "1"
 
@@ -81,6 +84,51 @@ class GenerateRequest(Options):
         return _text(v, info.field_name)
 
 
+MAX_JSON_DEPTH = 32  # the schemas need 3 levels; json.loads recurses once per level
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in a JSON text (brackets inside strings do not
+    count), found without parsing, so a pathological body never reaches the parser."""
+    depth = best = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def correct_isolated(correct, items: list[tuple[str, str]], *opts) -> list[dict]:
+    """``correct(items, *opts)``; if the batch fails, each item is generated again alone, so
+    only an item that fails by itself gets ``{"error": ...}`` and the others their answer."""
+    try:
+        return correct(items, *opts)
+    except Exception as exc:
+        if len(items) == 1:
+            return [{"error": f"{type(exc).__name__}: {str(exc)[:200]}"}]
+        logger.warning("a batch of %d failed (%s: %s); its items run one by one", len(items), type(exc).__name__, exc)
+    out = []
+    for item in items:
+        out += correct_isolated(correct, [item], *opts)
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, detail: Any = None):
         super().__init__(message)
@@ -110,9 +158,7 @@ async def _http_error(_request: Request, exc: HTTPError):
 @api.exception_handler(Exception)
 async def _internal_error(_request: Request, exc: Exception):
     # The replica keeps serving; the client gets JSON, the log gets the traceback.
-    import logging
-
-    logging.getLogger("ray.serve").exception("request failed")
+    logger.exception("request failed")
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
@@ -177,10 +223,15 @@ class AlignerServer:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise HTTPError(400, f"body is not valid UTF-8 (byte {exc.start})") from None
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise HTTPError(400, f"body nests {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        except ValueError as exc:  # NaN / Infinity: not JSON (RFC 8259), though Python reads them
+            raise HTTPError(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise HTTPError(422, "body must be a JSON object")
         try:
@@ -220,7 +271,7 @@ class AlignerServer:
         for (n, temp, top_p), idx in groups.items():
             items = [(jobs[i][0], jobs[i][1]) for i in idx]
             t0 = time.perf_counter()
-            res = await loop.run_in_executor(self.pool, self.engine.correct, items, n, temp, top_p)
+            res = await loop.run_in_executor(self.pool, correct_isolated, self.engine.correct, items, n, temp, top_p)
             self.engine_s += time.perf_counter() - t0
             for i, r in zip(idx, res):
                 out[i] = r
@@ -237,10 +288,15 @@ class AlignerServer:
 
     async def _correct(self, items: list[tuple[str, str]], opts: tuple) -> list[dict]:
         try:
-            return await asyncio.wait_for(asyncio.gather(*[self._batch((q, a, opts)) for q, a in items]),
-                                          self.s.request_timeout_s)
+            res = await asyncio.wait_for(asyncio.gather(*[self._batch((q, a, opts)) for q, a in items]),
+                                         self.s.request_timeout_s)
         except TimeoutError:
             raise HTTPError(504, f"no answer within the request timeout of {self.s.request_timeout_s} s") from None
+        bad = [(i, r["error"]) for i, r in enumerate(res) if "error" in r]
+        if bad:
+            where = f"item {bad[0][0]}: " if len(items) > 1 else ""
+            raise HTTPError(422, f"{where}this input could not be generated ({bad[0][1]})")
+        return res
 
     def _info(self) -> dict[str, Any]:
         return {"model": self.engine.name, "template_version": self.engine.template.version}

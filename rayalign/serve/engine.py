@@ -202,11 +202,18 @@ class AlignerEngine:
 
     @staticmethod
     def _pick(logits, temperature: float, top_p: float):
+        """The next token of each row: greedy at temperature 0, else sampled from the top-p
+        head of softmax(logits / temperature). Safe for every temperature > 0 down to the
+        smallest float: in float64 (where such a temperature is not 0, as in float32), the
+        logits are shifted to a maximum of 0 before the division, so a tiny temperature
+        sends the rest to -inf (greedy in the limit) instead of making inf - inf = NaN."""
         import torch
 
         if temperature <= 0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / temperature, -1)
+        z = logits.double()
+        z = (z - z.max(-1, keepdim=True).values) / temperature
+        probs = torch.softmax(z, -1)
         if top_p < 1.0:
             sp, si = probs.sort(-1, descending=True)
             drop = sp.cumsum(-1) - sp > top_p  # keep the smallest head reaching top_p (at least one)
