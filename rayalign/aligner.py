@@ -32,6 +32,29 @@ class AlignerError(RayalignError, ValueError):
     pass
 
 
+# An invisible character that ends a marker: user text keeps its look, but no longer
+# tokenises as the template's markers or a special token.
+JOINER = "\u2060"
+# Special-token forms of the common chat templates (ChatML and Llama 3's <|...|>,
+# Llama 2's <s> </s> [INST]); none may reach the tokenizer from user text.
+SPECIAL_HEADS = ("<|", "|>", "</s>", "<s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+
+
+def neutralise(text: str, markers: tuple[str, ...] = ()) -> str:
+    """``text`` with a :data:`JOINER` inside every occurrence of a marker and of a special
+    token's head, so a question or answer cannot end its own section, open a fake one, or
+    close the chat turn. Text without them is unchanged. Output is cleaned with
+    :func:`unjoin`."""
+    for m in sorted(set(markers) | set(SPECIAL_HEADS), key=len, reverse=True):
+        if len(m) > 1 and m in text:
+            text = text.replace(m, m[0] + JOINER + m[1:])
+    return text
+
+
+def unjoin(text: str) -> str:
+    return text.replace(JOINER, "")
+
+
 @dataclass(frozen=True)
 class AlignerTemplate:
     version: str
@@ -45,9 +68,25 @@ class AlignerTemplate:
 
     def render(self, question: str, answer: str) -> str:
         """The user turn the Aligner sees. One pass over the slots, so braces inside the
-        question or answer are text, not slots."""
-        values = {"question": question, "answer": answer}
+        question or answer are text, not slots; and the question and answer are
+        :func:`neutralised <neutralise>` first, so no text in them reads as one of the
+        template's markers or as a chat template's special token."""
+        values = {"question": neutralise(question, self.markers), "answer": neutralise(answer, self.markers)}
         return _SLOT.sub(lambda m: values[m.group(1)], self.text)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """What user text must not reproduce: the head of each literal part of the template
+        (its leading run of punctuation, as ``##`` of ``##Correction:``, or the whole part
+        where it has none)."""
+        out = []
+        for part in _SLOT.split(self.text)[::2]:  # split keeps the slot names at odd places
+            for line in part.splitlines():
+                line = line.strip()
+                if line:
+                    head = re.match(r"[^\w\s]{2,}", line)
+                    out.append(head.group(0) if head else line)
+        return tuple(dict.fromkeys(out))
 
     def to_dict(self) -> dict[str, str]:
         return {"template_version": self.version, "template": self.text}

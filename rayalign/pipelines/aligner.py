@@ -98,7 +98,7 @@ def _generate(group, prompts: list[str], max_new_tokens: int, chunk: int = 16) -
     for s in range(0, n, step):
         idx = order[s:s + step]
         for i, x in zip(idx, group.map("generate", [prompts[i] for i in idx], max_new_tokens, 0.0)):
-            out[i] = x.strip()
+            out[i] = al.unjoin(x).strip()  # a copied answer keeps no joiner (aligner.neutralise)
     return out
 
 

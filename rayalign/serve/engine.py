@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..aligner import find_model_dir, read_meta
+from ..aligner import find_model_dir, read_meta, unjoin
 
 
 def _growing_cache(layers: list[tuple[Any, Any]], room: int):
@@ -271,7 +271,7 @@ class AlignerEngine:
                 pos = pos + 1
         res = []
         for (q, a), ids in zip(items, out_ids):
-            text = self.tok.decode(ids, skip_special_tokens=True).strip()
+            text = unjoin(self.tok.decode(ids, skip_special_tokens=True)).strip()
             res.append({"correction": text, "copied": text == a.strip(), "new_tokens": len(ids),
                         "truncated": len(ids) == max_new_tokens})
         return res
