@@ -36,10 +36,6 @@ def progress(run_dir: Path, stage: str = "ppo") -> tuple[int, int]:
     return done, sum(r["stage"] == f"{stage}_recovery" for r in rows)
 
 
-def ppo_progress(run_dir: Path) -> tuple[int, int]:
-    return progress(run_dir, "ppo")
-
-
 def kill_during(pid: int, run_dir: Path, stage: str, after: list[int], seed: int = 0,
                 roles: tuple[str, ...] = ("PolicyWorker", "CriticWorker"), timeout_s: float = 600,
                 signals: list[int] | None = None, running: Callable[[], bool] = lambda: True) -> list[dict]:

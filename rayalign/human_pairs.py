@@ -188,38 +188,40 @@ def _fetch_tasks(dest: Path, say: Callable[[str], None]) -> None:
 
 
 def prepare(say: Callable[[str], None] = lambda s: print(f"[rayalign] {s}", file=sys.stderr, flush=True),
-            root: Path | None = None) -> Path:
+            root: Path | None = None, tasks: tuple[Task, ...] = TASKS) -> Path:
     """Fetch (once) and convert; returns the directory with ``pairs.jsonl`` and a manifest.
     Written to a temporary directory and renamed, so a crash leaves no half set."""
     root = Path(root) if root else cache_dir()
     if (root / "pairs.jsonl").is_file():
         return root
     if (root / "tasks").is_dir():  # BIG-bench's benchmark_tasks put there by hand (no index to fetch from)
-        rows = convert(root / "tasks")
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (root / "manifest.json").write_text(json.dumps(manifest(rows, text), indent=1))
-        (root / "pairs.jsonl.tmp").write_text(text)
-        (root / "pairs.jsonl.tmp").replace(root / "pairs.jsonl")
-        say(f"human-labelled pairs: {len(rows)} from {root / 'tasks'}")
+        n = _write_pairs(root, convert(root / "tasks", tasks))
+        say(f"human-labelled pairs: {n} from {root / 'tasks'}")
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".human-pairs.", dir=root.parent))
     try:
         _fetch_tasks(tmp, say)
-        rows = convert(tmp / "tasks")
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (tmp / "pairs.jsonl").write_text(text)
-        (tmp / "manifest.json").write_text(json.dumps(manifest(rows, text), indent=1))
+        n = _write_pairs(tmp, convert(tmp / "tasks", tasks))
         try:
             os.rename(tmp, root)
         except OSError:
             if not (root / "pairs.jsonl").is_file():
                 raise
-        say(f"human-labelled pairs: {len(rows)} at {root / 'pairs.jsonl'}")
+        say(f"human-labelled pairs: {n} at {root / 'pairs.jsonl'}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _write_pairs(dest: Path, rows: list[dict]) -> int:
+    """``pairs.jsonl`` (written whole, then renamed) and its manifest in ``dest``."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (dest / "manifest.json").write_text(json.dumps(manifest(rows, text), indent=1))
+    (dest / "pairs.jsonl.tmp").write_text(text)
+    (dest / "pairs.jsonl.tmp").replace(dest / "pairs.jsonl")
+    return len(rows)
 
 
 def manifest(rows: list[dict], text: str) -> dict:

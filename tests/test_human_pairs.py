@@ -79,3 +79,15 @@ def test_prepare_uses_a_cached_set_without_network(tmp_path):
     assert hp.prepare(root=root) == root
     with pytest.raises(DataError, match="unknown split"):
         hp.load("train")
+
+
+def test_prepare_builds_the_set_from_hand_placed_tasks_without_network(tmp_path):
+    """Where the index does not serve BIG-bench, its benchmark_tasks copied under the cache
+    are converted there, as a fetched copy would be."""
+    root = tmp_path / "hp"
+    write_tasks(root / "tasks")
+    assert hp.prepare(say=lambda s: None, root=root, tasks=TASKS) == root
+    got = [json.loads(l) for l in (root / "pairs.jsonl").read_text().splitlines()]
+    assert got == hp.convert(root / "tasks", TASKS) and len(got) > 30
+    assert json.loads((root / "manifest.json").read_text())["pairs"] == len(got)
+    assert not (root / "pairs.jsonl.tmp").exists()

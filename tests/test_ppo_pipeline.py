@@ -281,14 +281,14 @@ def test_a_signal_stops_every_process_the_command_started(tmp_path, sig):
     """SIGTERM (systemd, Kubernetes) or SIGINT to `rayalign ppo`: within 30 s every process
     it started is gone (Ray's agents included), the exit status says which signal, and the
     last line says why."""
-    from rayalign.chaos import ppo_progress
+    from rayalign.chaos import progress
     from rayalign.cluster.procs import alive, descendants
 
     cfg = ppo_yaml(tmp_path, iterations=20, save_every=0)
     run_dir = tmp_path / "run"
     p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null"])
     deadline = time.time() + 200
-    while ppo_progress(run_dir)[0] < 1 and p.poll() is None and time.time() < deadline:
+    while progress(run_dir)[0] < 1 and p.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert p.poll() is None, p.communicate()[0][-3000:]
     started = descendants(p.pid)

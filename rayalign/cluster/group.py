@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..config import GroupConfig
 from ..batch import TRAFFIC, split_sizes
@@ -36,15 +36,18 @@ class LostRankError(GroupError):
         self.role = role
 
 
-def failed_role(exc: BaseException) -> str | None:
-    """The role whose rank was lost, where the error (or one it was raised from) says."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """An error and each one it was raised from (cycles cut)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, LostRankError):
-            return exc.role
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return None
+
+
+def failed_role(exc: BaseException) -> str | None:
+    """The role whose rank was lost, where the error (or one it was raised from) says."""
+    return next((e.role for e in _chain(exc) if isinstance(e, LostRankError)), None)
 
 
 def lost_actor(exc: BaseException) -> bool:
@@ -56,15 +59,8 @@ def lost_actor(exc: BaseException) -> bool:
         return isinstance(exc, LostRankError)
     lost = (LostRankError, rex.RayActorError, rex.ObjectLostError, rex.OwnerDiedError, rex.NodeDiedError,
             rex.GetTimeoutError)
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, lost):
-            return True
-        if isinstance(exc, rex.RayTaskError) and isinstance(getattr(exc, "cause", None), lost):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, lost) or (isinstance(e, rex.RayTaskError) and isinstance(getattr(e, "cause", None), lost))
+               for e in _chain(exc))
 
 
 def split_list(items: Sequence, n: int) -> list[list]:
