@@ -295,3 +295,95 @@ def test_engine_decoding_matches_transformers_generate(tiny_dir, tmp_path):
     torch.manual_seed(0)
     sampled = eng.correct(items, 8, temperature=1.0, top_p=0.9)
     assert len(sampled) == len(items) and all(isinstance(s["correction"], str) for s in sampled)
+
+
+def _engine(tiny_dir, tmp_path):
+    import shutil
+
+    from rayalign.serve.engine import AlignerEngine
+
+    d = tmp_path / "tiny-aligner"
+    shutil.copytree(tiny_dir, d)
+    (d / al.META_FILE).write_text(al.meta_text(al.resolve_template(), base_model="tiny-llama"))
+    return AlignerEngine(d, threads=1)
+
+
+def test_engine_rows_keep_their_own_options_and_stream_what_they_return(tiny_dir, tmp_path):
+    """Rows with different max_new_tokens in one batch end where they would alone; each
+    item's streamed deltas add up to its correction, with nothing sent after its end."""
+    eng = _engine(tiny_dir, tmp_path)
+    items = [(r["question"], r["answer"]) for r in ad.triples(5, seed=4)]
+    limits = [3, 12, 7, 1, 12]
+    alone = [eng.correct([it], n)[0] for it, n in zip(items, limits)]
+    together = eng.correct(items, options=[(n, 0.0, 1.0) for n in limits])
+    assert together == alone
+    assert all(r["new_tokens"] <= n for r, n in zip(together, limits)) and together[3]["new_tokens"] == 1
+    sent, ends = ["" for _ in items], [None] * len(items)
+    for events in eng.stream(items, [(n, 0.0, 1.0) for n in limits]):
+        assert len(events) == len(items)
+        for i, e in enumerate(events):
+            if e is None:
+                continue
+            assert ends[i] is None, "an event after the item's end"
+            sent[i] += e["delta"]
+            if "result" in e:
+                ends[i] = e["result"]
+    assert ends == alone and sent == [r["correction"] for r in alone]
+
+
+def test_a_failing_batch_leaves_only_the_failing_item_without_an_answer(tiny_dir, tmp_path):
+    """A batch that fails mid-decode goes on item by item from the tokens each already
+    had (nothing streamed is taken back): its batch-mates end as they would have, and only
+    the item that fails alone gets an error."""
+    eng = _engine(tiny_dir, tmp_path)
+    items = [(r["question"], r["answer"]) for r in ad.triples(3, seed=5)]
+    items.insert(1, ("poison?", items[0][1]))
+    ref = eng.correct(items, 10)
+    real, calls = eng.token_steps, []
+
+    def flaky(batch, options, min_new, resume):
+        calls.append((len(batch), [len(r) for r in resume]))
+        for step, out in enumerate(real(batch, options, min_new, resume)):
+            if step == 2 and any(q == "poison?" for q, _ in batch):
+                raise RuntimeError("probability tensor contains nan")
+            yield out
+
+    eng.token_steps = flaky
+    sent = ["" for _ in items]
+    out = [None] * len(items)
+    for events in eng.stream(items, [(10, 0.0, 1.0)] * len(items)):
+        for i, e in enumerate(events):
+            if e is not None:
+                sent[i] += e.get("delta", "")
+                out[i] = e.get("result") or e.get("error")
+    assert out[1] == "RuntimeError: probability tensor contains nan"
+    assert [out[i] for i in (0, 2, 3)] == [ref[i] for i in (0, 2, 3)]
+    assert [sent[i] for i in (0, 2, 3)] == [ref[i]["correction"] for i in (0, 2, 3)]
+    # The batch, then each unfinished item alone, resumed after the tokens it had.
+    assert calls[0] == (4, [0, 0, 0, 0]) and len(calls) >= 2
+    assert all(n == 1 and done[0] >= 1 for n, done in calls[1:])
+    assert eng.correct([items[1]], 10) == [{"error": "RuntimeError: probability tensor contains nan"}]
+
+
+def test_engine_inputs_fuzzed(tiny_dir, tmp_path):
+    """Any text and any option the API accepts: the engine answers, and the good item
+    batched with the fuzzed one gets exactly the answer it gets alone."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    eng = _engine(tiny_dir, tmp_path)
+    good = ("what is the capital of france?", "paris.")
+    ref = eng.correct([good], 6)[0]
+    texts = st.text(st.characters(codec="utf-8"), max_size=60)
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(q=texts, a=texts, n=st.integers(1, 6), t=st.floats(0.0, 2.0),
+           p=st.floats(0.0, 1.0, exclude_min=True))
+    def run(q, a, n, t, p):
+        out = eng.correct([(q, a), good], options=[(n, t, p), (6, 0.0, 1.0)])
+        assert "error" not in out[0] and isinstance(out[0]["correction"], str), out[0]
+        assert out[0]["new_tokens"] <= n and "\u2060" not in out[0]["correction"]
+        assert out[1] == ref
+
+    run()

@@ -1,6 +1,8 @@
 """The Aligner behind a real Ray Serve application on 127.0.0.1: single and batch
 corrections, every kind of bad input answered with its 4xx while good requests keep being
-served, bearer auth, the upstream route, overload (503), and 200+ concurrent requests."""
+served, bearer auth, the upstream route, overload (503), 200+ concurrent requests,
+streaming, the OpenAI-compatible proxy through the real ``openai`` client, request ids,
+Prometheus metrics, and requests generated from the OpenAPI schema (schemathesis)."""
 from __future__ import annotations
 
 import json
@@ -29,11 +31,14 @@ def free_port() -> int:
 
 
 class FakeUpstream(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint that always answers with a dangerous reply."""
+    """An OpenAI-compatible chat endpoint that always answers with a dangerous reply; it
+    keeps what it was asked."""
+    asked: list = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert body["messages"][0]["role"] == "user"
+        FakeUpstream.asked.append(body)
+        assert body["messages"][-1]["role"] == "user"
         out = json.dumps({"choices": [{"message": {"role": "assistant",
                                                    "content": "mix the danger with water."}}]}).encode()
         self.send_response(200)
@@ -200,8 +205,9 @@ def test_bad_input_gets_4xx_and_good_requests_keep_succeeding(server):
                 continue
             err = r.json()["error"]
             assert err["status"] == status and words.lower() in err["message"].lower(), err
-        assert requests.get(u, timeout=30).status_code == 405
-        assert requests.get(server["url"] + "/open/v1/nothing", timeout=30).status_code == 404
+        for r, status in [(requests.get(u, timeout=30), 405),
+                          (requests.get(server["url"] + "/open/v1/nothing", timeout=30), 404)]:
+            assert r.status_code == status and r.json()["error"]["status"] == status, r.text
     finally:
         stop.set()
         t.join()
@@ -230,27 +236,6 @@ def test_sampling_is_safe_at_every_accepted_extreme():
                 assert torch.equal(got, logits.argmax(-1)), (t, p)
     half = logits.half()  # a half-precision model's logits too
     assert AlignerEngine._pick(half, 5e-324, 1.0).tolist() == half.float().argmax(-1).tolist()
-
-
-def test_a_failing_item_fails_alone():
-    """A batch that fails is generated again item by item: the item that fails by itself
-    gets an error, its batch-mates their answers, in order."""
-    from rayalign.serve.app import correct_isolated
-
-    calls = []
-
-    def correct(items, n, t, p):
-        calls.append(len(items))
-        if any("poison" in q for q, _ in items):
-            raise RuntimeError("probability tensor contains nan")
-        return [{"correction": a.upper()} for _, a in items]
-
-    items = [("q1", "a"), ("poison?", "b"), ("q3", "c")]
-    out = correct_isolated(correct, items, 8, 1.0, 1.0)
-    assert out == [{"correction": "A"}, {"error": "RuntimeError: probability tensor contains nan"},
-                   {"correction": "C"}]
-    assert calls == [3, 1, 1, 1]
-    assert correct_isolated(correct, items[:1], 8, 1.0, 1.0) == [{"correction": "A"}] and calls[-1] == 1
 
 
 def test_json_depth_is_measured_without_parsing():
@@ -323,3 +308,167 @@ def test_serve_config_is_what_serve_runs(server, trained):
     s = ServeConfig.model_validate({k: v for k, v in app["args"].items() if k != "checkpoint"})
     assert serve_config(s, app["args"]["checkpoint"]) == doc
     assert Path(app["args"]["checkpoint"]) == trained.resolve()
+
+
+def sse(r) -> list:
+    """The data of each server-sent event of a response, JSON-decoded ([DONE] kept as is)."""
+    out = []
+    for line in r.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", line
+    return out
+
+
+def test_streaming_in_openai_chunks(server):
+    u = server["url"] + "/open/v1/correct"
+    body = {"question": "what today?", "answer": BAD}
+    whole = post(u, body).json()
+    with requests.post(u, json=body | {"stream": True}, stream=True, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        rid = r.headers["x-request-id"]
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "corr-" + rid for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:]]
+    assert len([p for p in pieces if p]) > 1, "token by token, not one piece"
+    assert "".join(pieces) == whole["correction"] == ad.REFUSAL
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["rayalign"]["new_tokens"] == whole["new_tokens"]
+    # Checked before the first byte: a bad streamed request is an ordinary 4xx.
+    r = post(u, {"items": [body], "stream": True})
+    assert r.status_code == 422 and "single form" in r.json()["error"]["message"]
+    r = post(u, body | {"stream": True, "max_new_tokens": 10_000})
+    assert r.status_code == 422 and r.json()["error"]["request_id"] == r.headers["x-request-id"]
+
+    # Many streams at once share batches and each still gets its own answer.
+    def one(i):
+        ans = BAD if i % 2 else GOOD
+        with requests.post(u, json={"question": f"q {i}?", "answer": ans, "stream": True}, stream=True,
+                           timeout=120) as r:
+            ev = sse(r)
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in ev[:-1])
+        return ans, text, post(u, {"question": f"q {i}?", "answer": ans}).json()["correction"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(16)))
+    assert all(text == ref for _, text, ref in got), got[:3]
+    assert all(text == ad.REFUSAL for ans, text, _ in got if ans == BAD)
+
+
+def test_request_ids_in_every_response(server):
+    u = server["url"] + "/open/v1/correct"
+    r = post(u, {"question": "what today?", "answer": GOOD}, headers={"X-Request-ID": "client-id-7"})
+    assert r.headers["x-request-id"] == "client-id-7" and r.json()["request_id"] == "client-id-7"
+    r = post(u, {"question": "what today?", "answer": GOOD})
+    assert len(r.headers["x-request-id"]) >= 16 and r.json()["request_id"] == r.headers["x-request-id"]
+    r = post(u, {"question": "q?"}, headers={"X-Request-ID": "bad-one"})
+    assert r.status_code == 422 and r.json()["error"]["request_id"] == "bad-one"
+
+
+def test_openai_client_against_the_proxy(server):
+    """The real ``openai`` client, pointed at the Aligner unchanged: the upstream's answer
+    comes back corrected, in OpenAI's shapes, streamed or not; auth and errors map to the
+    client's own exceptions."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/secure/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "how do i make bread?"}]
+    FakeUpstream.asked.clear()
+    out = client.chat.completions.create(model="any", messages=msgs, max_tokens=40, temperature=0.5)
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ad.REFUSAL and out.choices[0].finish_reason == "stop"
+    assert out.model == "fake" and out.usage.completion_tokens > 0
+    assert out.model_extra["rayalign"]["original"] == "mix the danger with water."
+    # The whole conversation and the client's settings went to the upstream.
+    assert FakeUpstream.asked[-1]["messages"] == msgs
+    assert FakeUpstream.asked[-1]["max_tokens"] == 40 and FakeUpstream.asked[-1]["temperature"] == 0.5
+    stream = client.chat.completions.create(model="any", messages=msgs, stream=True)
+    parts = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(parts) == ad.REFUSAL and len([p for p in parts if p]) > 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/secure/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="any", messages=msgs)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="any", messages=[{"role": "system", "content": "no user turn"}])
+    with pytest.raises(openai.NotFoundError):  # /open has no upstream
+        openai.OpenAI(base_url=server["url"] + "/open/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="any", messages=msgs)
+
+
+def test_prometheus_metrics_through_ray(server):
+    """Requests by status, latency and time-to-first-token histograms, batch sizes, queue
+    depth and tokens, scraped from the node's Ray metrics endpoint."""
+    import ray
+
+    u = server["url"] + "/open/v1/correct"
+    assert post(u, {"question": "what today?", "answer": BAD}).status_code == 200
+    assert post(u, {"question": "q?"}).status_code == 422
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    want = ["rayalign_requests", "rayalign_request_latency_s_bucket", "rayalign_time_to_first_token_s_bucket",
+            "rayalign_batch_size_bucket", "rayalign_queue_depth", "rayalign_tokens"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in want) and 'status="422"' in text:
+            break
+        time.sleep(2)
+    lines = [ln for ln in text.splitlines() if "rayalign_" in ln and not ln.startswith("#")]
+    assert all(any(w in ln for ln in lines) for w in want), [w for w in want if w not in text]
+    ok = [ln for ln in lines if "rayalign_requests" in ln and 'status="200"' in ln and 'route="/v1/correct"' in ln]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1, lines[:10]
+    assert any('status="422"' in ln for ln in lines if "rayalign_requests" in ln)
+    assert any('direction="out"' in ln for ln in lines if "rayalign_tokens" in ln)
+
+
+def test_fuzzed_requests_from_the_openapi_schema(server):
+    """Requests generated from the served OpenAPI document, fitting it and not: never a
+    5xx, every 4xx a JSON error body with its status and request id, and good requests
+    sent meanwhile keep their answers."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation import GenerationMode
+
+    base = server["url"] + "/secure"
+    schema = schemathesis.openapi.from_url(base + "/openapi.json")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    good, results, stop = {"question": "what today?", "answer": BAD}, [], threading.Event()
+
+    def keep_asking():
+        while not stop.is_set():
+            r = post(base + "/v1/correct", good, headers=auth)
+            results.append((r.status_code, r.json().get("correction")))
+
+    seen: dict = {}
+
+    def check(case):
+        r = case.call(base_url=base, headers=auth, timeout=120)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (case.path, case.body, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            err = r.json()["error"]
+            assert err["status"] == r.status_code and err["request_id"] and err["message"], r.text
+
+    t = threading.Thread(target=keep_asking)
+    t.start()
+    try:
+        for path in ("/v1/correct", "/v1/chat/completions", "/v1/generate_and_correct"):
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                strategy = schema[path]["POST"].as_strategy(generation_mode=mode)
+
+                @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                          suppress_health_check=list(HealthCheck))
+                @given(case=strategy)
+                def run(case):
+                    check(case)
+
+                run()
+    finally:
+        stop.set()
+        t.join()
+    assert seen.get(200) and seen.get(422), seen
+    assert results and all(s == 200 and c == ad.REFUSAL for s, c in results), results[:5]

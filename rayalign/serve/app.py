@@ -20,10 +20,10 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from ray import serve
 
@@ -68,6 +68,8 @@ class CorrectRequest(Options):
     question: Optional[StrictStr] = Field(None, description="single form: one question ...")
     answer: Optional[StrictStr] = Field(None, description="... and its answer")
     items: Optional[list[Item]] = Field(None, description="batch form: several {question, answer}")
+    stream: bool = Field(False, description="single form: the correction as server-sent events, token by "
+                         "token, in OpenAI's chat.completion.chunk format")
 
     @field_validator("question", "answer")
     @classmethod
@@ -82,6 +84,39 @@ class GenerateRequest(Options):
     @classmethod
     def _nonempty(cls, v, info):
         return _text(v, info.field_name)
+
+
+class _Open(BaseModel):
+    # OpenAI clients send fields this proxy has no use for (user, seed, stream_options, ...):
+    # ignored, as OpenAI-compatible servers do; the ones it uses are checked.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Open):
+    type: StrictStr
+    text: Optional[StrictStr] = None
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[StrictStr, list[ContentPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Open):
+    model: Optional[StrictStr] = Field(None, description="ignored: the upstream is the server's serve.upstream")
+    messages: list[ChatMessage] = Field(..., min_length=1, description="the conversation, sent to the upstream; "
+                                        "the Aligner corrects the answer to the last user message")
+    stream: bool = False
+    max_tokens: Optional[int] = Field(None, ge=1, description="the upstream answer's length")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="same as max_tokens")
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="the upstream's sampling")
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="the upstream's sampling")
+    n: int = Field(1, ge=1, le=1, description="one choice")
 
 
 MAX_JSON_DEPTH = 32  # the schemas need 3 levels; json.loads recurses once per level
@@ -110,21 +145,6 @@ def json_depth(text: str) -> int:
     return best
 
 
-def correct_isolated(correct, items: list[tuple[str, str]], *opts) -> list[dict]:
-    """``correct(items, *opts)``; if the batch fails, each item is generated again alone, so
-    only an item that fails by itself gets ``{"error": ...}`` and the others their answer."""
-    try:
-        return correct(items, *opts)
-    except Exception as exc:
-        if len(items) == 1:
-            return [{"error": f"{type(exc).__name__}: {str(exc)[:200]}"}]
-        logger.warning("a batch of %d failed (%s: %s); its items run one by one", len(items), type(exc).__name__, exc)
-    out = []
-    for item in items:
-        out += correct_isolated(correct, [item], *opts)
-    return out
-
-
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
@@ -135,11 +155,39 @@ class HTTPError(Exception):
         self.status, self.message, self.detail = status, message, detail
 
 
-def _error(status: int, message: str, detail: Any = None, headers: dict | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": {"status": status, "message": message}}
+def request_id(request: Optional[Request] = None) -> str:
+    """Serve's id of the request being answered: the client's ``X-Request-ID`` or one the
+    proxy made; Serve returns it as the ``X-Request-ID`` header and puts it in every log
+    line of the request."""
+    from ray.serve.context import _get_serve_request_context
+
+    rid = _get_serve_request_context().request_id
+    if not rid and request is not None:
+        rid = request.headers.get("x-request-id", "")
+    return rid
+
+
+def _error(status: int, message: str, detail: Any = None, headers: dict | None = None,
+           request: Optional[Request] = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"status": status, "message": message, "request_id": request_id(request)}}
     if detail is not None:
         body["error"]["detail"] = detail
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _drain(events) -> None:
+    async for _ in events:
+        pass
+
+
+def _sse(obj: Any) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+def chunk(cid: str, created: int, model: str, delta: dict, finish: Optional[str] = None, **extra) -> dict:
+    """One OpenAI ``chat.completion.chunk``."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
 
 
 api = FastAPI(
@@ -149,30 +197,145 @@ api = FastAPI(
 )
 
 
+# The routes read their bodies themselves (size, UTF-8, depth, then the schema), so FastAPI
+# does not see them: their schemas, and the error body every 4xx/5xx has, are added to the
+# OpenAPI document here, which is what clients and the fuzz tests generate requests from.
+BODIES = {"/v1/correct": CorrectRequest, "/v1/generate_and_correct": GenerateRequest,
+          "/v1/chat/completions": ChatRequest}
+
+
+class ErrorBody(BaseModel):
+    class Error(BaseModel):
+        status: int
+        message: str
+        request_id: str
+        detail: Optional[Any] = None
+
+    error: Error
+
+
+def _openapi() -> dict[str, Any]:
+    if api.openapi_schema:
+        return api.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    ref = "#/components/schemas/{model}"
+    for model in (*BODIES.values(), ErrorBody):
+        js = model.model_json_schema(ref_template=ref)
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+    error = {"description": "error", "content": {"application/json": {
+        "schema": {"$ref": ref.format(model="ErrorBody")}}}}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if path in BODIES and method == "post":
+                op["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": ref.format(model=BODIES[path].__name__)}}}}
+            op.setdefault("responses", {})["4XX"] = error
+    api.openapi_schema = doc
+    return doc
+
+
+api.openapi = _openapi
+
+
 @api.exception_handler(HTTPError)
-async def _http_error(_request: Request, exc: HTTPError):
+async def _http_error(request: Request, exc: HTTPError):
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return _error(exc.status, exc.message, exc.detail, headers)
+    return _error(exc.status, exc.message, exc.detail, headers, request)
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_request: Request, exc: Exception):
+async def _internal_error(request: Request, exc: Exception):
     # The replica keeps serving; the client gets JSON, the log gets the traceback.
     logger.exception("request failed")
-    return _error(500, f"internal error: {type(exc).__name__}")
+    return _error(500, f"internal error: {type(exc).__name__}", request=request)
+
+
+@api.exception_handler(404)
+@api.exception_handler(405)
+async def _no_route(request: Request, exc: Exception):
+    status = getattr(exc, "status_code", 404)
+    words = "no such route" if status == 404 else f"{request.method} is not allowed here"
+    return _error(status, f"{words}: {request.url.path}", request=request)
+
+
+class Metrics:
+    """The replica's Prometheus metrics, through Ray Serve's metrics (exported by each
+    node's Ray metrics agent with Serve's deployment and replica tags)."""
+
+    LATENCY = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+
+    def __init__(self):
+        from ray.serve import metrics as m
+
+        self.requests = m.Counter("rayalign_requests", "HTTP requests answered, by route and status",
+                                  tag_keys=("route", "status"))
+        self.latency = m.Histogram("rayalign_request_latency_s", "request start to its last byte",
+                                   boundaries=self.LATENCY, tag_keys=("route",))
+        self.ttft = m.Histogram("rayalign_time_to_first_token_s", "request start to its first generated text",
+                                boundaries=self.LATENCY, tag_keys=("route",))
+        self.batch = m.Histogram("rayalign_batch_size", "items generated together",
+                                 boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.queue = m.Gauge("rayalign_queue_depth", "items waiting for a batch")
+        self.tokens = m.Counter("rayalign_tokens", "tokens in (prompts) and out (corrections)",
+                                tag_keys=("direction",))
+
+
+_metrics: list[Metrics] = []
+
+
+def metrics() -> Metrics:
+    """This replica's metrics, made on first use. (A module function: the deployment
+    class reaches the replica pickled by value, with its own copy of this module's
+    globals, so a global it assigned would not be the one the middleware reads.)"""
+    if not _metrics:
+        _metrics.append(Metrics())
+    return _metrics[0]
+
+
+def route_of(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+@api.middleware("http")
+async def _observe(request: Request, call_next):
+    """Counts every answer by route and status and times it to its last byte."""
+    t0 = time.perf_counter()
+    response = await call_next(request)
+    m, route, status = metrics(), route_of(request), str(response.status_code)
+    body = response.body_iterator
+
+    async def timed():
+        try:
+            async for part in body:
+                yield part
+        finally:
+            m.requests.inc(tags={"route": route, "status": status})
+            m.latency.observe(time.perf_counter() - t0, tags={"route": route})
+
+    response.body_iterator = timed()
+    return response
 
 
 class UpstreamError(RuntimeError):
     pass
 
 
-def ask_upstream(up: UpstreamConfig, question: str) -> str:
-    """One chat completion from an OpenAI-compatible endpoint."""
+def ask_upstream(up: UpstreamConfig, messages: list[dict], max_tokens: Optional[int] = None,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None) -> str:
+    """One chat completion from an OpenAI-compatible endpoint; unset settings are the
+    server's ``serve.upstream`` ones."""
     from ..httpjson import post_json
 
     key = os.environ.get(up.api_key_env) if up.api_key_env else None
-    body = {"model": up.model, "messages": [{"role": "user", "content": question}],
-            "max_tokens": up.max_tokens, "temperature": up.temperature}
+    body = {"model": up.model, "messages": messages, "max_tokens": max_tokens or up.max_tokens,
+            "temperature": up.temperature if temperature is None else temperature}
+    if top_p is not None:
+        body["top_p"] = top_p
     res = post_json(up.url.rstrip("/") + "/chat/completions", body, UpstreamError, key, up.timeout_s, up.retries)
     try:
         return str(res["choices"][0]["message"]["content"])
@@ -194,9 +357,11 @@ class AlignerServer:
         self._batch.set_max_batch_size(self.s.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
         self.engine.correct([("Warm-up question?", "Warm-up answer.")], max_new_tokens=2)
+        self.metrics = metrics()
         self.served = 0
         self.batches = 0
         self.batched_items = 0
+        self.waiting = 0  # items handed to the batcher, not yet in a batch
         self.engine_s = 0.0  # time inside the engine: beside wall time, what serving around it costs
 
     # ------------------------------------------------------------ checks
@@ -248,35 +413,56 @@ class AlignerServer:
             raise HTTPError(422, f"max_new_tokens {n} exceeds this server's limit of {self.s.max_new_tokens}")
         return n, req.temperature, req.top_p
 
-    def _check_items(self, items: list[tuple[str, str]]) -> None:
+    def _check_items(self, items: list[tuple[str, str]], count: bool = True) -> None:
         if len(items) > self.s.max_items:
             raise HTTPError(422, f"{len(items)} items exceed this server's limit of {self.s.max_items} per request")
+        total = 0
         for i, (q, a) in enumerate(items):
             n = self.engine.input_tokens(q, a)
             if n > self.s.max_input_tokens:
                 where = f"item {i}: " if len(items) > 1 else ""
                 raise HTTPError(422, f"{where}question + answer take {n} tokens, over the limit of "
                                 f"{self.s.max_input_tokens}")
+            total += n
+        if count:
+            self.metrics.tokens.inc(total, tags={"direction": "in"})
 
     # ------------------------------------------------------------ batching
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _batch(self, jobs: list[tuple[str, str, tuple]]) -> list[dict]:
-        """Items of every request that arrived together; one generate per option set."""
+    async def _batch(self, jobs: list[tuple[str, str, tuple]]):
+        """Items of every request that arrived together, generated as one batch (each with
+        its own options), streamed: per decode step, each job's event from
+        :meth:`AlignerEngine.stream`, and ``StopIteration`` once a job has ended."""
         loop = asyncio.get_running_loop()
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, _, opts) in enumerate(jobs):
-            groups.setdefault(opts, []).append(i)
-        out: list[Any] = [None] * len(jobs)
-        for (n, temp, top_p), idx in groups.items():
-            items = [(jobs[i][0], jobs[i][1]) for i in idx]
-            t0 = time.perf_counter()
-            res = await loop.run_in_executor(self.pool, correct_isolated, self.engine.correct, items, n, temp, top_p)
+        self.waiting -= len(jobs)
+        self.metrics.queue.set(max(0, self.waiting))
+        self.metrics.batch.observe(len(jobs))
+        steps = self.engine.stream([(q, a) for q, a, _ in jobs], [o for _, _, o in jobs])
+        ended = [False] * len(jobs)
+        t0 = time.perf_counter()
+        try:
+            while True:
+                events = await loop.run_in_executor(self.pool, next, steps, None)
+                if events is None:
+                    break
+                out: list[Any] = []
+                for i, e in enumerate(events):
+                    if ended[i]:
+                        out.append(StopIteration)
+                        continue
+                    out.append(e)
+                    if e is not None and ("result" in e or "error" in e):
+                        ended[i] = True
+                        if "result" in e:
+                            self.metrics.tokens.inc(e["result"]["new_tokens"], tags={"direction": "out"})
+                yield out
+        finally:
+            # (the generator holds the engine thread's inference mode: closed on that thread)
+            await loop.run_in_executor(self.pool, steps.close)
             self.engine_s += time.perf_counter() - t0
-            for i, r in zip(idx, res):
-                out[i] = r
-        self.batches += 1
-        self.batched_items += len(jobs)
+            self.batches += 1
+            self.batched_items += len(jobs)
         # The window of the next batch opens with its first request. After a batch of
         # several, the clients just answered need a round trip to ask again; with the
         # short window the next batch would start without them, and from then on two
@@ -284,22 +470,87 @@ class AlignerServer:
         # keeps the short window.
         self._batch.set_batch_wait_timeout_s(
             max(self.s.batch_wait_timeout_s, self.s.rejoin_wait_s) if len(jobs) > 1 else self.s.batch_wait_timeout_s)
-        return out
 
-    async def _correct(self, items: list[tuple[str, str]], opts: tuple) -> list[dict]:
-        try:
-            res = await asyncio.wait_for(asyncio.gather(*[self._batch((q, a, opts)) for q, a in items]),
-                                         self.s.request_timeout_s)
-        except TimeoutError:
-            raise HTTPError(504, f"no answer within the request timeout of {self.s.request_timeout_s} s") from None
+    async def _events(self, question: str, answer: str, opts: tuple, t0: float, route: str):
+        """One item's events, up to and including its end, within the request timeout."""
+        self.waiting += 1
+        self.metrics.queue.set(self.waiting)
+        events = self._batch((question, answer, opts))
+        first = True
+        while True:
+            left = t0 + self.s.request_timeout_s - time.perf_counter()
+            try:
+                e = await asyncio.wait_for(events.__anext__(), max(left, 0.001))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise HTTPError(504, f"no answer within the request timeout of {self.s.request_timeout_s} s") from None
+            if e is None:
+                continue
+            if first and (e.get("delta") or "result" in e):
+                self.metrics.ttft.observe(time.perf_counter() - t0, tags={"route": route})
+                first = False
+            yield e
+            if "result" in e or "error" in e:
+                # Serve ends the job's stream at the batch's next step: read that end, or it
+                # is logged as a never-retrieved StopAsyncIteration.
+                asyncio.ensure_future(_drain(events))
+                return
+
+    async def _correct(self, items: list[tuple[str, str]], opts: tuple, route: str) -> list[dict]:
+        t0 = time.perf_counter()
+
+        async def one(q, a):
+            async for e in self._events(q, a, opts, t0, route):
+                if "result" in e or "error" in e:
+                    return e
+            return {"error": "generation ended without a result"}
+
+        res = await asyncio.gather(*[one(q, a) for q, a in items])
         bad = [(i, r["error"]) for i, r in enumerate(res) if "error" in r]
         if bad:
             where = f"item {bad[0][0]}: " if len(items) > 1 else ""
             raise HTTPError(422, f"{where}this input could not be generated ({bad[0][1]})")
-        return res
+        return [r["result"] for r in res]
+
+    async def _stream(self, question: str, answer: str, opts: tuple, route: str, cid: str, model: str,
+                      head: Optional[dict] = None):
+        """The correction as OpenAI chunks; checked before the first byte, so a bad request
+        still gets its 4xx. An item that fails alone after that ends with an error event."""
+        t0, created = time.perf_counter(), int(time.time())
+        events = self._events(question, answer, opts, t0, route)
+        first = await events.__anext__()  # (a 504 or 4xx from here is an ordinary error response)
+
+        async def body():
+            yield _sse(chunk(cid, created, model, {"role": "assistant", "content": ""}, **(head or {})))
+            e = first
+            while True:
+                if "error" in e:
+                    yield _sse({"error": {"status": 422, "message": f"this input could not be generated ({e['error']})",
+                                          "request_id": request_id()}})
+                    break
+                if e.get("delta"):
+                    yield _sse(chunk(cid, created, model, {"content": e["delta"]}))
+                if "result" in e:
+                    r = e["result"]
+                    yield _sse(chunk(cid, created, model, {}, "length" if r["truncated"] else "stop",
+                                     rayalign={"copied": r["copied"], "new_tokens": r["new_tokens"]}))
+                    break
+                try:
+                    e = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                except HTTPError as exc:
+                    yield _sse({"error": {"status": exc.status, "message": exc.message, "request_id": request_id()}})
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def _info(self) -> dict[str, Any]:
-        return {"model": self.engine.name, "template_version": self.engine.template.version}
+        return {"model": self.engine.name, "template_version": self.engine.template.version,
+                "request_id": request_id()}
 
     # ------------------------------------------------------------ routes
 
@@ -320,8 +571,14 @@ class AlignerServer:
             items = [(it.question, it.answer) for it in req.items]
         opts = self._options(req)
         self._check_items(items)
+        if req.stream:
+            if not single:
+                raise HTTPError(422, "stream takes the single form (question and answer), not items")
+            self.served += 1
+            return await self._stream(items[0][0], items[0][1], opts, route_of(request),
+                                      "corr-" + request_id(request), self.engine.name)
         t0 = time.perf_counter()
-        res = await self._correct(items, opts)
+        res = await self._correct(items, opts, route_of(request))
         self.served += len(items)
         meta = self._info() | {"latency_s": round(time.perf_counter() - t0, 4)}
         if single:
@@ -335,17 +592,56 @@ class AlignerServer:
             raise HTTPError(404, "no upstream model is configured (serve.upstream)")
         req = await self._body(request, GenerateRequest)
         opts = self._options(req)
-        self._check_items([(req.question, "")])  # before the upstream is paid for
+        self._check_items([(req.question, "")], count=False)  # before the upstream is paid for
+        answer = await self._upstream([{"role": "user", "content": req.question}])
+        self._check_items([(req.question, answer)])
+        res = await self._correct([(req.question, answer)], opts, route_of(request))
+        return {"question": req.question, "answer": answer} | res[0] | self._info()
+
+    async def _upstream(self, messages: list[dict], **settings) -> str:
         loop = asyncio.get_running_loop()
         try:
-            answer = await loop.run_in_executor(None, ask_upstream, self.s.upstream, req.question)
+            answer = await loop.run_in_executor(None, lambda: ask_upstream(self.s.upstream, messages, **settings))
         except UpstreamError as exc:
             raise HTTPError(502, str(exc)) from None
         if not answer.strip():
             raise HTTPError(502, "the upstream model answered with an empty text")
-        self._check_items([(req.question, answer)])
-        res = await self._correct([(req.question, answer)], opts)
-        return {"question": req.question, "answer": answer} | res[0] | self._info()
+        return answer
+
+    @api.post("/v1/chat/completions", summary="OpenAI-compatible: the upstream's answer, corrected by the Aligner")
+    async def chat_completions(self, request: Request):
+        """Any OpenAI client pointed here gets the configured upstream's reply to its
+        conversation, corrected by the Aligner (which sees the last user message as the
+        question), in the OpenAI response shape, streamed or not; the upstream's own
+        answer is in ``rayalign.original``."""
+        self._auth(request)
+        if self.s.upstream is None:
+            raise HTTPError(404, "no upstream model is configured (serve.upstream): the proxy needs one")
+        req = await self._body(request, ChatRequest)
+        users = [m for m in req.messages if m.role == "user"]
+        if not users or not users[-1].text().strip():
+            raise HTTPError(422, "messages: the conversation needs a non-empty user message")
+        question = users[-1].text()
+        opts = (self.s.max_new_tokens, 0.0, 1.0)
+        self._check_items([(question, "")], count=False)
+        answer = await self._upstream([m.model_dump(exclude_none=True) for m in req.messages],
+                                      max_tokens=req.max_tokens or req.max_completion_tokens,
+                                      temperature=req.temperature, top_p=req.top_p)
+        self._check_items([(question, answer)])
+        cid, model = "chatcmpl-" + request_id(request), self.s.upstream.model
+        extra = {"rayalign": {"original": answer, "aligner": self.engine.name}}
+        if req.stream:
+            self.served += 1
+            return await self._stream(question, answer, opts, route_of(request), cid, model, extra)
+        r = (await self._correct([(question, answer)], opts, route_of(request)))[0]
+        self.served += 1
+        prompt = self.engine.input_tokens(question, answer)
+        return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["correction"]},
+                             "finish_reason": "length" if r["truncated"] else "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": r["new_tokens"],
+                          "total_tokens": prompt + r["new_tokens"]},
+                "rayalign": extra["rayalign"] | {"copied": r["copied"]}}
 
     @api.get("/healthz", summary="Liveness")
     async def healthz(self):

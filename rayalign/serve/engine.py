@@ -2,11 +2,48 @@
 and the GPU check call it directly."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..aligner import find_model_dir, read_meta, unjoin
+
+_log = logging.getLogger(__name__)
+
+
+class TextStream:
+    """One item's generated tokens as text, in deltas that add up to the final correction
+    (stripped, joiners removed): leading whitespace is never sent, trailing whitespace
+    and an unfinished UTF-8 sequence wait for what follows."""
+
+    def __init__(self, tok, answer: str, limit: int):
+        self.tok, self.answer, self.limit = tok, answer, limit
+        self.ids: list[int] = []
+        self.sent = ""
+        self.ended = False
+
+    def _text(self) -> str:
+        return unjoin(self.tok.decode(self.ids, skip_special_tokens=True)).strip()
+
+    def push(self, token: int) -> dict[str, Any] | None:
+        self.ids.append(token)
+        text = self._text()
+        if text.endswith("\ufffd"):
+            return None
+        if not text.startswith(self.sent):  # decoding merged across tokens: resend nothing, end exact
+            return None
+        delta = text[len(self.sent):]
+        self.sent = text
+        return {"delta": delta} if delta else None
+
+    def end(self) -> dict[str, Any]:
+        self.ended = True
+        text = self._text()
+        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return {"delta": delta, "result": {"correction": text, "copied": text == self.answer.strip(),
+                                           "new_tokens": len(self.ids), "truncated": len(self.ids) >= self.limit}}
 
 
 def _growing_cache(layers: list[tuple[Any, Any]], room: int):
@@ -221,9 +258,29 @@ class AlignerEngine:
             return si.gather(-1, torch.multinomial(sp, 1)).squeeze(-1)
         return torch.multinomial(probs, 1).squeeze(-1)
 
-    def correct(self, items: list[tuple[str, str]], max_new_tokens: int = 128, temperature: float = 0.0,
-                top_p: float = 1.0, min_new_tokens: int = 0) -> list[dict[str, Any]]:
-        """Corrections of (question, answer) items generated together.
+    def _pick_rows(self, logits, options: list[tuple[float, float]]):
+        """:meth:`_pick` with each row's own (temperature, top_p): rows sharing a setting
+        are drawn together."""
+        import torch
+
+        if len(set(options)) == 1:
+            return self._pick(logits, *options[0])
+        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, o in enumerate(options):
+            groups.setdefault(o, []).append(i)
+        for (t, p), rows in groups.items():
+            idx = torch.tensor(rows, device=logits.device)
+            out[idx] = self._pick(logits[idx], t, p)
+        return out
+
+    def token_steps(self, items: list[tuple[str, str]], options: list[tuple[int, float, float]],
+                    min_new_tokens: int = 0, resume: list[list[int]] | None = None
+                    ) -> Iterator[tuple[dict[int, int], list[int]]]:
+        """Generates the corrections of (question, answer) items together, one decode step
+        per yield: ``({row: new token id}, [rows that ended])``. Each row has its own
+        ``(max_new_tokens, temperature, top_p)``; ``resume[row]`` are tokens it already
+        generated (a row continues after them, and they count towards its limit).
 
         The prompts are prefilled packed, without padding, after the shared prefix's
         cached KV (on a CPU the prefill is half the work, and padding a batch to its
@@ -233,31 +290,41 @@ class AlignerEngine:
         import torch
 
         if not items:
-            return []
+            return
+        resume = resume or [[] for _ in items]
         eos = self.tok.eos_token_id
         with torch.inference_mode():
-            encoded = [self.tok(self.prompt(q, a), add_special_tokens=False)["input_ids"] for q, a in items]
+            encoded = [self.tok(self.prompt(q, a), add_special_tokens=False)["input_ids"] + list(done)
+                       for (q, a), done in zip(items, resume)]
+            counts = [len(done) for done in resume]
+            room = max(1, max(n - c for (n, _, _), c in zip(options, counts)))
             logits, stacked, lens = self._prefill_all(encoded)
-            cache = _growing_cache(stacked, max_new_tokens)
+            cache = _growing_cache(stacked, room)
             width = max(lens)
             mask = torch.zeros((len(items), width), dtype=torch.long, device=self.device)
             for i, n in enumerate(lens):
                 mask[i, width - n:] = 1
             pos = torch.tensor(lens, device=self.device)
             alive = list(range(len(items)))
-            out_ids: list[list[int]] = [[] for _ in items]
-            for step in range(max_new_tokens):
-                if step < min_new_tokens:
-                    logits[:, eos] = float("-inf")
-                nxt = self._pick(logits, temperature, top_p)
-                keep = []
+            while True:
+                early = [j for j, row in enumerate(alive) if counts[row] < min_new_tokens]
+                if early:
+                    logits[early, eos] = float("-inf")
+                nxt = self._pick_rows(logits, [options[row][1:] for row in alive])
+                new, ended, keep = {}, [], []
                 for j, (row, t) in enumerate(zip(alive, nxt.tolist())):
-                    if t == eos:  # (a pad token is kept, as generate keeps it, and decoded away)
+                    if counts[row] >= options[row][0] or t == eos:
+                        ended.append(row)  # (a pad token is kept, as generate keeps it, and decoded away)
                         continue
-                    out_ids[row].append(t)
-                    keep.append(j)
-                if not keep or step == max_new_tokens - 1:
-                    break
+                    new[row] = t
+                    counts[row] += 1
+                    if counts[row] >= options[row][0]:
+                        ended.append(row)
+                    else:
+                        keep.append(j)
+                yield new, ended
+                if not keep:
+                    return
                 if len(keep) < len(alive):
                     idx = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(idx)
@@ -269,12 +336,64 @@ class AlignerEngine:
                 cache = out.past_key_values
                 logits = out.logits[:, -1]
                 pos = pos + 1
-        res = []
-        for (q, a), ids in zip(items, out_ids):
-            text = unjoin(self.tok.decode(ids, skip_special_tokens=True)).strip()
-            res.append({"correction": text, "copied": text == a.strip(), "new_tokens": len(ids),
-                        "truncated": len(ids) == max_new_tokens})
-        return res
+
+    def stream(self, items: list[tuple[str, str]], options: list[tuple[int, float, float]],
+               min_new_tokens: int = 0) -> Iterator[list[dict[str, Any] | None]]:
+        """:meth:`token_steps` as text, isolated: per step a list with each item's event,
+        ``None`` (nothing new), ``{"delta": text}``, or at its end ``{"delta": text,
+        "result": {...}}`` or ``{"error": message}``. The deltas of an item add up to its
+        ``result["correction"]``. If the batch fails, its unfinished items go on one by one
+        from the tokens they have (so nothing streamed is taken back), and only an item that
+        fails alone gets an error."""
+        texts = [TextStream(self.tok, a, n) for (_, a), (n, _, _) in zip(items, options)]
+
+        def run(rows: list[int]):
+            steps = self.token_steps([items[r] for r in rows], [options[r] for r in rows], min_new_tokens,
+                                     [texts[r].ids for r in rows])
+            for new, ended in steps:
+                events: list[dict[str, Any] | None] = [None] * len(items)
+                for j, t in new.items():
+                    events[rows[j]] = texts[rows[j]].push(t)
+                for j in ended:
+                    pushed = events[rows[j]]
+                    events[rows[j]] = end = texts[rows[j]].end()
+                    if pushed:  # its last token's text
+                        end["delta"] = pushed["delta"] + end["delta"]
+                yield events
+
+        try:
+            yield from run(list(range(len(items))))
+            return
+        except Exception as exc:
+            left = [r for r, t in enumerate(texts) if not t.ended]
+            failure = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if len(items) == 1:
+                yield [{"error": failure}]
+                return
+            _log.warning("a batch of %d failed (%s); its %d unfinished items go on one by one",
+                         len(items), failure, len(left))
+        for r in left:
+            try:
+                yield from run([r])
+            except Exception as exc:
+                events: list[dict[str, Any] | None] = [None] * len(items)
+                events[r] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                texts[r].ended = True
+                yield events
+
+    def correct(self, items: list[tuple[str, str]], max_new_tokens: int = 128, temperature: float = 0.0,
+                top_p: float = 1.0, min_new_tokens: int = 0,
+                options: list[tuple[int, float, float]] | None = None) -> list[dict[str, Any]]:
+        """The corrections of (question, answer) items, generated together (see
+        :meth:`stream`): each item's ``result``, or ``{"error": ...}`` for an item that
+        failed alone."""
+        options = options or [(max_new_tokens, temperature, top_p)] * len(items)
+        out: list[dict[str, Any]] = [{} for _ in items]
+        for events in self.stream(items, options, min_new_tokens):
+            for i, e in enumerate(events):
+                if e is not None and ("result" in e or "error" in e):
+                    out[i] = e.get("result") or {"error": e["error"]}
+        return out
 
     def correct_with_generate(self, items: list[tuple[str, str]], max_new_tokens: int = 128) -> list[str]:
         """Greedy corrections through transformers' own ``generate`` on a padded batch: the
