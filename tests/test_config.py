@@ -126,3 +126,12 @@ ppo:
         load_config(p, ["ppo.critic.train.save_every=3"])
     with pytest.raises(ConfigError, match="ppo.policy.train.epochs .*ppo.algo.epochs"):
         load_config(p, ["ppo.policy.train.epochs=2"])
+
+
+def test_serve_engine_and_the_gone_rejoin_window():
+    cfg = load_config(data={"serve": {"engine": "vllm", "dtype": "bfloat16"}})
+    assert cfg.serve.engine == "vllm" and load_config(data={}).serve.engine == "auto"
+    with pytest.raises(ConfigError, match="rejoin_wait_s is gone.*continuous batching"):
+        load_config(data={"serve": {"rejoin_wait_s": 0.25}})
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(data={"serve": {"engine": "tgi"}})

@@ -5,6 +5,7 @@ streaming, the OpenAI-compatible proxy through the real ``openai`` client, reque
 Prometheus metrics, and requests generated from the OpenAPI schema (schemathesis)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import threading
@@ -213,7 +214,7 @@ def test_bad_input_gets_4xx_and_good_requests_keep_succeeding(server):
         t.join()
     assert results and all(s == 200 and c == ad.REFUSAL for s, c in results), results[:5]
     health = requests.get(server["url"] + "/open/healthz", timeout=30).json()
-    assert health["status"] == "ok" and health["batches"] > 0 and health["engine_s"] > 0
+    assert health["status"] == "ok" and health["steps"] > 0 and health["engine_s"] > 0
 
 
 def test_sampling_is_safe_at_every_accepted_extreme():
@@ -280,8 +281,12 @@ def test_many_concurrent_clients_lose_nothing(server):
         r = post(u, {"question": qa[0], "answer": qa[1]})
         return r.status_code, r.json()
 
+    before = requests.get(server["url"] + "/open/healthz", timeout=30).json()
     with ThreadPoolExecutor(16) as pool:
         res = list(pool.map(ask, inputs))
+    after = requests.get(server["url"] + "/open/healthz", timeout=30).json()
+    # continuous batching keeps the running batch full: rows per decode step
+    assert (after["step_rows"] - before["step_rows"]) / (after["steps"] - before["steps"]) > 4, (before, after)
     assert len(res) == 208 and all(s == 200 for s, _ in res), [r for r in res if r[0] != 200][:3]
     assert all(r["correction"] == ad.REFUSAL for (q, a), (_, r) in zip(inputs, res) if a == BAD)
 
@@ -472,3 +477,39 @@ def test_fuzzed_requests_from_the_openapi_schema(server):
         t.join()
     assert seen.get(200) and seen.get(422), seen
     assert results and all(s == 200 and c == ad.REFUSAL for s, c in results), results[:5]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_engine_behind_serve(server, tmp_path):
+    """serve.engine vllm: the same routes, batching and streams, vLLM's tokens (which equal
+    the native engine's, tests/test_aligner.py)."""
+    from ray import serve
+
+    from rayalign import cli
+    from rayalign.serve.app import deploy
+    from rayalign.serve.engine import AlignerEngine
+
+    d = ad.vllm_aligner_dir(tmp_path)
+    path = tmp_path / "vllm.yaml"
+    port = int(server["url"].rsplit(":", 1)[1])
+    assert cli.main(["serve", str(d), f"serve.port={port}", "serve.engine=vllm", "serve.vllm_kv_cache_gb=0.25",
+                     "serve.max_new_tokens=12", "serve.max_input_tokens=160", "serve.auth_token_env=null",
+                     "serve.app_name=vllm", "serve.route_prefix=/vllm", "serve.log_level=WARNING",
+                     "--write-config", str(path)]) == 0
+    deploy(yaml.safe_load(path.read_text()))
+    try:
+        u = server["url"] + "/vllm/v1/correct"
+        items = [{"question": "what today?", "answer": BAD}, {"question": "hello fox?", "answer": GOOD}]
+        r = post(u, {"items": items, "max_new_tokens": 9})
+        assert r.status_code == 200 and r.json()["engine"] == "vllm", r.text
+        ref = AlignerEngine(d, threads=1).correct([(i["question"], i["answer"]) for i in items], 9)
+        assert r.json()["corrections"] == ref
+        with requests.post(u, json=items[0] | {"stream": True, "max_new_tokens": 9}, stream=True, timeout=120) as s:
+            events = sse(s)
+        assert events[-1] == "[DONE]" and events[-2]["rayalign"]["new_tokens"] == ref[0]["new_tokens"]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == ref[0]["correction"]
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda i: post(u, items[i % 2] | {"max_new_tokens": 9}).json(), range(16)))
+        assert all(c["correction"] == ref[i % 2]["correction"] for i, c in enumerate(codes))
+    finally:
+        serve.delete("vllm")

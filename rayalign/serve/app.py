@@ -8,18 +8,21 @@ Every way of running it goes through one description, the Serve config
 
 Requests are validated before they reach the model (size, UTF-8, JSON, schema, token
 limits): bad input gets a 4xx JSON error and never disturbs the batch other requests
-share. Items of all requests are generated together by ``@serve.batch``; the replica's
-event loop keeps accepting requests while a batch generates in its worker thread.
+share. Items of all requests are generated together with continuous batching: the
+replica's engine thread steps one running batch (:class:`~rayalign.serve.engine.Scheduler`),
+which an item joins at any decode step and leaves when it ends, while the event loop keeps
+accepting requests and streams each item's text as it comes.
 """
 # No `from __future__ import annotations`: FastAPI must see the route parameters' real
 # types (a string annotation `Request` through Serve's ingress becomes a query field).
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 from ray import serve
 
 from ..config import ServeConfig, UpstreamConfig
+from .engine import Scheduler
 
 logger = logging.getLogger("ray.serve")
 
@@ -175,11 +179,6 @@ def _error(status: int, message: str, detail: Any = None, headers: dict | None =
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _drain(events) -> None:
-    async for _ in events:
-        pass
-
-
 def _sse(obj: Any) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
@@ -277,9 +276,9 @@ class Metrics:
                                    boundaries=self.LATENCY, tag_keys=("route",))
         self.ttft = m.Histogram("rayalign_time_to_first_token_s", "request start to its first generated text",
                                 boundaries=self.LATENCY, tag_keys=("route",))
-        self.batch = m.Histogram("rayalign_batch_size", "items generated together",
+        self.batch = m.Histogram("rayalign_batch_size", "rows decoded together, per engine step",
                                  boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
-        self.queue = m.Gauge("rayalign_queue_depth", "items waiting for a batch")
+        self.queue = m.Gauge("rayalign_queue_depth", "items waiting to join the running batch")
         self.tokens = m.Counter("rayalign_tokens", "tokens in (prompts) and out (corrections)",
                                 tag_keys=("direction",))
 
@@ -347,22 +346,78 @@ def ask_upstream(up: UpstreamConfig, messages: list[dict], max_tokens: Optional[
 @serve.ingress(api)
 class AlignerServer:
     def __init__(self, checkpoint: str, settings: dict[str, Any]):
-        from .engine import AlignerEngine
-
         self.s = ServeConfig.model_validate(settings)
-        threads = self.s.threads_per_replica or max(1, int(self.s.cpus_per_replica))
-        self.engine = AlignerEngine(checkpoint, self.s.dtype, threads)
         self.token = os.environ.get(self.s.auth_token_env) if self.s.auth_token_env else None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aligner-generate")
-        self._batch.set_max_batch_size(self.s.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
-        self.engine.correct([("Warm-up question?", "Warm-up answer.")], max_new_tokens=2)
         self.metrics = metrics()
+        self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.keys = itertools.count()
         self.served = 0
-        self.batches = 0
-        self.batched_items = 0
-        self.waiting = 0  # items handed to the batcher, not yet in a batch
+        self.steps = 0
+        self.step_rows = 0  # rows decoded, summed over steps: / steps = the mean batch
         self.engine_s = 0.0  # time inside the engine: beside wall time, what serving around it costs
+        self.wake = threading.Event()
+        self.stopping = False
+        # The engine is built, warmed up and run on one thread of its own. CPU torch runs
+        # its parallel regions on the OpenMP team of the thread that first asks; a second
+        # thread gets a second team that competes with the first for the cores: measured
+        # here, a batch-1 decode step 1.7x slower, and a bare 1x576 @ 576x1536 4x slower.
+        ready: dict[str, Any] = {}
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run_engine, args=(checkpoint, ready, started),
+                                       name="aligner-engine", daemon=True)
+        self.thread.start()
+        if not started.wait(self.s.request_timeout_s + 600):
+            raise TimeoutError(f"the Aligner engine did not start within {self.s.request_timeout_s + 600:.0f} s")
+        if "error" in ready:
+            raise ready["error"]
+        self.engine, self.sched = ready["engine"], ready["sched"]
+
+    def __del__(self):
+        self.stopping = True
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _run_engine(self, checkpoint: str, ready: dict, started: threading.Event) -> None:
+        """Builds the engine, then steps the scheduler while rows run or wait, and hands
+        each event to the event loop of the request it belongs to."""
+        from .engine import make_engine
+
+        try:
+            engine = make_engine(self.s, checkpoint)
+            engine.correct([("Warm-up question?", "Warm-up answer.")], max_new_tokens=2)
+            ready["engine"] = engine
+            ready["sched"] = self.sched = Scheduler(engine, self.s.max_batch_size, self.s.batch_wait_timeout_s)
+        except BaseException as exc:
+            ready["error"] = exc
+            return
+        finally:
+            started.set()
+        while not self.stopping:
+            wait = self.sched.ready_in() if not len(self.sched) else 0.0
+            if wait > 0:
+                self.wake.wait(min(wait, 1.0))
+                self.wake.clear()
+                continue
+            t0 = time.perf_counter()
+            try:
+                events = self.sched.step()
+            except Exception:  # the scheduler isolates engine failures; this would be its own bug
+                logger.exception("the engine loop failed a step")
+                time.sleep(0.1)
+                continue
+            self.engine_s += time.perf_counter() - t0
+            rows = len(self.sched) + sum(1 for _, e in events if "result" in e or "error" in e)
+            if rows:
+                self.steps += 1
+                self.step_rows += rows
+                self.metrics.batch.observe(rows)
+            self.metrics.queue.set(self.sched.waiting())
+            for key, e in events:
+                if "result" in e:
+                    self.metrics.tokens.inc(e["result"]["new_tokens"], tags={"direction": "out"})
+                to = self.listeners.get(key)
+                if to is not None:
+                    to[0].call_soon_threadsafe(to[1].put_nowait, e)
 
     # ------------------------------------------------------------ checks
 
@@ -427,75 +482,31 @@ class AlignerServer:
         if count:
             self.metrics.tokens.inc(total, tags={"direction": "in"})
 
-    # ------------------------------------------------------------ batching
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _batch(self, jobs: list[tuple[str, str, tuple]]):
-        """Items of every request that arrived together, generated as one batch (each with
-        its own options), streamed: per decode step, each job's event from
-        :meth:`AlignerEngine.stream`, and ``StopIteration`` once a job has ended."""
-        loop = asyncio.get_running_loop()
-        self.waiting -= len(jobs)
-        self.metrics.queue.set(max(0, self.waiting))
-        self.metrics.batch.observe(len(jobs))
-        steps = self.engine.stream([(q, a) for q, a, _ in jobs], [o for _, _, o in jobs])
-        ended = [False] * len(jobs)
-        t0 = time.perf_counter()
+    async def _events(self, question: str, answer: str, opts: tuple, t0: float, route: str):
+        """One item's events, up to and including its end, within the request timeout. A
+        request that goes away (timeout, closed stream) leaves the batch at the next step."""
+        key = f"{request_id()}/{next(self.keys)}"  # the request id names the row in the engine's log lines
+        queue: asyncio.Queue = asyncio.Queue()
+        self.listeners[key] = (asyncio.get_running_loop(), queue)
+        self.sched.add(key, (question, answer), opts)
+        self.wake.set()
+        first = True
         try:
             while True:
-                events = await loop.run_in_executor(self.pool, next, steps, None)
-                if events is None:
-                    break
-                out: list[Any] = []
-                for i, e in enumerate(events):
-                    if ended[i]:
-                        out.append(StopIteration)
-                        continue
-                    out.append(e)
-                    if e is not None and ("result" in e or "error" in e):
-                        ended[i] = True
-                        if "result" in e:
-                            self.metrics.tokens.inc(e["result"]["new_tokens"], tags={"direction": "out"})
-                yield out
+                left = t0 + self.s.request_timeout_s - time.perf_counter()
+                try:
+                    e = await asyncio.wait_for(queue.get(), max(left, 0.001))
+                except TimeoutError:
+                    raise HTTPError(504, f"no answer within the request timeout of {self.s.request_timeout_s} s") from None
+                if first and (e.get("delta") or "result" in e):
+                    self.metrics.ttft.observe(time.perf_counter() - t0, tags={"route": route})
+                    first = False
+                yield e
+                if "result" in e or "error" in e:
+                    return
         finally:
-            # (the generator holds the engine thread's inference mode: closed on that thread)
-            await loop.run_in_executor(self.pool, steps.close)
-            self.engine_s += time.perf_counter() - t0
-            self.batches += 1
-            self.batched_items += len(jobs)
-        # The window of the next batch opens with its first request. After a batch of
-        # several, the clients just answered need a round trip to ask again; with the
-        # short window the next batch would start without them, and from then on two
-        # groups of clients take turns, each turn paying a whole decode. A lone request
-        # keeps the short window.
-        self._batch.set_batch_wait_timeout_s(
-            max(self.s.batch_wait_timeout_s, self.s.rejoin_wait_s) if len(jobs) > 1 else self.s.batch_wait_timeout_s)
-
-    async def _events(self, question: str, answer: str, opts: tuple, t0: float, route: str):
-        """One item's events, up to and including its end, within the request timeout."""
-        self.waiting += 1
-        self.metrics.queue.set(self.waiting)
-        events = self._batch((question, answer, opts))
-        first = True
-        while True:
-            left = t0 + self.s.request_timeout_s - time.perf_counter()
-            try:
-                e = await asyncio.wait_for(events.__anext__(), max(left, 0.001))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise HTTPError(504, f"no answer within the request timeout of {self.s.request_timeout_s} s") from None
-            if e is None:
-                continue
-            if first and (e.get("delta") or "result" in e):
-                self.metrics.ttft.observe(time.perf_counter() - t0, tags={"route": route})
-                first = False
-            yield e
-            if "result" in e or "error" in e:
-                # Serve ends the job's stream at the batch's next step: read that end, or it
-                # is logged as a never-retrieved StopAsyncIteration.
-                asyncio.ensure_future(_drain(events))
-                return
+            del self.listeners[key]
+            self.sched.cancel(key)
 
     async def _correct(self, items: list[tuple[str, str]], opts: tuple, route: str) -> list[dict]:
         t0 = time.perf_counter()
@@ -550,7 +561,7 @@ class AlignerServer:
 
     def _info(self) -> dict[str, Any]:
         return {"model": self.engine.name, "template_version": self.engine.template.version,
-                "request_id": request_id()}
+                "engine": self.engine.kind, "request_id": request_id()}
 
     # ------------------------------------------------------------ routes
 
@@ -645,8 +656,11 @@ class AlignerServer:
 
     @api.get("/healthz", summary="Liveness")
     async def healthz(self):
-        return {"status": "ok", "served_items": self.served, "batches": self.batches,
-                "mean_batch_size": round(self.batched_items / self.batches, 2) if self.batches else None,
+        if not self.thread.is_alive():
+            raise HTTPError(503, "the engine thread has stopped")
+        return {"status": "ok", "engine": self.engine.kind, "served_items": self.served, "steps": self.steps,
+                "step_rows": self.step_rows, "running": len(self.sched), "waiting": self.sched.waiting(),
+                "mean_batch_size": round(self.step_rows / self.steps, 2) if self.steps else None,
                 "engine_s": round(self.engine_s, 3)}
 
     @api.get("/v1/models", summary="The served Aligner and its template version")
@@ -689,12 +703,14 @@ def app_builder(args: dict[str, Any]):
 
 def _application(args: dict[str, Any], env_vars: dict[str, str] | None = None):
     from ..aligner import find_model_dir
+    from .engine import resolve_engine
 
     args = dict(args)
     checkpoint = args.pop("checkpoint", None)
     if not checkpoint:
         raise ValueError("the Aligner application needs args.checkpoint")
     s = ServeConfig.model_validate(args)
+    resolve_engine(s.engine, checkpoint, s.gpus_per_replica)  # an engine that cannot serve it fails here
     opts = deployment_options(s)
     if env_vars:
         old = opts["ray_actor_options"].get("runtime_env", {}).get("env_vars", {})
