@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BASELINE = r'''
 import json, sys, torch
@@ -202,6 +202,8 @@ def main() -> int:
     from rayalign.config import ServeConfig
     from rayalign.serve.app import deploy, serve_config
 
+    from provenance import write
+
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, logging_level="error",
              configure_logging=True)
     try:
@@ -254,26 +256,11 @@ def main() -> int:
                   f"({row[eng]['ratio_range'][0]:.2f}-{row[eng]['ratio_range'][1]:.2f}), p99/p50 "
                   f"{row[eng]['p99_over_p50']:.2f}, TTFT p50 {row[eng]['ttft_p50_s']:.2f} s", flush=True)
         summary.append(row)
-    import torch
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__}
-    try:
-        import vllm
-
-        versions["vllm"] = vllm.__version__
-    except ImportError:
-        pass
-    out = {"summary": summary, "runs": runs, "settings": {
+    write(args.out, {"summary": summary, "runs": runs, "settings": {
         "checkpoint": str(model_dir), "base_model": json.loads((model_dir / al.META_FILE).read_text()).get("base_model"),
         "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "greedy": True, "threads": args.threads,
         "per_client": args.per_client, "min_requests": args.min_requests, "max_requests": args.max_requests, "repeats": args.repeats,
-        "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1, "serve_access_log": False, "serve_streamed": not args.no_stream},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()} | versions,
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1, "serve_access_log": False, "serve_streamed": not args.no_stream}})
     return 0
 
 

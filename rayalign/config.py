@@ -543,6 +543,15 @@ class AutoscalingConfig(Section):
         return self
 
 
+def _refuse_key(key: str, message: str):
+    """A section validator for a key that moved or went away: its message says where to."""
+    def check(cls, data: Any) -> Any:
+        if isinstance(data, dict) and key in data:
+            raise ValueError(message)
+        return data
+    return model_validator(mode="before")(classmethod(check))
+
+
 class UpstreamConfig(Section):
     url: str = Field(..., description="OpenAI-compatible base URL, e.g. http://host:8000/v1")
     model: str = Field(..., description="the upstream model's name")
@@ -591,13 +600,8 @@ class ServeConfig(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = Field(True, description="one log line per request")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _gone(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "rejoin_wait_s" in data:
-            raise ValueError("serve.rejoin_wait_s is gone: requests join the running batch at every decode step "
-                             "(continuous batching), so no batch waits for clients to come back; remove it")
-        return data
+    _gone = _refuse_key("rejoin_wait_s", "serve.rejoin_wait_s is gone: requests join the running batch at every "
+                        "decode step (continuous batching), so no batch waits for clients to come back; remove it")
 
 
 class RolloutConfig(Section):
@@ -626,13 +630,8 @@ class RolloutConfig(Section):
     sync_bucket_mb: float = Field(64.0, gt=0, description="weights sent per bucket (whole layers)")
     sync_timeout_s: float = Field(300.0, gt=0, description="a weight sync not done by then is an error")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _moved(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "call_timeout_s" in data:
-            raise ValueError("rollout.call_timeout_s moved to rollout.group.call_timeout_s (every role's group "
-                             "has one)")
-        return data
+    _moved = _refuse_key("call_timeout_s", "rollout.call_timeout_s moved to rollout.group.call_timeout_s (every "
+                         "role's group has one)")
 
     @model_validator(mode="after")
     def _check(self) -> "RolloutConfig":
