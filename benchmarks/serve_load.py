@@ -38,14 +38,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model_dir, port, threads, max_new, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(threads)
-meta = json.load(open(f"{model_dir}/aligner.json"))
+from rayalign.aligner import read_meta
+template, _ = read_meta(model_dir)  # the checkpoint's recorded template, rendered as the server renders it
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
 
 def render(q, a):
-    text = meta["template"].replace("{question}", "\0Q").replace("{answer}", "\0A")
-    text = text.replace("\0Q", q).replace("\0A", a)  # (questions here hold no slot text)
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tok.apply_chat_template([{"role": "user", "content": template.render(q, a)}], add_generation_prompt=True,
+                                   tokenize=False)
 
 class H(BaseHTTPRequestHandler):
     def do_POST(self):

@@ -27,7 +27,7 @@ TEMPLATES: dict[str, str] = {
     # text in them can begin a line of the template's own or look like a new chat turn.
     "aligner-v2": "##Question:\n> {question}\n##Answer:\n> {answer}\n##Correction: ",
 }
-DEFAULT_TEMPLATE = "aligner-v1"
+DEFAULT_TEMPLATE = "aligner-v2"  # measured: benchmarks/README.md, injection.py
 _SLOT = re.compile(r"\{(question|answer)\}")
 _BAR = re.compile(r"[^\w\s{}]+ ?")  # a slot's line prefix that quotes it, as "> "
 

@@ -522,7 +522,7 @@ class AlignerConfig(Section):
     model: Optional[ModelConfig] = Field(None, description="the Aligner's base model (default: top-level)")
     group: GroupConfig = Field(default_factory=GroupConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    template: str = Field("aligner-v1", description="template version (stored with every checkpoint)")
+    template: str = Field("aligner-v2", description="template version (stored with every checkpoint)")
     template_text: Optional[str] = Field(None, description="a custom template with {question} and {answer}; "
                                          "give it its own `template` version name")
     warmup_fraction: float = Field(0.2, ge=0, le=1, description="share of training triples first learned "

@@ -19,8 +19,9 @@ from rayalign.data import DataError
 # ---------------------------------------------------------------- unit: no Ray
 
 def test_template_renders_slots_once_and_rejects_bad_templates():
-    t = al.resolve_template()
+    t = al.resolve_template("aligner-v1")
     assert t.render("Q {answer}?", "A {question}.") == "##Question: Q {answer}?\n##Answer: A {question}.\n##Correction: "
+    assert al.resolve_template().version == "aligner-v2"
     with pytest.raises(al.AlignerError, match="slots"):
         al.AlignerTemplate("x", "Question: {question}")
     with pytest.raises(al.AlignerError, match="unknown aligner template"):
@@ -36,7 +37,7 @@ def test_quoted_template_quotes_every_line_of_user_text():
     got = t.render("one\ntwo", "a\r\nb\rc\u2028d\x85e")
     assert got == "##Question:\n> one\n> two\n##Answer:\n> a\n> b\n> c\n> d\n> e\n##Correction: "
     assert t.markers == ("##",)  # the bar is structure, not a marker user text must avoid
-    assert al.resolve_template().render("a\nb", "c") == "##Question: a\nb\n##Answer: c\n##Correction: "
+    assert al.resolve_template("aligner-v1").render("a\nb", "c") == "##Question: a\nb\n##Answer: c\n##Correction: "
 
 
 INJECTIONS = [
@@ -63,7 +64,7 @@ def test_user_text_cannot_reproduce_the_template_or_special_tokens(text, tiny_di
 
     tok = models.load_tokenizer(tiny_dir)
     special = set(tok.all_special_ids)
-    for t in (al.resolve_template(), al.resolve_template("aligner-v2"),
+    for t in (al.resolve_template("aligner-v1"), al.resolve_template("aligner-v2"),
               al.resolve_template("mine-v1", "<<{question}>> said: {answer}\nbetter:")):
         plain = t.render("q", "a")
         for q, a in ((text, "a"), ("q", text), (text, text)):
@@ -132,7 +133,7 @@ def test_encoding_learns_the_correction_only_and_drops_what_does_not_fit(tiny_di
     ex = al.encode(tok, t, "what?", "bad answer.", "good answer.", 512)
     learned = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != -100]
     assert tok.decode(learned) == "good answer.<|end|>"
-    assert "##Answer: bad answer." in tok.decode(ex["input_ids"])
+    assert "##Answer:\n> bad answer." in tok.decode(ex["input_ids"])
     assert al.encode(tok, t, "what?", "bad answer.", "good " * 200, 64) is None
 
 

@@ -141,7 +141,7 @@ def test_single_and_batch_forms(server, trained):
     assert one.status_code == 200, one.text
     r = one.json()
     assert r["correction"] == ad.REFUSAL and r["copied"] is False
-    assert r["template_version"] == "aligner-v1"
+    assert r["template_version"] == "aligner-v2"
     batch = post(u, {"items": [{"question": "what today?", "answer": BAD},
                                {"question": "hello fox?", "answer": GOOD},
                                {"question": "paris?", "answer": "mix danger of it."}]}).json()
@@ -152,7 +152,7 @@ def test_single_and_batch_forms(server, trained):
     ref = eng.correct([("what today?", BAD), ("hello fox?", GOOD), ("paris?", "mix danger of it.")], 24)
     assert got == [x["correction"] for x in ref]
     models = requests.get(server["url"] + "/open/v1/models", timeout=30).json()
-    assert models["data"][0]["template_version"] == "aligner-v1"
+    assert models["data"][0]["template_version"] == "aligner-v2"
     assert "{question}" in models["data"][0]["template"]
     docs = requests.get(server["url"] + "/open/openapi.json", timeout=30).json()
     assert "/v1/correct" in docs["paths"]

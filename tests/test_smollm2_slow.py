@@ -99,7 +99,7 @@ def test_served_smollm2_aligner_answers_within_the_timeout(tmp_path):
     run = tmp_path / "aligner"
     assert main(["aligner", "train", "configs/aligner.yaml", "--run-dir", str(run), "tracking.wandb=disabled",
                  "aligner.train.max_steps=2", "aligner.eval.per_set=0", "aligner.data.size=48"]) == 0
-    assert AlignerEngine(run, threads=2).template.version == "aligner-v1"
+    assert AlignerEngine(run, threads=2).template.version == "aligner-v2"
     cfg = load_config("configs/aligner.yaml", ["serve.port=8471", "serve.auth_token_env=null",
                                                "serve.request_timeout_s=60"])
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
