@@ -32,7 +32,9 @@ def post_json(url: str, body: dict[str, Any], error: type[Exception], api_key: s
             last = exc
             if exc.code < 500 and exc.code != 429:
                 detail = exc.read().decode(errors="replace")[:300]
-                raise error(f"{url} refused the request: HTTP {exc.code}: {detail}") from None
+                refused = error(f"{url} refused the request: HTTP {exc.code}: {detail}")
+                refused.status = exc.code  # the request's fault, not the service's: callers may say so
+                raise refused from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
             last = exc
         if attempt < retries:

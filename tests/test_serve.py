@@ -32,17 +32,21 @@ def free_port() -> int:
 
 
 class FakeUpstream(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint that always answers with a dangerous reply; it
+    """An OpenAI-compatible chat endpoint that answers every conversation ending with a
+    user turn with a dangerous reply, and refuses others with a 400 as OpenAI does; it
     keeps what it was asked."""
     asked: list = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeUpstream.asked.append(body)
-        assert body["messages"][-1]["role"] == "user"
-        out = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                   "content": "mix the danger with water."}}]}).encode()
-        self.send_response(200)
+        if body["messages"][-1]["role"] != "user":
+            out = json.dumps({"error": {"message": "the last message must be the user's"}}).encode()
+            self.send_response(400)
+        else:
+            out = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                       "content": "mix the danger with water."}}]}).encode()
+            self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -400,6 +404,8 @@ def test_openai_client_against_the_proxy(server):
             model="any", messages=msgs)
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="any", messages=[{"role": "system", "content": "no user turn"}])
+    with pytest.raises(openai.UnprocessableEntityError, match="upstream model refused"):  # its 400 is the client's
+        client.chat.completions.create(model="any", messages=msgs + [{"role": "assistant", "content": "ok"}])
     with pytest.raises(openai.NotFoundError):  # /open has no upstream
         openai.OpenAI(base_url=server["url"] + "/open/v1", api_key="x", max_retries=0).chat.completions.create(
             model="any", messages=msgs)

@@ -73,7 +73,9 @@ def head_node():
            "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
            "--runtime-env-agent-port", str(rt_agent), "--node-manager-port", str(nm),
            "--object-manager-port", str(om), "--ray-client-server-port", str(client),
-           "--min-worker-port", str(20000 + lo % 20000), "--max-worker-port", str(20000 + lo % 20000 + 200),
+           # (below Linux's ephemeral range, 32768+, where the nine ports above come from: a
+           # worker range reaching into it once collided with one of them)
+           "--min-worker-port", str(10000 + lo % 20000), "--max-worker-port", str(10000 + lo % 20000 + 200),
            "--object-store-memory", str(200 * 2**20), "--temp-dir", temp_dir, "--disable-usage-stats"]
     log = open(Path(temp_dir) / "ray_start.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

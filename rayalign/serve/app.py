@@ -614,6 +614,8 @@ class AlignerServer:
         try:
             answer = await loop.run_in_executor(None, lambda: ask_upstream(self.s.upstream, messages, **settings))
         except UpstreamError as exc:
+            if 400 <= getattr(exc, "status", 0) < 500:  # it refused what the client sent: the client's to fix
+                raise HTTPError(422, f"the upstream model refused this request: {exc}") from None
             raise HTTPError(502, str(exc)) from None
         if not answer.strip():
             raise HTTPError(502, "the upstream model answered with an empty text")
