@@ -184,9 +184,12 @@ def chaos_run(cfg, run_dir, kills: list[int], seed: int, *over, signals=None) ->
     p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), *over])
     try:
         killed = kill_during_ppo(p, run_dir, kills, seed, timeout_s=500, signals=signals)
-    except Exception:
-        os.killpg(p.pid, signal.SIGKILL)
-        raise RuntimeError(p.communicate()[0][-4000:])
+    except Exception as exc:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the job had ended: its output says why
+            pass
+        raise RuntimeError(f"{exc}; the job's output:\n" + p.communicate()[0][-4000:]) from exc
     out = p.communicate(timeout=500)[0]
     assert p.returncode == 0, out[-4000:]
     return out, killed

@@ -287,7 +287,11 @@ class ActorGroup(_GroupBase):
             late = [i for i, r in enumerate(refs) if r not in ready]
             raise LostRankError(f"{self.name}.{method}: rank(s) {late} did not answer within {self.timeout_s:g}s "
                                 "(a stopped or overloaded process); the job stops here", self.name) from None
-        except ray.exceptions.RayActorError as e:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            # A rank that dies inside a collective makes its peers' calls fail too (the
+            # connection to it closes), and ray.get may raise a peer's error first: the call
+            # is a lost rank if any rank died, whichever error came first.
+            ray.wait(refs, num_returns=len(refs), timeout=30)
             dead = []
             for i, r in enumerate(refs):
                 try:
@@ -296,6 +300,8 @@ class ActorGroup(_GroupBase):
                     dead.append(i)
                 except Exception:
                     pass
+            if not dead and not isinstance(e, ray.exceptions.RayActorError):
+                raise
             raise LostRankError(f"{self.name}.{method}: rank(s) {dead or '?'} died during the call "
                                 f"({str(e).splitlines()[0][:200]}); resume the run from its last checkpoint",
                                 self.name) from e
