@@ -59,6 +59,7 @@ COLUMNS: dict[str, Column] = {
     "advantages": Column("ragged", "float32"),
     "returns": Column("ragged", "float32"),
     "is_weights": Column("ragged", "float32"),
+    "ref_logprobs": Column("ragged", "float32"),  # GRPO: the KL is a loss term
 }
 
 

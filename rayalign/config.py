@@ -326,8 +326,12 @@ class RewardSourceConfig(Section):
 
 
 class KLConfig(Section):
-    coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty in the reward")
+    coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL to the reference")
     estimator: Literal["k1", "k2", "k3"] = "k1"
+    placement: Literal["reward", "loss"] = Field(
+        "reward", description="reward: a penalty -beta*KL_t in each token's reward (PPO); loss: a term "
+        "beta*k_t(pi, pi_ref) in the policy loss, its gradient taken through pi (GRPO; use estimator k3, "
+        "which is unbiased and never negative)")
     target: Optional[float] = Field(None, gt=0, description="adaptive controller target (nats/sequence); None = fixed")
     horizon: int = Field(10000, ge=1)
 
@@ -335,10 +339,27 @@ class KLConfig(Section):
 class PPOAlgoConfig(Section):
     iterations: int = Field(10, ge=1, description="rollout + update cycles")
     prompts_per_iteration: int = Field(8, ge=1)
-    samples_per_prompt: int = Field(1, ge=1, description="responses per prompt (rloo/group_norm need >= 2)")
-    estimator: Literal["gae", "reinforce", "rloo", "group_norm"] = Field(
+    samples_per_prompt: int = Field(1, ge=1, description="responses per prompt (rloo/group_norm/group_mean "
+                                    "need >= 2)")
+    estimator: Literal["gae", "reinforce", "rloo", "group_norm", "group_mean"] = Field(
         "gae", description="gae: token advantages from a critic; reinforce: batch-mean baseline; rloo: "
-        "leave-one-out baseline; group_norm: GRPO-style group standardisation. Only gae uses a critic.")
+        "leave-one-out baseline; group_norm: (r - group mean) / group std (GRPO); group_mean: r - group mean "
+        "(Dr. GRPO). Only gae uses a critic.")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="how per-token policy-loss terms become the loss: token_mean over all tokens "
+        "of the minibatch (PPO, DAPO); seq_mean_token_mean, the mean over answers of each answer's token mean "
+        "(GRPO); seq_mean_token_sum_norm, each answer's token sum / max_new_tokens, averaged over answers "
+        "(Dr. GRPO: no length bias)")
+    clip_high: Optional[float] = Field(None, gt=0, description="upper clip range eps_high (DAPO's clip-higher, "
+                                       "e.g. 0.28 with clip 0.2); None = clip")
+    dynamic_sampling: bool = Field(False, description="DAPO: keep only prompt groups whose rewards differ, "
+                                   "sampling further prompts until the batch is full (group estimators)")
+    max_sampling_rounds: int = Field(3, ge=1, description="dynamic sampling: rounds of sampling per iteration "
+                                     "at most; a batch still short is filled with equal-reward groups")
+    overlong_buffer: Optional[int] = Field(None, ge=1, description="DAPO's soft overlong penalty: over the last "
+                                           "this many tokens of max_new_tokens the score falls linearly to "
+                                           "-overlong_penalty")
+    overlong_penalty: float = Field(1.0, ge=0)
     epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch")
     minibatches: int = Field(1, ge=1, description="optimizer steps per epoch")
     max_new_tokens: int = Field(32, ge=1)
@@ -373,8 +394,14 @@ class PPOAlgoConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "PPOAlgoConfig":
-        if self.estimator in ("rloo", "group_norm") and self.samples_per_prompt < 2:
+        if self.estimator in ("rloo", "group_norm", "group_mean") and self.samples_per_prompt < 2:
             raise ValueError(f"estimator {self.estimator} needs samples_per_prompt >= 2")
+        if self.dynamic_sampling and self.estimator in ("gae", "reinforce"):
+            raise ValueError("dynamic_sampling drops groups whose rewards do not vary: it needs a group estimator "
+                             "(group_norm, group_mean or rloo) and samples_per_prompt >= 2")
+        if self.overlong_buffer is not None and self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) exceeds max_new_tokens "
+                             f"({self.max_new_tokens})")
         return self
 
 

@@ -5,6 +5,11 @@ def vowel_share(prompts, responses):
     return [sum(c in "aeiou" for c in r) / max(1, len(r)) for r in responses]
 
 
+def has_letter_e(prompts, responses):
+    """Pass/fail: whether the response has an 'e' (whole groups often pass or fail together)."""
+    return [float("e" in r) for r in responses]
+
+
 def wrong_length(prompts, responses):
     return [0.0]
 

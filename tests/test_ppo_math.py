@@ -96,3 +96,65 @@ def test_kl_controllers():
 
 def test_entropy():
     assert ppo.entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
+
+
+# ---------------------------------------------------------------- GRPO, Dr. GRPO, DAPO
+
+def test_group_baselines_by_hand():
+    s = t([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    # Group 1: mean 0.5, sample std (n-1) sqrt(1/3); group 2: all equal.
+    gn = ppo.sequence_baselines(s, 4, "group_norm")
+    assert torch.allclose(gn[:4], t([0.5, -0.5, -0.5, 0.5]) / math.sqrt(1 / 3), atol=1e-5)
+    assert torch.allclose(gn[4:], t([0.0] * 4))
+    gm = ppo.sequence_baselines(s, 4, "group_mean")  # Dr. GRPO: no std
+    assert torch.allclose(gm, t([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    assert ppo.varied_groups(s, 4).tolist() == [True, False]
+    with pytest.raises(ValueError, match="groups of 3"):
+        ppo.varied_groups(s, 3)
+
+
+def test_asymmetric_clip_by_hand():
+    old = t([[0.0, 0.0, 0.0]])
+    new = t([[math.log(1.25), math.log(1.35), math.log(0.7)]])
+    adv = t([[1.0, 1.0, -1.0]])
+    mask = t([[1, 1, 1]])
+    sym, st = ppo.policy_terms(new, old, adv, mask, clip=0.2)
+    # A=+1: min(ρ, 1.2) → -1.2 twice; A=-1, ρ=0.7: max(0.7, 0.8) → 0.8
+    assert torch.allclose(sym, t([[-1.2, -1.2, 0.8]]), atol=1e-6)
+    assert st["clipfrac"].item() == pytest.approx(1.0)
+    high, st = ppo.policy_terms(new, old, adv, mask, clip=0.2, clip_high=0.28)
+    # ε_high 0.28: 1.25 is inside the range now, 1.35 clips to 1.28; the low side is unchanged.
+    assert torch.allclose(high, t([[-1.25, -1.28, 0.8]]), atol=1e-6)
+    assert st["clipfrac"].item() == pytest.approx(2 / 3)
+
+
+def test_loss_aggregations_by_hand():
+    term = t([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0]])
+    # token mean: (1+2+3+4)/4; GRPO: ((1+2+3)/3 + 4/1)/2; Dr. GRPO: ((6)/8 + 4/8)/2
+    assert ppo.aggregate(term, mask, "token_mean").item() == pytest.approx(2.5)
+    assert ppo.aggregate(term, mask, "seq_mean_token_mean").item() == pytest.approx(3.0)
+    assert ppo.aggregate(term, mask, "seq_mean_token_sum_norm", norm_len=8).item() == pytest.approx(0.625)
+    assert ppo.aggregation_count(mask.sum(1), "token_mean") == 4
+    assert ppo.aggregation_count(mask.sum(1), "seq_mean_token_sum_norm") == 2
+    with pytest.raises(ValueError, match="norm_len"):
+        ppo.aggregate(term, mask, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        ppo.aggregate(term, mask, "sum")
+
+
+def test_grpo_k3_is_the_specs_formula():
+    # SPECS 8: k3 = π_ref/π − log(π_ref/π) − 1, ≥ 0, and 0 only where π = π_ref.
+    logp, ref = t([math.log(0.5), math.log(0.2)]), t([math.log(0.25), math.log(0.2)])
+    k3 = ppo.kl_estimate(logp, ref, "k3")
+    assert k3[0].item() == pytest.approx(0.5 - math.log(0.5) - 1)
+    assert k3[1].item() == 0.0
+
+
+def test_overlong_penalty_by_hand():
+    lens = t([10, 12, 14, 16])
+    # budget 16, buffer 4: no penalty to 12 tokens, then -0.5 at 14 and -1 at 16.
+    assert torch.allclose(ppo.overlong_penalty(lens, 16, 4).double(), t([0.0, 0.0, -0.5, -1.0]))
+    assert torch.allclose(ppo.overlong_penalty(lens, 16, 4, penalty=2.0).double(), t([0.0, 0.0, -1.0, -2.0]))
+    with pytest.raises(ValueError, match="buffer"):
+        ppo.overlong_penalty(lens, 16, 0)

@@ -261,12 +261,40 @@ def test_ppo_with_policy_reference_and_critic_colocated(tmp_path, capsys):
     assert len({ranks[0]["pid"] for ranks in where.values()}) == len(where)  # separate processes
 
 
+@pytest.mark.timeout(600)
+def test_grpo_with_dynamic_sampling_on_two_ranks(tmp_path):
+    """`rayalign ppo` as DAPO-style GRPO on a ZeRO-2 policy of 2 ranks: no critic group, the
+    KL as a k3 loss term (the reference's log-probs travel with the batch), extra rounds of
+    prompts drawn in the object store, the asymmetric clip and the overlong penalty."""
+    cfg = ppo_yaml(tmp_path, iterations=2, save_every=2)
+    run_dir = tmp_path / "run"
+    p = cli(["ppo", str(cfg), "--run-dir", str(run_dir), "ppo.algo.estimator=group_norm",
+             "ppo.algo.samples_per_prompt=4", "ppo.algo.prompts_per_iteration=4", "ppo.algo.dynamic_sampling=true",
+             "ppo.algo.loss_aggregation=seq_mean_token_mean", "ppo.algo.clip_high=0.28",
+             "ppo.algo.kl={coef: 0.05, estimator: k3, placement: loss}", "ppo.algo.overlong_buffer=4",
+             "ppo.rewards=[{type: function, function: 'ppo_rewards:has_letter_e'}]",
+             "ppo.eval.win_rate=false", "ppo.eval.judge_gold=null"])
+    out = p.communicate(timeout=500)[0]
+    assert p.returncode == 0, out[-3000:]
+    rows = by_step(run_dir)
+    assert sorted(rows) == [1, 2]
+    for r in rows.values():
+        assert r["kl_loss"] >= 0 and "value_loss" not in r, r
+        assert 1 <= r["sampling_rounds"] <= 3 and 0 <= r["varied_groups_first_round"] <= 1, r
+        assert "batch_reward_mean" in r
+    assert "critic" not in json.loads((run_dir / "placement.json").read_text())
+
+
 def test_ppo_config_errors(tmp_path, capsys):
     cfg = ppo_yaml(tmp_path)
     assert main(["ppo", str(cfg), "ppo.algo.prompts_per_iteration=6"]) == 2
     assert "must be a multiple of ppo.policy.group.workers" in capsys.readouterr().err
     assert main(["ppo", str(cfg), "ppo.algo.estimator=rloo"]) == 2
     assert "needs samples_per_prompt >= 2" in capsys.readouterr().err
+    assert main(["ppo", str(cfg), "ppo.algo.dynamic_sampling=true"]) == 2
+    assert "dynamic_sampling drops groups whose rewards do not vary" in capsys.readouterr().err
+    assert main(["ppo", str(cfg), "ppo.algo.overlong_buffer=17"]) == 2
+    assert "overlong_buffer (17) exceeds max_new_tokens (16)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ppo.rewards.0: Value error, a function reward needs function"):
         load_config(cfg, ["ppo.rewards=[{type: function}]"])
     assert main(["ppo", str(cfg), "ppo.rewards=[{type: rm}]", "ppo.eval.win_rate=false"]) == 2

@@ -2,7 +2,8 @@
 
 References: Ziegler et al. 2019 (adaptive KL), Ouyang et al. 2022 (InstructGPT),
 Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"), Schulman et al.
-2016 (GAE), Ahmadian et al. 2024 (RLOO), Shao et al. 2024 (GRPO group normalisation).
+2016 (GAE), Ahmadian et al. 2024 (RLOO), Shao et al. 2024 (GRPO), Liu et al. 2025
+(Dr. GRPO), Yu et al. 2025 (DAPO).
 Masks are 1 on valid response tokens, 0 on padding and past the first EOS.
 """
 from __future__ import annotations
@@ -119,7 +120,9 @@ def sequence_baselines(scores: torch.Tensor, group_size: int, kind: str) -> torc
 
     * ``reinforce``: s − mean over the batch (REINFORCE with a baseline);
     * ``rloo``: s − mean of the *other* samples of the same prompt;
-    * ``group_norm``: (s − group mean) / group std (GRPO).
+    * ``group_norm``: (s − group mean) / group std (GRPO);
+    * ``group_mean``: s − group mean (Dr. GRPO: no division by the group's std, which
+      weights groups whose rewards barely differ as much as those that differ a lot).
     """
     if kind == "reinforce":
         return scores - scores.mean()
@@ -133,30 +136,102 @@ def sequence_baselines(scores: torch.Tensor, group_size: int, kind: str) -> torc
     if kind == "group_norm":
         std = g.std(1, keepdim=True) if group_size > 1 else torch.ones_like(g[:, :1])
         return ((g - g.mean(1, keepdim=True)) / (std + 1e-6)).reshape(-1)
-    raise ValueError(f"unknown estimator {kind!r} (reinforce, rloo, group_norm)")
+    if kind == "group_mean":
+        return (g - g.mean(1, keepdim=True)).reshape(-1)
+    raise ValueError(f"unknown estimator {kind!r} (reinforce, rloo, group_norm, group_mean)")
+
+
+def varied_groups(scores: torch.Tensor, group_size: int, tol: float = 1e-6) -> torch.Tensor:
+    """Per group of ``group_size`` consecutive scores: True where they are not all equal.
+    A group whose samples all score the same has zero group-relative advantage and gives
+    no policy gradient; DAPO's dynamic sampling drops it and samples other prompts."""
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not form groups of {group_size}")
+    g = scores.view(-1, group_size)
+    return (g.max(1).values - g.min(1).values) > tol
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the score: 0 up to ``max_len − buffer``
+    tokens, then falling linearly to ``−penalty`` at ``max_len`` (and beyond)."""
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer must be in 1..{max_len}, not {buffer}")
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0) / buffer
+    return -penalty * over.clamp(max=1.0)
 
 
 # ---------------------------------------------------------------- losses
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2, is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate: mean max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(logπ − logπ_old).
-    Also returns clip fraction and approximate KL (k3 of old vs new).
+def policy_terms(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                 clip: float = 0.2, is_weights: torch.Tensor | None = None,
+                 clip_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)),
+    ρ = exp(logπ − logπ_old), before any averaging; also the clip fraction and approximate
+    KL (k3 of old vs new) over valid tokens.
 
-    ``is_weights``: per-token importance weights for samples drawn by another engine than
-    the trainer (:func:`truncated_is_weights`), multiplying each token's term."""
+    ``clip_high``: ε_high (DAPO's clip-higher, e.g. 0.28 with ε_low 0.2, lets unlikely
+    tokens with a positive advantage grow further); None: symmetric. ``is_weights``:
+    per-token importance weights for samples drawn by another engine than the trainer
+    (:func:`truncated_is_weights`), multiplying each token's term."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     loss1 = -adv * ratio
-    loss2 = -adv * ratio.clamp(1 - clip, 1 + clip)
+    loss2 = -adv * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
     term = torch.maximum(loss1, loss2)
     if is_weights is not None:
         term = term * is_weights
-    loss = masked_mean(term, mask)
     with torch.no_grad():
         clipfrac = masked_mean((loss2 > loss1).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+    return term * mask, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip: float = 0.2, is_weights: torch.Tensor | None = None,
+                clip_high: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`policy_terms` averaged over all valid tokens (PPO's token mean)."""
+    term, stats = policy_terms(logp, old_logp, adv, mask, clip, is_weights, clip_high)
+    return masked_mean(term, mask), stats
+
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregation_weights(lengths: torch.Tensor, mode: str, norm_len: int | None = None) -> torch.Tensor:
+    """Each sequence's per-token weight in the summed loss, whose divisor is
+    :func:`aggregation_count`:
+
+    * ``token_mean``: 1 (÷ all tokens of the batch: DAPO's token-level loss, where long
+      answers weigh as much per token as short ones);
+    * ``seq_mean_token_mean``: 1/|o_i| (÷ sequences: GRPO's mean of per-answer means,
+      which gives each token of a long answer less weight);
+    * ``seq_mean_token_sum_norm``: 1/``norm_len``, a constant such as the generation
+      budget (÷ sequences: Dr. GRPO, without the length bias of 1/|o_i|)."""
+    if mode == "token_mean":
+        return torch.ones_like(lengths, dtype=torch.float32)
+    if mode == "seq_mean_token_mean":
+        return 1.0 / lengths.float().clamp(min=1)
+    if mode == "seq_mean_token_sum_norm":
+        if not norm_len or norm_len < 1:
+            raise ValueError("seq_mean_token_sum_norm needs a constant normaliser norm_len >= 1")
+        return torch.full_like(lengths, 1.0 / norm_len, dtype=torch.float32)
+    raise ValueError(f"unknown loss aggregation {mode!r} ({', '.join(AGGREGATIONS)})")
+
+
+def aggregation_count(lengths: torch.Tensor, mode: str) -> int:
+    """What the summed loss is divided by: tokens (token_mean) or sequences."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r} ({', '.join(AGGREGATIONS)})")
+    return int(lengths.sum()) if mode == "token_mean" else int(lengths.numel())
+
+
+def aggregate(term: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
+              norm_len: int | None = None) -> torch.Tensor:
+    """A [B, T] per-token loss reduced to one number by ``mode`` (one right-padded row per
+    sequence; the workers apply the same weights token by token in any layout)."""
+    lengths = mask.sum(1)
+    w = aggregation_weights(lengths, mode, norm_len)[:, None]
+    return (term * mask * w).sum() / max(1, aggregation_count(lengths, mode))
 
 
 def truncated_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:

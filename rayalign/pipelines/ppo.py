@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .. import checkpoint, data
@@ -39,7 +40,10 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
                   reward_clip: float | None = None, logprobs_from_rollout: bool = True,
                   rollout_batch_size: int = 16, min_new_tokens: int = 0, overlap: str = "shared_cores",
                   defer_critic: bool = False, critic_backlog: list | None = None,
-                  seed: int = 0, sampler=None, tis_cap: float | None = None) -> dict[str, Any]:
+                  seed: int = 0, sampler=None, tis_cap: float | None = None, clip_high: float | None = None,
+                  kl_in_loss: bool = False, loss_agg: str = "token_mean", dynamic_sampling: bool = False,
+                  max_sampling_rounds: int = 3, more_prompts: Callable[[int], Any] | None = None,
+                  overlong_buffer: int | None = None, overlong_penalty: float = 1.0) -> dict[str, Any]:
     """One PPO iteration. ``reward_fn(prompts, samples)`` gives one score per sample (the
     combined reward sources). Returns metrics, a few example samples (``examples``) and the
     iteration's training batch as a :class:`~rayalign.batch.Rows` handle (``batch``).
@@ -59,6 +63,17 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
     ``sampler``: where rollouts come from (:class:`~rayalign.pipelines.sampling.Sampler`;
     default the policy's own workers); its weight syncs are the ``sync_s`` phase.
     ``tis_cap``: truncated importance weights against the engine's log-probs.
+
+    GRPO and its variants (SPECS 8): ``kl_in_loss`` moves the KL to the reference from the
+    reward into the policy loss (β·k per token, k3 with ``kl_estimator="k3"``);
+    ``loss_agg`` is how per-token terms become the loss (token_mean, GRPO's
+    seq_mean_token_mean, Dr. GRPO's seq_mean_token_sum_norm over ``max_new_tokens``);
+    ``clip_high`` is DAPO's ε_high. ``dynamic_sampling`` (DAPO) keeps only groups whose
+    rewards differ: up to ``max_sampling_rounds`` rounds, each on ``more_prompts(round)``
+    (prompts, each repeated ``samples_per_prompt`` times), until the batch has as many
+    groups as the first round; short of that, the batch is filled with groups of equal
+    rewards (their advantage is 0: only the KL term moves them). ``overlong_buffer``:
+    DAPO's soft length penalty over the last that many tokens of the budget.
     """
     from ..batch import Batch, Rows, column, put, task
     from ..cluster.group import ActorGroup
@@ -67,11 +82,17 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
         raise ValueError(f"overlap must be shared_cores, separate or off, not {overlap!r}")
     if estimator == "gae" and critic is None:
         raise ValueError("estimator gae needs a critic")
+    if dynamic_sampling and (estimator == "gae" or samples_per_prompt < 2):
+        raise ValueError("dynamic sampling needs a group estimator and samples_per_prompt >= 2")
     times: dict[str, float] = {}
-    if not isinstance(prompts, Rows):
+    def as_rows(prompts):
+        if isinstance(prompts, Rows):
+            return prompts
         # A prompt's samples stay adjacent (the per-prompt baselines rely on it).
         batch = [p for p in prompts for _ in range(samples_per_prompt)]
-        prompts = put(Batch({"prompt": column("prompt", batch)}), isinstance(policy, ActorGroup))
+        return put(Batch({"prompt": column("prompt", batch)}), isinstance(policy, ActorGroup))
+
+    prompts = as_rows(prompts)
     remote = prompts.remote
     engines = sampler is not None and sampler.engines is not None
 
@@ -90,6 +111,13 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
         samples = (sampler or policy).rollout(prompts, max_new_tokens, temperature, top_p, seed, rollout_batch_size,
                                               min_new_tokens)
         critic_stats = _critic_stats([p.result() for p in pending])
+    sampled: dict[str, float] = {}
+    scores = None
+    if dynamic_sampling:
+        samples, scores, sampled = _dynamic_sampling(
+            sampler or policy, samples, reward_fn, samples_per_prompt, max_sampling_rounds,
+            lambda r: as_rows(more_prompts(r)) if more_prompts else None,
+            (max_new_tokens, temperature, top_p, seed, rollout_batch_size, min_new_tokens), remote)
     times["generate_s"] = time.time() - t
 
     t = time.time()
@@ -103,7 +131,10 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
     go = overlap == "separate"
     ref_f = reference.submit("token_logprobs", samples, temperature) if go else None
     val_f = critic.submit("values", samples) if gae_on and go else None
-    score_meta, scores = task(score_samples, samples, reward_fn, remote=remote)
+    if scores is None:
+        score_meta, scores = task(score_samples, samples, reward_fn, remote=remote)
+    else:
+        score_meta = {"terms": sampled.pop("terms")}
     ref_lp = ref_f.result() if ref_f else reference.token_logprobs(samples, temperature)
     values = (val_f.result() if val_f else critic.values(samples)) if gae_on else None
     settings = dict(kl_coef=kl_coef, kl_estimator=kl_estimator, estimator=estimator,
@@ -111,7 +142,9 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
                     missing_eos_penalty=missing_eos_penalty, reward_clip=reward_clip,
                     drift=engines and have_engine_lp and old is not None, tis_cap=tis_cap,
                     version=sampler.version if engines else None,
-                    epochs=epochs, minibatches=minibatches, seed=seed)
+                    epochs=epochs, minibatches=minibatches, seed=seed, kl_in_loss=kl_in_loss,
+                    max_new_tokens=max_new_tokens, overlong_buffer=overlong_buffer,
+                    overlong_penalty=overlong_penalty)
     info, train = task(advantages, samples, old, ref_lp, values, scores, settings, remote=remote)
     times["score_s"] = time.time() - t
 
@@ -124,16 +157,25 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
     backlog: list | None = [] if gae_on and defer_critic else None
     now = gae_on and not defer_critic
     with _overlapped([policy, critic] if now else [], overlap):
+        pkw = dict(clip_high=clip_high, kl_coef=kl_coef if kl_in_loss else 0.0, kl_estimator=kl_estimator,
+                   loss_agg=loss_agg, norm_len=max_new_tokens)
         _updates(policy, critic if now else None, train, info["minibatch_tokens"], epochs, minibatches, mbs, clip,
-                 value_clip, temperature, entropy_coef, seed, overlap, stats, backlog)
+                 value_clip, temperature, entropy_coef, seed, overlap, stats, backlog, pkw)
     times["train_s"] = time.time() - t
     out = {
         **info["metrics"], **score_meta["terms"], "kl_coef": kl_coef,
         "policy_loss": stats[f"loss_epoch{epochs}"], "clipfrac": stats[f"clipfrac_epoch{epochs}"],
         "approx_kl": stats[f"approx_kl_epoch{epochs}"], "entropy": stats[f"entropy_epoch{epochs}"],
         **{k: v for k, v in stats.items() if "_epoch" in k},
-        "grad_norm": stats["grad_norm"],
+        "grad_norm": stats["grad_norm"], **sampled,
     }
+    if kl_in_loss:
+        out["kl_loss"] = stats[f"kl_loss_epoch{epochs}"]
+    if dynamic_sampling:
+        # The kept batch leaves out groups that all failed or all passed: its mean is not the
+        # policy's reward. reward_mean is the first round's, over every sample drawn.
+        out["batch_reward_mean"] = out["reward_mean"]
+        out["reward_mean"] = out.pop("sampled_reward_mean")
     if now:
         out["value_loss"] = stats["value_loss"]
         out["vf_clipfrac"] = stats["vf_clipfrac"]
@@ -149,9 +191,10 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
     return out
 
 
-def score_samples(samples, reward_fn: ScoreFn):
+def score_samples(samples, reward_fn: ScoreFn, group_size: int | None = None):
     """The reward of each sample (a task beside the reference and critic forwards): a
-    ``score`` column, and each reward term's mean where the reward is a mix."""
+    ``score`` column, and each reward term's mean where the reward is a mix; with
+    ``group_size``, which groups' rewards differ (``varied``) and the mean score."""
     from ..batch import Batch, BatchError, column, meta_of
 
     rows = samples.load().to_rows(["prompt", "prompt_ids", "response_ids", "response", "ended"])
@@ -159,7 +202,59 @@ def score_samples(samples, reward_fn: ScoreFn):
     if len(scores) != len(rows):
         raise BatchError(f"the reward gave {len(scores)} scores for {len(rows)} samples")
     out = Batch({"score": column("score", [float(x) for x in scores])})
-    return meta_of(out, terms=dict(getattr(reward_fn, "last_terms", None) or {})), out
+    extra = {}
+    if group_size:
+        sc = torch.tensor([float(x) for x in scores])
+        extra = {"varied": ppo.varied_groups(sc, group_size).tolist(), "mean": float(sc.mean())}
+    return meta_of(out, terms=dict(getattr(reward_fn, "last_terms", None) or {}), **extra), out
+
+
+def _dynamic_sampling(sampler, samples, reward_fn, group_size: int, rounds: int, more, sample_args, remote: bool):
+    """DAPO's dynamic sampling: score the first round, and while fewer groups than it holds
+    have rewards that differ, sample another round of prompts (``more(round)``). Returns the
+    kept samples (with their ``score``), the same handle as scores, and metrics."""
+    from ..batch import task
+
+    metas, parts = [], []
+    need = None
+    max_new, temperature, top_p, seed, batch_size, min_new = sample_args
+    for r in range(rounds):
+        if r:
+            prompts = more(r)
+            if prompts is None:
+                break
+            samples = sampler.rollout(prompts, max_new, temperature, top_p, seed + 7919 * r, batch_size, min_new)
+        meta, scores = task(score_samples, samples, reward_fn, group_size, remote=remote)
+        metas.append(meta)
+        parts.append((samples, scores))
+        need = need or len(meta["varied"])
+        if sum(sum(m["varied"]) for m in metas) >= need:
+            break
+    meta, kept = task(select_groups, parts, group_size, need, remote=remote)
+    first = metas[0]
+    return kept, kept, {"terms": dict(first["terms"]), "sampled_reward_mean": first["mean"],
+                        "sampling_rounds": len(metas), "varied_group_share": meta["varied_share"],
+                        "varied_groups_first_round": sum(first["varied"]) / len(first["varied"])}
+
+
+def select_groups(parts, group_size: int, need: int):
+    """``need`` groups out of rounds of (samples, scores): those whose rewards differ
+    first, in sampling order, then (if too few) groups of equal rewards; a task."""
+    from ..batch import Batch, meta_of
+
+    batches, varied, equal = [], [], []
+    for samples, scores in parts:
+        b = samples.load()
+        sc = scores.load().columns["score"]
+        b = b.with_columns({"score": sc})
+        flags = ppo.varied_groups(torch.from_numpy(sc.copy()), group_size).tolist()
+        for g, f in enumerate(flags):
+            (varied if f else equal).append((len(batches), g))
+        batches.append(b)
+    chosen = (varied + equal)[:need]
+    chosen.sort()  # in sampling order
+    out = Batch.concat([batches[i].take(np.arange(g * group_size, (g + 1) * group_size)) for i, g in chosen])
+    return meta_of(out, varied_share=min(len(varied), need) / need), out
 
 
 def minibatch(rows, seed: int, epoch: int, j: int, size: int, shuffle: bool):
@@ -200,13 +295,20 @@ def advantages(samples, old, ref, values, scores, s: dict):
     sc = raw
     if s["missing_eos_penalty"] is not None:
         sc = ppo.eos_penalty(sc, torch.from_numpy(b.columns["ended"].copy()), s["missing_eos_penalty"])
+    if s["overlong_buffer"]:
+        sc = sc + ppo.overlong_penalty(torch.from_numpy(lens.copy()), s["max_new_tokens"], s["overlong_buffer"],
+                                       s["overlong_penalty"])
     if s["reward_clip"] is not None:
         sc = sc.clamp(-s["reward_clip"], s["reward_clip"])
     kl = ppo.kl_estimate(logp, ref_lp, s["kl_estimator"]) * mask
     cols: dict[str, Any] = {"old_logprobs": old_col}
+    # GRPO: the KL is a loss term the policy computes from the reference's log-probs.
+    beta = 0.0 if s["kl_in_loss"] else s["kl_coef"]
+    if s["kl_in_loss"]:
+        cols["ref_logprobs"] = unframe(ref_lp, lens)
     if s["estimator"] == "gae":
         v, _ = frame(values.load().columns["values"], width)
-        rewards = ppo.token_rewards(sc, kl, mask, s["kl_coef"])
+        rewards = ppo.token_rewards(sc, kl, mask, beta)
         adv, returns = ppo.gae(rewards, v, mask, s["gamma"], s["lam"])
         adv = ppo.masked_whiten(adv, mask)
         cols["old_values"] = unframe(v, lens)
@@ -214,9 +316,11 @@ def advantages(samples, old, ref, values, scores, s: dict):
     else:
         # Critic-free: the KL penalty folds into the sequence reward, the baseline is per batch
         # (reinforce) or per prompt (rloo, group_norm); every token shares its sequence's advantage.
-        seq = sc - s["kl_coef"] * kl.sum(1)
+        seq = sc - beta * kl.sum(1)
         adv = ppo.sequence_baselines(seq, s["samples_per_prompt"], s["estimator"])[:, None] * mask
-        if s["estimator"] != "group_norm":  # already on a unit scale per group
+        # group_norm is already on a unit scale per group; group_mean (Dr. GRPO) is left
+        # unscaled on purpose.
+        if s["estimator"] not in ("group_norm", "group_mean"):
             # Whitened like GAE's: the step size then does not depend on the reward's scale
             # (as in REINFORCE++ and RLOO's normalised advantages).
             adv = ppo.masked_whiten(adv, mask)
@@ -273,9 +377,10 @@ def flush_critic(critic, backlog: list | None, value_clip: float = 0.2) -> dict[
 
 
 def _updates(policy, critic, train, tokens, epochs, minibatches, mbs, clip, value_clip, temperature, entropy_coef,
-             seed, overlap, stats, backlog=None) -> None:
+             seed, overlap, stats, backlog=None, pkw: dict | None = None) -> None:
     """PPO epochs x minibatches of policy (and critic) steps; the critic's step runs beside
-    the policy's. ``tokens[epoch][j]``: the response tokens of each minibatch."""
+    the policy's. ``tokens[epoch][j]``: the response tokens of each minibatch; ``pkw``: the
+    policy loss's GRPO/DAPO settings."""
     for epoch in range(epochs):
         for j in range(minibatches):
             part = minibatch(train, seed, epoch, j, mbs, minibatches > 1)
@@ -284,9 +389,13 @@ def _updates(policy, critic, train, tokens, epochs, minibatches, mbs, clip, valu
                 backlog.append((part, n_tok))
             pending = critic.submit("value_update", part, n_tok, value_clip) \
                 if critic is not None and overlap != "off" else None
-            r = policy.ppo_update(part, n_tok, clip, temperature, entropy_coef)
+            pkw = pkw or {}
+            # The policy loss divides by the minibatch's tokens, or its sequences (GRPO's
+            # per-answer means); the critic's value loss is always a token mean.
+            count = n_tok if pkw.get("loss_agg", "token_mean") == "token_mean" else mbs
+            r = policy.ppo_update(part, count, clip, temperature, entropy_coef, **pkw)
             n = sum(r["tokens"])
-            for k in ("loss", "clipfrac", "approx_kl", "entropy"):
+            for k in ("loss", "clipfrac", "approx_kl", "entropy") + (("kl_loss",) if "kl_loss" in r else ()):
                 key = f"{k}_epoch{epoch + 1}"
                 stats[key] = stats.get(key, 0.0) + sum(r[k]) / n / minibatches
             stats["grad_norm"] = r["grad_norm"][0]
@@ -572,7 +681,12 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
                     reward_clip=a.reward_clip, logprobs_from_rollout=lp_from_rollout,
                     rollout_batch_size=a.rollout_batch_size, overlap=a.overlap,
                     defer_critic=a.defer_critic_update and a.overlap != "off", critic_backlog=backlog,
-                    seed=a.seed * 100_003 + it, sampler=sampler, tis_cap=cfg.rollout.tis_cap)
+                    seed=a.seed * 100_003 + it, sampler=sampler, tis_cap=cfg.rollout.tis_cap,
+                    clip_high=a.clip_high, kl_in_loss=a.kl.placement == "loss", loss_agg=a.loss_aggregation,
+                    dynamic_sampling=a.dynamic_sampling, max_sampling_rounds=a.max_sampling_rounds,
+                    more_prompts=(lambda r, it=it: task(iteration_prompts, dataset, it, a.prompts_per_iteration,
+                                                        a.seed + 104_729 * r, a.samples_per_prompt)[1]),
+                    overlong_buffer=a.overlong_buffer, overlong_penalty=a.overlong_penalty)
                 m.pop("batch")
                 examples = m.pop("examples")
                 backlog = m.pop("critic_backlog", None)

@@ -147,30 +147,51 @@ class PolicyWorker(TrainableWorker):
         return out
 
     @dispatch(SPLIT)
-    def ppo_update(self, samples: list[dict], global_tokens: int, clip: float = 0.2,
-                   temperature: float = 1.0, entropy_coef: float = 0.0) -> dict[str, list]:
+    def ppo_update(self, samples: list[dict], global_count: int, clip: float = 0.2,
+                   temperature: float = 1.0, entropy_coef: float = 0.0, clip_high: float | None = None,
+                   kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token_mean",
+                   norm_len: int | None = None) -> dict[str, list]:
         """One optimizer step of the clipped PPO objective on this rank's share of a
-        minibatch; the token mean is over the whole minibatch (any world size)."""
+        minibatch. The per-token terms are summed with :func:`~rayalign.algos.ppo.aggregation_weights`
+        and divided by ``global_count``, the whole minibatch's tokens (``token_mean``) or
+        sequences (any world size computes the same gradient).
+
+        ``kl_coef`` > 0: the KL to the reference as a loss term (GRPO): β·k(logπ, logπ_ref)
+        per token, from each sample's ``ref_logprobs``, instead of a penalty in the reward.
+        ``clip_high``: DAPO's asymmetric clip range (ε_high; ``clip`` is ε_low)."""
         def loss_of(chunk):
             logits, t, act = self._forward(chunk)
+            dev = act.device
             logp = sequence_logprobs(logits, t.ids.to(self.device), temperature)
             scaled = logits[:, :-1].float() / temperature
-            old = to_frame([s["old_logprobs"] for s in chunk], t, chunk).to(logp.device)
-            adv = to_frame([s["advantages"] for s in chunk], t, chunk).to(logp.device)
-            isw = to_frame([s["is_weights"] for s in chunk], t, chunk).to(logp.device) \
+            old = to_frame([s["old_logprobs"] for s in chunk], t, chunk).to(dev)
+            adv = to_frame([s["advantages"] for s in chunk], t, chunk).to(dev)
+            isw = to_frame([s["is_weights"] for s in chunk], t, chunk).to(dev) \
                 if chunk[0].get("is_weights") is not None else None
-            loss, st = ppo.policy_loss(logp, old, adv, act, clip, isw)
-            n = act.sum()
-            ent = ppo.masked_mean(ppo.entropy_from_logits(scaled if entropy_coef else scaled.detach()), act)
-            total = loss * n - (entropy_coef * ent * n if entropy_coef else 0.0)
-            k = float(n)
-            return total, {"loss": float(loss.detach()) * k, "clipfrac": float(st["clipfrac"]) * k,
-                           "approx_kl": float(st["approx_kl"]) * k, "entropy": float(ent.detach()) * k,
-                           "tokens": int(k)}
+            lens = torch.tensor([len(s["response_ids"]) for s in chunk])
+            w = ppo.aggregation_weights(lens, loss_agg, norm_len).tolist()
+            weights = to_frame([[x] * n for x, n in zip(w, lens.tolist())], t, chunk).to(dev)
+            term, st = ppo.policy_terms(logp, old, adv, act, clip, isw, clip_high)
+            ent = ppo.entropy_from_logits(scaled if entropy_coef else scaled.detach())
+            total = term
+            kl_tok = None
+            if kl_coef:
+                ref = to_frame([s["ref_logprobs"] for s in chunk], t, chunk).to(dev)
+                kl_tok = ppo.kl_estimate(logp, ref, kl_estimator) * act
+                total = total + kl_coef * kl_tok
+            if entropy_coef:
+                total = total - entropy_coef * ent * act
+            k = float(act.sum())
+            out = {"loss": float(ppo.masked_sum(term.detach(), act)), "clipfrac": float(st["clipfrac"]) * k,
+                   "approx_kl": float(st["approx_kl"]) * k, "entropy": float(ppo.masked_sum(ent.detach(), act)),
+                   "tokens": int(k)}
+            if kl_tok is not None:
+                out["kl_loss"] = float(kl_tok.detach().sum())
+            return (total * weights).sum(), out
 
         # Dropout off (SPECS 4): the ratio must compare the same function before and after.
         self.engine.eval()
         try:
-            return self.accumulate(samples, global_tokens, loss_of)
+            return self.accumulate(samples, global_count, loss_of)
         finally:
             self.engine.train()
