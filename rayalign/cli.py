@@ -54,6 +54,16 @@ def cmd_ppo(args) -> int:
     return 0
 
 
+def cmd_dpo(args) -> int:
+    from .pipelines.dpo import run_dpo
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_dpo(cfg, run_dir=_run_dir(args), resume=bool(args.resume))
+    summary.pop("win_examples", None)
+    _print_summary(summary)
+    return 0
+
+
 def cmd_label(args) -> int:
     from .pipelines.label import run_label
 
@@ -247,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         ("sft", cmd_sft, "distributed supervised fine-tuning"),
         ("label", cmd_label, "AI preference labelling of response pairs"),
         ("rm", cmd_rm, "reward-model training on preferences"),
-        ("ppo", cmd_ppo, "PPO with a KL penalty against reward models, the labeler, functions or endpoints"),
+        ("ppo", cmd_ppo, "PPO with a KL penalty against reward models, the labeler, functions or endpoints "
+                         "(and GRPO, Dr. GRPO, DAPO)"),
+        ("dpo", cmd_dpo, "DPO or IPO on preference pairs against a frozen reference (no reward model)"),
     ]:
         p = sub.add_parser(name, help=text)
         _config_args(p)

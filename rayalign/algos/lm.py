@@ -163,6 +163,14 @@ def response_slices(frame: torch.Tensor, tokens: Tokens, samples: list[dict]) ->
     return tokens.slices(frame, *response_spans(samples))
 
 
+def response_sums(frame: torch.Tensor, tokens: Tokens, samples: list[dict]) -> torch.Tensor:
+    """Each sample's response values summed, [N], keeping the graph (DPO's sequence
+    log-probabilities, in any layout)."""
+    starts, lengths = response_spans(samples)
+    return torch.stack([frame[r, c + s - 1:c + s - 1 + n].sum()
+                        for r, c, s, n in zip(tokens.rows, tokens.cols, starts, lengths)])
+
+
 def to_frame(values: list[list[float]], tokens: Tokens, samples: list[dict]) -> torch.Tensor:
     """Inverse of :func:`response_slices`: per-sample response lists into a frame."""
     return tokens.to_frame(values, response_spans(samples)[0])

@@ -90,3 +90,38 @@ def pairwise_accuracy(r1: torch.Tensor, r2: torch.Tensor, p: torch.Tensor) -> fl
     if keep.sum() == 0:
         return float("nan")
     return float(((r1 > r2) == (p > 0.5))[keep].float().mean())
+
+
+# ---------------------------------------------------------------- direct preference optimisation
+
+def dpo_margin(pi_1: torch.Tensor, pi_2: torch.Tensor, ref_1: torch.Tensor, ref_2: torch.Tensor) -> torch.Tensor:
+    """h = [log π(y1|x) − log π_ref(y1|x)] − [log π(y2|x) − log π_ref(y2|x)], each a sum over
+    the response's tokens (SPECS 8)."""
+    return (pi_1 - ref_1) - (pi_2 - ref_2)
+
+
+def dpo_loss(h: torch.Tensor, p: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Per-pair DPO loss with soft labels p = P(y1 > y2) (Rafailov et al. 2023):
+    −p·log σ(βh) − (1 − p)·log σ(−βh); with p = 1 the paper's −log σ(βh)."""
+    return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
+
+
+def ipo_loss(h: torch.Tensor, p: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """Per-pair IPO loss (Azar et al. 2023), (h − 1/(2τ))² when y1 is preferred. With a soft
+    label, the p-weighted mix of both orders, p·(h − 1/(2τ))² + (1 − p)·(h + 1/(2τ))²,
+    whose minimum is at h = (2p − 1)/(2τ): an unsure label asks for a smaller margin."""
+    target = 1.0 / (2.0 * tau)
+    return p * (h - target) ** 2 + (1 - p) * (h + target) ** 2
+
+
+def implicit_reward(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """DPO's implicit reward of a response, β·[log π(y|x) − log π_ref(y|x)]."""
+    return beta * (logp - ref_logp)
+
+
+def preference_loss(kind: str, h: torch.Tensor, p: torch.Tensor, beta: float = 0.1, tau: float = 0.1) -> torch.Tensor:
+    if kind == "sigmoid":
+        return dpo_loss(h, p, beta)
+    if kind == "ipo":
+        return ipo_loss(h, p, tau)
+    raise ValueError(f"unknown preference loss {kind!r} (sigmoid, ipo)")

@@ -194,6 +194,18 @@ def roles_of(cfg: Config, prompt_tokens: int = 128, allow_empty: bool = False) -
         if hf_labeler and (any(r.type == "labeler" for r in p.rewards) or p.eval.win_rate):
             out.append(RoleLoad("ppo", "labeler", lab_model, cfg.labeler.backend.group,
                                 score_batch=cfg.labeler.backend.batch_size, score_tokens=LABELER_TOKENS))
+    if cfg.dpo is not None:
+        d = cfg.dpo
+        pmodel = d.policy.model or (cfg.sft_model() if cfg.sft is not None else cfg.model)
+        out.append(RoleLoad("dpo", "policy", pmodel, d.policy.group, train=d.policy.train,
+                            train_tokens=d.data.max_length, train_sequences=2,
+                            gen_batch=8, gen_tokens=prompt_tokens + d.eval.max_new_tokens))
+        if d.policy.train.lora is None:
+            out.append(RoleLoad("dpo", "reference", pmodel, d.reference, score_batch=8,
+                                score_tokens=d.data.max_length))
+        if hf_labeler and d.prompts is not None and d.eval.win_rate:
+            out.append(RoleLoad("dpo", "labeler", lab_model, cfg.labeler.backend.group,
+                                score_batch=cfg.labeler.backend.batch_size, score_tokens=LABELER_TOKENS))
     if cfg.aligner is not None:
         al = cfg.aligner
         out.append(RoleLoad("aligner", "aligner", al.model or cfg.model, al.group, train=al.train,

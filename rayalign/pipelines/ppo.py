@@ -412,19 +412,23 @@ def _updates(policy, critic, train, tokens, epochs, minibatches, mbs, clip, valu
 def load_prompts(cfg: Config) -> tuple[list[str], list[str], dict[str, str]]:
     """Training prompts, held-out prompts, and each prompt's kind (harmful/benign) where the
     source says."""
-    p = cfg.ppo.prompts
-    rows = data.load_rows(p.source, [p.prompt_field], p.max_samples, p.shuffle_seed)
-    kinds = {str(r[p.prompt_field]): str(r[p.kind_field]) for r in rows if r.get(p.kind_field) is not None}
-    prompts = list(dict.fromkeys(str(r[p.prompt_field]) for r in rows if str(r[p.prompt_field]).strip()))
-    if len(prompts) <= p.eval_prompts:
-        raise ConfigError(f"ppo.prompts: {len(prompts)} distinct prompts in {p.source}, but eval_prompts "
-                          f"holds out {p.eval_prompts}")
-    held = prompts[:p.eval_prompts]
-    train = prompts[p.eval_prompts:]
+    train, held, kinds = split_prompts(cfg.ppo.prompts, "ppo.prompts")
     if len(train) < cfg.ppo.algo.prompts_per_iteration:
         raise ConfigError(f"ppo.algo.prompts_per_iteration ({cfg.ppo.algo.prompts_per_iteration}) exceeds the "
                           f"{len(train)} training prompts")
     return train, held, kinds
+
+
+def split_prompts(p, section: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """A prompt source's distinct prompts: the rest, the first ``eval_prompts`` (held out),
+    and each prompt's kind where the source says."""
+    rows = data.load_rows(p.source, [p.prompt_field], p.max_samples, p.shuffle_seed)
+    kinds = {str(r[p.prompt_field]): str(r[p.kind_field]) for r in rows if r.get(p.kind_field) is not None}
+    prompts = list(dict.fromkeys(str(r[p.prompt_field]) for r in rows if str(r[p.prompt_field]).strip()))
+    if len(prompts) <= p.eval_prompts:
+        raise ConfigError(f"{section}: {len(prompts)} distinct prompts in {p.source}, but eval_prompts "
+                          f"holds out {p.eval_prompts}")
+    return prompts[p.eval_prompts:], prompts[:p.eval_prompts], kinds
 
 
 def iteration_prompts(dataset, it: int, n: int, seed: int, samples_per_prompt: int = 1):
@@ -448,9 +452,9 @@ def prompts_for_iteration(prompts: list[str], it: int, n: int, seed: int) -> lis
 
 
 class BaseOfPolicy:
-    """PPO's reference when the policy trains LoRA: the policy's own ranks with the adapter
-    switched off, i.e. the starting model, without a second copy of it. Answers the
-    reference calls a PPO iteration and the evaluation make."""
+    """PPO's and DPO's reference when the policy trains LoRA: the policy's own ranks with the
+    adapter switched off, i.e. the starting model, without a second copy of it. Answers the
+    reference calls a PPO iteration, DPO and the evaluation make."""
 
     def __init__(self, policy):
         self.policy = policy
@@ -468,8 +472,8 @@ class BaseOfPolicy:
         return self.policy.submit(method, *args, adapter=False, **kwargs)
 
     def map(self, method: str, items: list, *args, **kwargs) -> list:
-        if method != "generate":
-            raise ValueError(f"the base-of-policy reference maps generate, not {method}")
+        if method not in ("generate", "token_logprobs"):
+            raise ValueError(f"the base-of-policy reference maps generate and token_logprobs, not {method}")
         return self.policy.map(method, items, *args, adapter=False, **kwargs)
 
 
@@ -886,15 +890,16 @@ def refusal_rates(prompts: list[str], after: list[str], before: list[str], kinds
 
 
 def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
-                      kinds: dict[str, str] | None = None) -> dict[str, Any]:
+                      kinds: dict[str, str] | None = None, e=None) -> dict[str, Any]:
     """Greedy answers of the final policy and of the starting one (the reference) on
     held-out prompts: the labeler's win rate (with its 95% interval), the rule-based refusal
     and answer rates, and the judge's own agreement with human gold labels, so the win rate
-    comes with how far the judge can be trusted."""
+    comes with how far the judge can be trusted. ``e``: the evaluation settings (default
+    ``ppo.eval``)."""
     from ..algos.stats import rate
     from ..labeler import report
 
-    e = cfg.ppo.eval
+    e = e or cfg.ppo.eval
     n = len(held)
     say(f"final evaluation: {n} held-out prompts, final policy vs start")
     after = _generate_all(policy, held, e.max_new_tokens)

@@ -1,12 +1,12 @@
-"""The policy role: a causal LM that trains (SFT now, PPO later) and generates."""
+"""The policy role: a causal LM that trains (SFT, PPO and its family, DPO/IPO) and generates."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-from ..algos import ppo
-from ..algos.lm import response_slices, sample_layout, sequence_logprobs, to_frame
+from ..algos import ppo, preference
+from ..algos.lm import response_slices, response_sums, sample_layout, sequence_logprobs, to_frame
 from ..cluster.worker import SPLIT, SavedActivations, dispatch, live_tensor_bytes
 from .trainable import TrainableWorker
 
@@ -195,3 +195,65 @@ class PolicyWorker(TrainableWorker):
             return self.accumulate(samples, global_count, loss_of)
         finally:
             self.engine.train()
+
+    # ------------------------------------------------------------ DPO / IPO
+
+    def _pair_logps(self, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π(y1|x) and log π(y2|x), summed over response tokens, of each pair (both
+        responses of a micro-batch in one forward)."""
+        samples = [{"prompt_ids": q["prompt_ids"], "response_ids": q[k]} for k in ("ids_1", "ids_2") for q in pairs]
+        logits, t, _ = self._forward(samples)
+        sums = response_sums(sequence_logprobs(logits, t.ids.to(self.device)), t, samples)
+        return sums[:len(pairs)], sums[len(pairs):]
+
+    def _pair_loss(self, pairs: list[dict], loss: str, beta: float, tau: float):
+        """Per-pair losses, and sums over the pairs: loss, implicit rewards of the preferred
+        and the other response, reward accuracy and margin over pairs with a decided label."""
+        pi1, pi2 = self._pair_logps(pairs)
+        dev = pi1.device
+        ref1 = torch.tensor([q["ref_1"] for q in pairs], device=dev)
+        ref2 = torch.tensor([q["ref_2"] for q in pairs], device=dev)
+        p = torch.tensor([q["p"] for q in pairs], device=dev)
+        per_pair = preference.preference_loss(loss, preference.dpo_margin(pi1, pi2, ref1, ref2), p, beta, tau)
+        r1 = preference.implicit_reward(pi1.detach(), ref1, beta)
+        r2 = preference.implicit_reward(pi2.detach(), ref2, beta)
+        first = p >= 0.5
+        chosen, rejected = torch.where(first, r1, r2), torch.where(first, r2, r1)
+        decided = p != 0.5
+        return per_pair, {"loss": float(per_pair.detach().sum()), "pairs": len(pairs),
+                          "reward_chosen": float(chosen.sum()), "reward_rejected": float(rejected.sum()),
+                          "correct": int(((chosen > rejected) & decided).sum()), "decided": int(decided.sum()),
+                          "margin": float(((chosen - rejected) * decided).sum())}
+
+    @dispatch(SPLIT)
+    def dpo_update(self, pairs: list[dict], global_pairs: int, loss: str = "sigmoid", beta: float = 0.1,
+                   tau: float = 0.1) -> dict[str, list]:
+        """One optimizer step of DPO (``loss="sigmoid"``) or IPO on this rank's share of a
+        batch of pairs, the loss a mean over the whole batch's ``global_pairs``. A pair holds
+        ``prompt_ids``, ``ids_1``/``ids_2`` (the two responses), ``p`` = P(y1 > y2) and
+        ``ref_1``/``ref_2``, the reference's summed log-probs of each response."""
+        def loss_of(chunk):
+            per_pair, stats = self._pair_loss(chunk, loss, beta, tau)
+            return per_pair.sum(), stats
+
+        # Dropout off: the log-probs are compared with the reference's, computed without it.
+        self.engine.eval()
+        try:
+            return self.accumulate(pairs, global_pairs, loss_of)
+        finally:
+            self.engine.train()
+
+    @dispatch(SPLIT)
+    def dpo_eval(self, pairs: list[dict], loss: str = "sigmoid", beta: float = 0.1, tau: float = 0.1,
+                 batch_size: int = 8) -> dict[str, list]:
+        """The DPO statistics of held-out pairs, without a step (sums, as :meth:`dpo_update`)."""
+        sums: dict[str, float] = {}
+        self.engine.eval()
+        with torch.no_grad():
+            for chunk, idle in self.lockstep_batches(pairs, batch_size):
+                _, stats = self._pair_loss(chunk, loss, beta, tau)
+                if not idle:
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0) + v
+        self.engine.train()
+        return {k: [v] for k, v in sums.items()}
