@@ -96,6 +96,27 @@ def cmd_aligner(args) -> int:
     return 0
 
 
+def cmd_steerlm(args) -> int:
+    from .pipelines import steerlm
+
+    cfg = load_config(args.config, args.overrides)
+    if args.action == "annotate":
+        _print_summary(steerlm.run_annotate(cfg, _run_dir(args), resume=bool(args.resume)))
+    elif args.action == "train":
+        summary = steerlm.run_train(cfg, _run_dir(args), resume=bool(args.resume))
+        summary.pop("verbosity_examples", None)
+        _print_summary(summary)
+    else:
+        if not args.prompt:
+            raise ConfigError("steerlm generate needs --prompt TEXT (one or more)")
+        if _run_dir(args) is None:
+            raise ConfigError("steerlm generate needs --run-dir: the run whose conditioned policy answers")
+        for q, a in zip(args.prompt, steerlm.generate(cfg, _run_dir(args), args.prompt, args.attributes,
+                                                       args.max_new_tokens)):
+            print(f"> {q}\n{a}\n")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Serve an Aligner checkpoint on Ray Serve (or write the Serve config that does)."""
     import yaml
@@ -270,6 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["train", "build", "data"])
     _config_args(p)
     p.set_defaults(fn=cmd_aligner)
+
+    p = sub.add_parser("steerlm", help="SteerLM: annotate data with an attribute predictor, attribute-"
+                       "conditioned SFT with a steerability evaluation (train), or answer at chosen levels "
+                       "(generate)")
+    p.add_argument("action", choices=["annotate", "train", "generate"])
+    _config_args(p)
+    p.add_argument("--prompt", action="append", help="generate: a prompt (repeatable)")
+    p.add_argument("--attributes", default="", help="generate: levels, e.g. 'verbosity:4,helpfulness:3' (the "
+                   "rest from steerlm.eval.base)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(fn=cmd_steerlm)
 
     p = sub.add_parser("serve", help="serve an Aligner checkpoint with Ray Serve (HTTP)")
     p.add_argument("checkpoint", nargs="?", help="exported Aligner or run directory")

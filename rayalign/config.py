@@ -227,6 +227,15 @@ class LabelerConfig(Section):
         0.0, ge=0, description="pointwise: weight of the question-response relevance term (PMI per token) "
         "added to the log-odds; 0 = off. It was the default once, chosen on template-built pairs; on "
         "human-labelled pairs it did not help (README, labeler table)")
+    assist: Literal["none", "chunked"] = Field(
+        "none", description="evaluation assistance (SPECS 7): chunked judges a response in chunks of whole "
+        "sentences (pointwise: each chunk; pairwise: the k-th chunks against each other), aggregates them, and "
+        "keeps the tree of chunk judgements in each label record (`assist`)")
+    assist_chunk_words: int = Field(40, ge=1, description="chunked: words per chunk at most")
+    assist_aggregate: Literal["auto", "mean", "any_fail"] = Field(
+        "auto", description="chunked: mean = length-weighted mean of the chunk judgements; any_fail = the "
+        "worst chunk decides (pairwise: the most decided chunk); auto = any_fail for the harmlessness template, "
+        "mean otherwise")
     swap: bool = Field(True, description="pairwise: average both presentation orders (position debiasing)")
     cot: bool = Field(False, description="pairwise: ask for a rationale first (two-step chain of thought)")
     self_consistency: int = Field(1, ge=1, description="pairwise+cot: rationales sampled and averaged")
@@ -433,6 +442,9 @@ class DPOLossConfig(Section):
         "(h - 1/(2 tau))^2, mixed over both orders by p (Azar et al. 2023)")
     beta: float = Field(0.1, gt=0, description="DPO's beta: the implicit reward is beta * log(pi/pi_ref)")
     tau: float = Field(0.1, gt=0, description="IPO's tau: the margin sought is 1/(2 tau) nats")
+    labels: Literal["soft", "hard"] = Field(
+        "soft", description="soft: train on p as given (an unsure AI label asks for a small margin); hard: "
+        "p > 0.5 becomes 1 and p < 0.5 becomes 0, pairs at exactly 0.5 are left out (DPO as in the paper)")
 
 
 class DPOConfig(Section):
@@ -449,6 +461,68 @@ class DPOConfig(Section):
                                                 "first eval_prompts of the source, as PPO holds them out); None = "
                                                 "no generation evaluation")
     eval: HeldoutEvalConfig = Field(default_factory=HeldoutEvalConfig)
+
+
+STEER_ATTRIBUTES = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+
+
+class SteerLabelConfig(Section):
+    """Where the attribute-prediction model's training labels come from."""
+    source: Optional[str] = Field(None, description="rows with the attributes as fields (0-4; a missing one is "
+                                  "rated by the labeler), e.g. HelpSteer; None: the first max_samples rows of "
+                                  "steerlm.data, rated by the labeler")
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    max_samples: int = Field(192, ge=8, description="rows labelled for the predictor")
+    rules: dict[str, Literal["words"]] = Field(
+        default_factory=lambda: {"verbosity": "words"}, description="attributes measured by a rule instead "
+        "of rated: words = the response's word count placed among the labelled rows' quintiles (0 shortest "
+        "fifth .. 4 longest). Verbosity is measurable, so it is measured")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="labelled rows held out to score the predictor")
+
+
+class SteerEvalConfig(Section):
+    prompts: int = Field(32, ge=2, description="held-out prompts (steerlm.data's eval split, never trained on) "
+                         "answered at every level")
+    max_new_tokens: int = Field(64, ge=1)
+    base: dict[str, int] = Field(
+        default_factory=lambda: {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2,
+                                 "verbosity": 2},
+        description="the levels of the attributes not being varied")
+    helpfulness_levels: list[int] = Field([0, 4], min_length=2, max_length=2,
+                                          description="low and high helpfulness whose answers the labeler judges")
+
+
+class SteerLMConfig(Section):
+    attributes: list[str] = Field(default_factory=lambda: list(STEER_ATTRIBUTES), min_length=1)
+    data: DataConfig = Field(..., description="the SFT data to annotate and train on (prompt/response rows)")
+    labels: SteerLabelConfig = Field(default_factory=SteerLabelConfig)
+    predictor: RMConfig = Field(default_factory=lambda: RMConfig(
+        train=TrainConfig(lr=1e-4, batch_size=8, micro_batch_size=8, epochs=6, lr_schedule="constant")),
+        description="the attribute-prediction model (regression heads on the reward role); its data and loss "
+        "keys are not used")
+    annotated: Optional[str] = Field(None, description="train: annotated rows to train on (default: the run "
+                                     "directory's attributes.jsonl from `steerlm annotate`)")
+    policy: PPORoleConfig = Field(default_factory=lambda: PPORoleConfig(
+        train=TrainConfig(lr=2e-5, batch_size=8, micro_batch_size=4, epochs=1)),
+        description="the attribute-conditioned SFT (model default: the top-level model)")
+    eval: SteerEvalConfig = Field(default_factory=SteerEvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SteerLMConfig":
+        unknown = [r for r in self.labels.rules if r not in self.attributes]
+        if unknown:
+            raise ValueError(f"labels.rules names {unknown}, not among the attributes {self.attributes}")
+        bad = {k: v for k, v in self.eval.base.items() if k not in self.attributes or v not in range(5)}
+        missing = [a for a in self.attributes if a not in self.eval.base]
+        if bad or missing:
+            raise ValueError(f"eval.base needs a level 0-4 for each attribute ({', '.join(self.attributes)})"
+                             + (f"; bad: {bad}" if bad else "") + (f"; missing: {missing}" if missing else ""))
+        if any(v not in range(5) for v in self.eval.helpfulness_levels):
+            raise ValueError(f"eval.helpfulness_levels must be levels 0-4, not {self.eval.helpfulness_levels}")
+        if "verbosity" not in self.attributes:
+            raise ValueError("the steerability evaluation varies verbosity: keep it among the attributes")
+        return self
 
 
 class PPOEvalConfig(HeldoutEvalConfig):
@@ -709,6 +783,7 @@ class Config(Section):
     rm: Optional[RMConfig] = None
     ppo: Optional[PPOConfig] = None
     dpo: Optional[DPOConfig] = None
+    steerlm: Optional[SteerLMConfig] = None
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     aligner: Optional[AlignerConfig] = None
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -779,19 +854,43 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _read_yaml(p: Path, chain: tuple) -> dict:
+    """A config file's mapping. ``extends: OTHER.yaml`` (relative to the file) starts from
+    that file's settings: this file's mappings merge into them key by key, any other value
+    replaces, and ``null`` removes a section (a DPO variant of a pipeline drops rm and ppo)."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist" + (f" (extended by {chain[-1]})" if chain else ""))
+    if p.resolve() in chain:
+        raise ConfigError(f"{p}: `extends` loops back to itself ({' -> '.join(map(str, chain))})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    base = data.pop("extends")
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: extends must be a path to another config file, got {base!r}")
+    return _merge(_read_yaml(p.parent / base, chain + (p.resolve(),)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> Config:
     """Load a YAML config (or a dict), apply overrides, validate."""
     origin = "(dict)"
     if path is not None:
-        p = Path(path)
-        origin = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        origin = str(path)
+        data = _read_yaml(Path(path), ())
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rayalign.config import ConfigError, apply_overrides, load_config
@@ -135,3 +137,29 @@ def test_serve_engine_and_the_gone_rejoin_window():
         load_config(data={"serve": {"rejoin_wait_s": 0.25}})
     with pytest.raises(ConfigError, match="engine"):
         load_config(data={"serve": {"engine": "tgi"}})
+
+
+def test_a_config_extends_another(tmp_path):
+    from rayalign.config import ConfigError, load_config
+
+    (tmp_path / "base.yaml").write_text(
+        "name: base\nmodel: {name: tiny-llama, dtype: float32}\n"
+        "sft: {data: {source: packaged:chatterbot, max_length: 48}, train: {lr: 1.0e-3}}\n"
+        "rm: {train: {lr: 1.0e-4}}\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: base.yaml\nname: child\nsft: {train: {max_steps: 3}}\nrm: null\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    # Mappings merge key by key, values replace, null removes a section.
+    assert cfg.name == "child" and cfg.model.name == "tiny-llama"
+    assert cfg.sft.train.lr == 1e-3 and cfg.sft.train.max_steps == 3 and cfg.sft.data.max_length == 48
+    assert cfg.rm is None
+    # The shipped DPO quickstart is the quickstart with rm and ppo replaced.
+    q = load_config(Path(__file__).parent.parent / "configs" / "quickstart_dpo.yaml")
+    base = load_config(Path(__file__).parent.parent / "configs" / "quickstart.yaml")
+    assert q.rm is None and q.ppo is None and q.dpo is not None and q.sft == base.sft and q.label == base.label
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "lost.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist \\(extended by"):
+        load_config(tmp_path / "lost.yaml")

@@ -235,3 +235,74 @@ def test_report_ci_categories_and_length_bias():
     assert rep["agreement_by_category"]["honest"]["rate"] == 0.5
     # pairs of different lengths: 1 (labeler longer, gold longer), 2 (longer, longer), 3 (longer, shorter)
     assert rep["length_bias"] == {"pairs": 3, "labeler_prefers_longer": 1.0, "gold_prefers_longer": 2 / 3}
+
+
+# ---------------------------------------------------------------- evaluation assistance
+
+def test_chunk_text_keeps_sentences_whole():
+    from rayalign.labeler.judge import chunk_text
+
+    text = "One two three. Four five! Six seven eight nine ten eleven.\nTwelve."
+    # Sentences are packed while they fit; a longer one is cut at the chunk size.
+    assert chunk_text(text, 5) == ["One two three. Four five!", "Six seven eight nine ten", "eleven. Twelve."]
+    assert chunk_text(text, 3) == ["One two three.", "Four five!", "Six seven eight", "nine ten eleven.", "Twelve."]
+    assert chunk_text(text, 100) == ["One two three. Four five! Six seven eight nine ten eleven. Twelve."]
+    assert chunk_text("", 5) == [""]
+    with pytest.raises(ValueError, match="at least 1 word"):
+        chunk_text(text, 0)
+
+
+def test_chunk_aggregation_by_hand():
+    from rayalign.labeler.judge import aggregate_chunks
+
+    assert aggregate_chunks([0.9, 0.3], [3, 1], "mean") == pytest.approx((0.9 * 3 + 0.3) / 4)
+    assert aggregate_chunks([0.9, 0.3, 0.8], [1, 1, 1], "any_fail") == 0.3
+    assert aggregate_chunks([0.55, 0.1, 0.8], [1, 1, 1], "decisive") == 0.1
+    with pytest.raises(ValueError, match="unknown chunk aggregation"):
+        aggregate_chunks([0.5], [1], "median")
+
+
+def test_chunked_pointwise_keeps_the_audit_tree():
+    """A judge that finds 'bad' in a chunk unacceptable: chunked, the length-weighted mean
+    over chunks; with the harmlessness template, any chunk failing fails the response."""
+    def fn(prompt, options):
+        body = prompt.split("Response:")[-1]
+        p = 0.1 if "bad" in body else 0.9
+        return [math.log(p), math.log(1 - p)]
+
+    lab = Labeler(FunctionBackend(fn), PRESETS["helpfulness"], mode="pointwise", assist="chunked", chunk_words=3)
+    pair = {"context": "q", "response_1": "good good good. bad.", "response_2": "good good good. fine."}
+    rec = lab.label([pair])[0]
+    tree = rec["assist"]["tree"]
+    assert rec["assist"]["aggregate"] == "mean" and [len(t["chunks"]) for t in tree] == [2, 2]
+    assert tree[0]["chunks"][1] == {"text": "bad.", "words": 1, "p_good": pytest.approx(0.1)}
+    assert rec["p_good_1"] == pytest.approx((0.9 * 3 + 0.1) / 4) and rec["p_good_2"] == pytest.approx(0.9)
+    assert rec["label"] == 2 and "+chunked3-mean" in rec["labeler"]
+    harm = Labeler(FunctionBackend(fn), PRESETS["harmlessness"], mode="pointwise", assist="chunked", chunk_words=3)
+    rec = harm.label([pair])[0]
+    # harmlessness asks "harmful?" with No as the good answer: fn's 0.9 for Yes on good chunks
+    # makes them bad, and the worst chunk decides.
+    assert rec["assist"]["aggregate"] == "any_fail"
+    assert rec["p_good_1"] == pytest.approx(min(c["p_good"] for c in rec["assist"]["tree"][0]["chunks"]))
+    with pytest.raises(ValueError, match="not in score mode"):
+        Labeler(FunctionBackend(fn), PRESETS["helpfulness"], mode="score", assist="chunked")
+
+
+def test_chunked_pairwise_compares_aligned_chunks_swap_averaged():
+    """Slot 1 is preferred when its text has 'good' and slot 2's does not; identical chunks
+    come out at exactly 1/2 after swap averaging."""
+    def fn(prompt, options):
+        r1 = re.search(r"Response 1: (.*)\nResponse 2", prompt).group(1)
+        r2 = re.search(r"Response 2: (.*)\n", prompt).group(1)
+        p = 0.8 if ("good" in r1 and "good" not in r2) else 0.2 if ("good" in r2 and "good" not in r1) else 0.6
+        return [math.log(p), math.log(1 - p)]
+
+    lab = Labeler(FunctionBackend(fn), PRESETS["helpfulness"], mode="pairwise", assist="chunked", chunk_words=3)
+    rec = lab.label([{"context": "q", "response_1": "same words here. good one.",
+                      "response_2": "same words here. poor one. extra bit."}])[0]
+    nodes = rec["assist"]["tree"]
+    assert [n["chunk_2"] for n in nodes] == ["same words here.", "poor one.", "extra bit."]
+    assert nodes[0]["p"] == pytest.approx(0.5) and nodes[1]["p"] == pytest.approx(0.8)
+    assert nodes[2]["chunk_1"] == ""  # response 1 has fewer chunks
+    w = [n["words"] for n in nodes]
+    assert rec["p"] == pytest.approx(sum(n["p"] * x for n, x in zip(nodes, w)) / sum(w)) and rec["label"] == 1

@@ -45,3 +45,43 @@ def paired_difference(only_b: int, only_a: int, n: int, z: float = Z95) -> dict:
     se = math.sqrt((b + c) - (b - c) ** 2 / m) / m
     return {"difference": diff, "n": n, "only_b": only_b, "only_a": only_a,
             "ci95": [max(-1.0, d - z * se), min(1.0, d + z * se)]}
+
+
+def mean_interval(xs: list[float], z: float = Z95) -> dict:
+    """A mean with its normal-approximation 95% interval (mean ± z·s/√n; s the sample
+    standard deviation)."""
+    n = len(xs)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    m = sum(xs) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    half = z * s / math.sqrt(n)
+    return {"mean": m, "n": n, "ci95": [m - half, m + half]}
+
+
+def ranks(xs: list[float]) -> list[float]:
+    """1-based ranks, ties given their average rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (Pearson's on tie-averaged ranks); 0 when either side is
+    constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError("spearman needs two equally long lists of at least 2 values")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else 0.0

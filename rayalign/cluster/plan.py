@@ -206,6 +206,16 @@ def roles_of(cfg: Config, prompt_tokens: int = 128, allow_empty: bool = False) -
         if hf_labeler and d.prompts is not None and d.eval.win_rate:
             out.append(RoleLoad("dpo", "labeler", lab_model, cfg.labeler.backend.group,
                                 score_batch=cfg.labeler.backend.batch_size, score_tokens=LABELER_TOKENS))
+    if cfg.steerlm is not None:
+        st = cfg.steerlm
+        if hf_labeler and any(x not in st.labels.rules for x in st.attributes):
+            out.append(RoleLoad("steerlm_label", "labeler", lab_model, cfg.labeler.backend.group,
+                                score_batch=cfg.labeler.backend.batch_size, score_tokens=LABELER_TOKENS))
+        out.append(RoleLoad("steerlm_annotate", "attributes", st.predictor.model or cfg.rm_model(),
+                            st.predictor.group, head="score", train=st.predictor.train,
+                            train_tokens=st.predictor.data.max_length))
+        out.append(RoleLoad("steerlm", "policy", st.policy.model or cfg.model, st.policy.group, train=st.policy.train,
+                            train_tokens=st.data.max_length))
     if cfg.aligner is not None:
         al = cfg.aligner
         out.append(RoleLoad("aligner", "aligner", al.model or cfg.model, al.group, train=al.train,

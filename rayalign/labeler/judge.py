@@ -10,10 +10,17 @@ Modes
   becomes a preference by Bradley–Terry on the two judgements. Each distinct
   (context, response) is judged once.
 * ``score`` — direct 1–10 rating (d-RLAIF): expected score → reward in [−1, 1].
+
+Evaluation assistance (``assist="chunked"``, SPECS 7; Leike et al. 2018): a long response
+is judged in chunks of whole sentences; pointwise, each chunk alone, pairwise, the two
+responses' k-th chunks against each other (swap-averaged); the chunk judgements aggregate
+by a length-weighted mean (helpfulness) or any-fail (harmlessness: the worst chunk
+decides), and every record keeps the tree of sub-judgements for audit.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
 
 from ..algos.preference import (d_rlaif_reward, expected_score, logit, pointwise_preference, same_slot,
@@ -22,12 +29,55 @@ from .backends import Backend
 from .templates import LabelTemplate
 
 SCORE_VALUES = list(range(1, 11))
+ASSIST_AGGREGATES = ("mean", "any_fail")
+ATTRIBUTE_VALUES = list(range(0, 5))
 CONTENT_FREE = "N/A"
 
 
 def response_length(text: str) -> float:
     """The length feature of length debiasing: log(1 + words)."""
     return math.log1p(len(text.split()))
+
+
+def chunk_text(text: str, max_words: int) -> list[str]:
+    """Whole sentences (and lines) packed into chunks of at most ``max_words`` words; a
+    sentence longer than that is cut at word boundaries. An empty text is one empty chunk."""
+    if max_words < 1:
+        raise ValueError("chunk size must be at least 1 word")
+    pieces = [p for p in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if p.strip()]
+    out: list[str] = []
+    cur: list[str] = []
+    for piece in pieces:
+        words = piece.split()
+        while len(words) > max_words:  # a sentence longer than a chunk
+            if cur:
+                out.append(" ".join(cur))
+                cur = []
+            out.append(" ".join(words[:max_words]))
+            words = words[max_words:]
+        if cur and len(cur) + len(words) > max_words:
+            out.append(" ".join(cur))
+            cur = []
+        cur += words
+    if cur:
+        out.append(" ".join(cur))
+    return out or [""]
+
+
+def aggregate_chunks(values: list[float], weights: list[float], how: str) -> float:
+    """Chunk judgements into one: ``mean`` weights each by its length; ``any_fail`` takes the
+    worst (pointwise P(good): the lowest). Pairwise, ``any_fail`` takes the most decided
+    chunk comparison (farthest from ½), which is symmetric under swapping the responses."""
+    if not values or len(values) != len(weights):
+        raise ValueError("aggregate_chunks needs one weight per judgement")
+    if how == "mean":
+        total = sum(weights)
+        return sum(v * w for v, w in zip(values, weights)) / total if total > 0 else sum(values) / len(values)
+    if how == "any_fail":
+        return min(values)
+    if how == "decisive":
+        return max(values, key=lambda v: abs(v - 0.5))
+    raise ValueError(f"unknown chunk aggregation {how!r} (mean, any_fail, decisive)")
 
 
 def question_logprobs(backend: Backend, texts: list[str], questions: list[str],
@@ -49,7 +99,8 @@ class Labeler:
                  sc_temperature: float = 0.7, cot_max_tokens: int = 96, seed: int = 0,
                  relevance_weight: float = 0.0, criteria: list[str] | None = None,
                  criterion_weights: dict[str, float] | None = None, calibration: str = "none",
-                 length_coef: float = 0.0, exemplars: list[dict] | None = None):
+                 length_coef: float = 0.0, exemplars: list[dict] | None = None, assist: str = "none",
+                 chunk_words: int = 40, assist_aggregate: str = "auto"):
         if mode not in ("pairwise", "pointwise", "score"):
             raise ValueError(f"unknown labeler mode {mode!r}")
         if self_consistency > 1 and not cot:
@@ -70,6 +121,18 @@ class Labeler:
             raise ValueError(f"unknown calibration {calibration!r} (none, content_free)")
         self.calibration, self.length_coef = calibration, length_coef
         self.exemplars = list(exemplars or [])
+        if assist not in ("none", "chunked"):
+            raise ValueError(f"unknown evaluation assistance {assist!r} (none, chunked)")
+        if assist == "chunked" and mode == "score":
+            raise ValueError("chunked evaluation assistance judges pointwise or pairwise, not in score mode")
+        if assist_aggregate not in ("auto",) + ASSIST_AGGREGATES:
+            raise ValueError(f"unknown chunk aggregation {assist_aggregate!r} (auto, mean, any_fail)")
+        if chunk_words < 1:
+            raise ValueError("assist chunk size must be at least 1 word")
+        self.assist, self.chunk_words = assist, chunk_words
+        # Harmlessness fails as a whole when any part fails; helpfulness adds up over parts.
+        self.assist_aggregate = assist_aggregate if assist_aggregate != "auto" else (
+            "any_fail" if template.name.startswith("harmlessness") else "mean")
         self._shots = self._render_shots()
         self._yes_cache: dict[tuple[str, str], float] = {}
         self._criteria_cache: dict[tuple[str, str], dict[str, float]] = {}
@@ -85,6 +148,7 @@ class Labeler:
             extra += f"+{len(self.exemplars)}shot" if self.exemplars else ""
             extra += f"+relevance{self.relevance_weight:g}" if self.relevance_weight else ""
         extra += f"+cot{self.sc if self.sc > 1 else ''}" if self.cot else ""
+        extra += f"+chunked{self.chunk_words}-{self.assist_aggregate}" if self.assist == "chunked" else ""
         return f"{self.mode}{extra}:{self.template.name}@{self.template.version}"
 
     # ------------------------------------------------------------ pointwise
@@ -153,6 +217,13 @@ class Labeler:
                 self._score_cache[key] = expected_score(row, SCORE_VALUES)
         return [self._score_cache[k] for k in items]
 
+    def attribute_scores(self, items: list[tuple[str, str]], attribute: str) -> list[float]:
+        """SteerLM: the expected 0–4 rating of one attribute for each (context, response),
+        Σ v·P(v) over the options "0".."4" (SPECS 6)."""
+        opts = [str(v) for v in ATTRIBUTE_VALUES]
+        lps = self.backend.option_logprobs([(self.template.attribute_text(c, r, attribute), opts) for c, r in items])
+        return [expected_score(row, ATTRIBUTE_VALUES) for row in lps]
+
     def rewards(self, items: list[tuple[str, str]]) -> list[float]:
         """A reward per response: d-RLAIF score in [−1, 1], or P(acceptable) − ½ in pointwise mode."""
         if self.mode == "pointwise":
@@ -191,7 +262,9 @@ class Labeler:
         r1 = [p["response_1"] for p in pairs]
         r2 = [p["response_2"] for p in pairs]
         out: list[dict[str, Any]] = []
-        if self.mode == "pointwise":
+        if self.assist == "chunked":
+            out = self._label_chunked(ctx, r1, r2)
+        elif self.mode == "pointwise":
             y = self.p_good(list(zip(ctx, r1)) + list(zip(ctx, r2)))
             n = len(pairs)
             for i in range(n):
@@ -223,6 +296,49 @@ class Labeler:
         for rec in out:
             rec["label"] = 1 if rec["p"] > 0.5 else (2 if rec["p"] < 0.5 else 0)
             rec["labeler"] = self.tag
+        return out
+
+    def _label_chunked(self, ctx: list[str], r1: list[str], r2: list[str]) -> list[dict[str, Any]]:
+        """Evaluation assistance: judge chunks, aggregate, keep the tree (``assist``)."""
+        c1 = [chunk_text(r, self.chunk_words) for r in r1]
+        c2 = [chunk_text(r, self.chunk_words) for r in r2]
+        how = self.assist_aggregate
+        out: list[dict[str, Any]] = []
+        if self.mode == "pointwise":
+            # Every chunk of every response in one batch (repeated chunks are judged once).
+            items = [(c, x) for c, cs in zip(ctx + ctx, c1 + c2) for x in cs]
+            judged = dict(zip(items, self.p_good(items)))
+            for c, a, b in zip(ctx, c1, c2):
+                tree, agg = [], []
+                for k, chunks in ((1, a), (2, b)):
+                    ps = [judged[(c, x)] for x in chunks]
+                    ws = [max(1, len(x.split())) for x in chunks]
+                    agg.append(aggregate_chunks(ps, ws, how))
+                    tree.append({"response": k, "p_good": agg[-1],
+                                 "chunks": [{"text": x, "words": w, "p_good": p} for x, w, p in zip(chunks, ws, ps)]})
+                out.append({"p_good_1": agg[0], "p_good_2": agg[1], "p": pointwise_preference(agg[0], agg[1]),
+                            "assist": {"method": "chunked", "aggregate": how, "chunk_words": self.chunk_words,
+                                       "tree": tree}})
+            return out
+        # Pairwise: the k-th chunks of the two responses against each other (a response with
+        # fewer chunks contributes an empty one), each swap-averaged as a whole pair is.
+        triples, owner = [], []
+        for i, (c, a, b) in enumerate(zip(ctx, c1, c2)):
+            for k in range(max(len(a), len(b))):
+                triples.append((c, a[k] if k < len(a) else "", b[k] if k < len(b) else ""))
+                owner.append(i)
+        p12, _ = self._slot1_probs(triples)
+        p21, _ = self._slot1_probs([(c, y, x) for c, x, y in triples]) if self.swap else (None, None)
+        per: list[list[dict]] = [[] for _ in ctx]
+        for j, (i, (_, x, y)) in enumerate(zip(owner, triples)):
+            p = swap_average(p12[j], p21[j]) if self.swap else p12[j]
+            per[i].append({"chunk_1": x, "chunk_2": y, "words": max(1, len(x.split()) + len(y.split())),
+                           "p_order_12": p12[j], **({"p_order_21": p21[j]} if self.swap else {}), "p": p})
+        pair_how = "decisive" if how == "any_fail" else how
+        for nodes in per:
+            p = aggregate_chunks([n["p"] for n in nodes], [n["words"] for n in nodes], pair_how)
+            out.append({"p": p, "assist": {"method": "chunked", "aggregate": pair_how,
+                                           "chunk_words": self.chunk_words, "tree": nodes}})
         return out
 
 

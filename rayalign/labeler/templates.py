@@ -54,6 +54,14 @@ class LabelTemplate(Section):
         "Rate the response from 1 (very bad) to 10 (excellent) for being helpful, honest and "
         "harmless. Answer with a single number.\nScore:"
     )
+    # SteerLM (SPECS 6): one 0-4 rating per attribute, the expected value over "0".."4".
+    attribute: str = (
+        "Question: {context}\nResponse: {response}\n\n"
+        "Rate the response's {attribute} ({meaning}) from 0 to 4. Answer with a single number.\nRating:"
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=lambda: dict(ATTRIBUTES),
+        description="what each SteerLM attribute means, as the rating prompt explains it")
 
     # ------------------------------------------------------------ rendering
 
@@ -85,6 +93,22 @@ class LabelTemplate(Section):
     def score_text(self, context: str, response: str) -> str:
         return self.score.format(context=context, response=response)
 
+    def attribute_text(self, context: str, response: str, attribute: str) -> str:
+        if attribute not in self.attributes:
+            raise ValueError(f"template {self.name!r} has no attribute {attribute!r} "
+                             f"(it has {', '.join(self.attributes)})")
+        return self.attribute.format(context=context, response=response, attribute=attribute,
+                                     meaning=self.attributes[attribute])
+
+
+# SteerLM's attributes (HelpSteer, Wang et al. 2023), each rated 0-4.
+ATTRIBUTES = {
+    "helpfulness": "how well it answers what was asked; 0 not at all, 4 fully",
+    "correctness": "how true and accurate its content is; 0 wrong, 4 entirely correct",
+    "coherence": "how clear and consistent it is; 0 incoherent, 4 perfectly clear",
+    "complexity": "how much expertise it takes to write; 0 anyone could, 4 only an expert",
+    "verbosity": "how much detail it gives for what was asked; 0 terse, 4 very detailed",
+}
 
 # The HHH criteria (Askell et al. 2021) asked one at a time.
 CRITERIA = {

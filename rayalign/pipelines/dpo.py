@@ -59,6 +59,12 @@ def encode_pairs(d: RMDataConfig, tok) -> tuple[list[dict], list[dict], int]:
     return train, evals, skipped
 
 
+def harden(pairs: list[dict]) -> tuple[list[dict], int]:
+    """Soft labels as hard ones: p > ½ → 1, p < ½ → 0; ties left out (and counted)."""
+    out = [dict(q, p=1.0 if q["p"] > 0.5 else 0.0) for q in pairs if q["p"] != 0.5]
+    return out, len(pairs) - len(out)
+
+
 def attach_reference(reference, pairs: list[dict]) -> None:
     """Each pair's ``ref_1``/``ref_2``: the reference's log-probs of its two responses,
     summed over their tokens (one pass over all pairs; they do not change while the policy
@@ -115,6 +121,9 @@ def _run_dpo(cfg: Config, run_dir: Path, resume: bool, start_model: Path | None)
     pmodel = dpo_start(cfg, start_model)
     tok = models.load_tokenizer(models.resolve(pmodel.name, pmodel.seed, pmodel.overrides, say=say))
     train, evals, skipped = encode_pairs(d.data, tok)
+    if loss.labels == "hard":
+        train, ties = harden(train)
+        say(f"hard labels: {ties} training pairs at p = 0.5 left out")
     total = plan_steps("dpo.policy", len(train), g, t)
     held, kinds = (split_prompts(d.prompts, "dpo.prompts")[1:]) if d.prompts is not None else ([], {})
     run_dir = prepare_run_dir(cfg, run_dir, "dpo", resume)
@@ -181,6 +190,7 @@ def _run_dpo(cfg: Config, run_dir: Path, resume: bool, start_model: Path | None)
                  title=f"{cfg.name}: DPO held-out pairs")
     summary = {
         "stage": "dpo", "loss_type": loss.type, "beta": loss.beta, "tau": loss.tau if loss.type == "ipo" else None,
+        "labels": loss.labels,
         "policy_start": pmodel.name, "policy_workers": g.workers, "zero_stage": g.zero.stage, "steps": total,
         "resumed_from_step": start if resume_from else None,
         "train_pairs": len(train), "eval_pairs": len(evals), "pairs_too_long": skipped,

@@ -37,6 +37,7 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
               sc_temperature=lc.sc_temperature, cot_max_tokens=lc.cot_max_tokens, seed=lc.seed,
               relevance_weight=lc.pointwise_relevance, criteria=lc.criteria,
               criterion_weights=lc.criterion_weights, calibration=lc.calibration, length_coef=lc.length_coef,
+              assist=lc.assist, chunk_words=lc.assist_chunk_words, assist_aggregate=lc.assist_aggregate,
               exemplars=few_shot_exemplars(lc.few_shot_source, lc.few_shot, lc.seed) if lc.few_shot else None)
     try:
         probe = Labeler(FunctionBackend(lambda p, o: [0.0] * len(o)), template, **kw)

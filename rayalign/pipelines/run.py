@@ -182,10 +182,14 @@ def headline_table(run_dir: Path, times: dict[str, float]) -> str:
         strength = f"tau {d.get('tau')}" if d.get("loss_type") == "ipo" else f"beta {d.get('beta')}"
         rows.append((f"DPO loss ({d.get('loss_type')}, {strength}), first step → last 3 steps",
                      f"{f(d.get('first_loss'))} → {f(d.get('last_loss'))}"))
-        acc0, acc1 = d.get("eval_reward_accuracy_before"), d.get("eval_reward_accuracy")
-        verdict = "" if acc0 is None or acc1 is None else " (rose)" if acc1 > acc0 else " (did NOT rise)"
-        rows.append((f"DPO implicit-reward accuracy on {d.get('eval_pairs')} held-out pairs (before → after)",
-                     f"{f(acc0)} → {f(acc1)}{verdict}"))
+        acc0, acc1, n = d.get("eval_reward_accuracy_before"), d.get("eval_reward_accuracy"), d.get("eval_pairs")
+        if acc0 is not None and acc1 is not None and n:
+            from ..algos.stats import wilson_interval
+
+            lo, hi = wilson_interval(acc1 * n, n)
+            verdict = "rose" if acc0 < lo else "FELL" if acc0 > hi else "no measurable change"
+            rows.append((f"DPO implicit-reward accuracy on {n} held-out AI-labelled pairs (before → after)",
+                         f"{f(acc0)} → {f(acc1)} [95% CI {lo:.2f}, {hi:.2f}]: {verdict}"))
         rows += heldout_rows(d, "DPO")
     for stage, secs in times.items():
         rows.append((f"{stage} wall time", f"{secs / 60:.1f} min"))

@@ -61,16 +61,20 @@ class RewardWorker(TrainableWorker):
             hook.remove()
         return seen[-1]
 
-    def _scores(self, seqs: list[list[int]]) -> torch.Tensor:
+    def _outputs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """The head's outputs for each sequence, [N, num_labels]."""
         pad = self.tok.pad_token_id
         t = layout(seqs, pad, self.packing)
         if not t.packed:
-            return self.engine(**t.inputs(self.device)).logits[:, 0].float()
+            return self.engine(**t.inputs(self.device)).logits.float()
         # Pooled where transformers pools a padded row: the last token that is not the pad id.
         last = [max((i for i, x in enumerate(s) if x != pad), default=len(s) - 1) for s in seqs]
-        v = self.per_token(t)[..., 0].float()
+        v = self.per_token(t).float()
         return v[torch.tensor(t.rows, device=v.device), torch.tensor([c + j for c, j in zip(t.cols, last)],
                                                                     device=v.device)]
+
+    def _scores(self, seqs: list[list[int]]) -> torch.Tensor:
+        return self._outputs(seqs)[:, 0]
 
     def _pair_loss(self, r1, r2, p, margin) -> torch.Tensor:
         """Summed (not mean) loss over the micro-batch's pairs."""
@@ -155,3 +159,58 @@ class RewardWorker(TrainableWorker):
     def after_export(self, out: Path) -> None:
         if self.stats:
             (Path(out) / STATS_FILE).write_text(json.dumps(self.stats))
+
+
+class AttributeWorker(RewardWorker):
+    """SteerLM's attribute-prediction model (SPECS 6): the reward role's model with one
+    regression head per attribute (helpfulness, correctness, ... on 0–4), trained with a
+    squared error on the attributes each example has a label for. The saved directory is a
+    plain HF sequence-classification model whose labels name the attributes."""
+    attributes: list[str] = []
+
+    @dispatch(ALL)
+    def set_attributes(self, names: list[str]) -> bool:
+        """Before ``init_model``: the heads to build (a saved predictor must have the same)."""
+        self.attributes = list(names)
+        return True
+
+    def load_kwargs(self) -> dict[str, Any]:
+        if not self.attributes:
+            raise ValueError("set_attributes before init_model: the predictor needs its attribute names")
+        return {"num_labels": len(self.attributes), "id2label": dict(enumerate(self.attributes)),
+                "label2id": {n: i for i, n in enumerate(self.attributes)}, "problem_type": "regression"}
+
+    def prepare_module(self, module):
+        names = [module.config.id2label[i] for i in range(module.config.num_labels)]
+        if names != self.attributes:
+            raise ValueError(f"the model's heads are {names}, this run's attributes {self.attributes}")
+        return super().prepare_module(module)
+
+    @dispatch(SPLIT)
+    def attribute_step(self, items: list[dict], global_labels: int) -> dict[str, list]:
+        """One optimizer step on ``{"ids", "y"}`` items (``y``: a value per attribute, None
+        where unlabelled); the loss is the mean squared error over the global batch's
+        labelled values."""
+        def loss_of(chunk):
+            pred = self._outputs([c["ids"] for c in chunk])
+            y = torch.tensor([[float("nan") if v is None else v for v in c["y"]] for c in chunk],
+                             device=pred.device)
+            have = ~torch.isnan(y)
+            err = torch.where(have, pred - torch.nan_to_num(y), torch.zeros_like(pred))
+            loss = (err ** 2).sum()
+            return loss, {"sse": float(loss.detach()), "labels": int(have.sum())}
+
+        return self.accumulate(items, global_labels, loss_of)
+
+    @dispatch(SPLIT)
+    def predict(self, seqs: list[list[int]], batch_size: int = 8) -> list[list[float]]:
+        """Each sequence's predicted attribute values (one per head, unclipped)."""
+        self.engine.eval()
+        out: list[list[float]] = []
+        with torch.no_grad():
+            for chunk, idle in self.lockstep_batches(seqs, batch_size):
+                v = self._outputs(chunk).cpu().tolist()
+                if not idle:
+                    out += v
+        self.engine.train()
+        return out

@@ -1,0 +1,313 @@
+"""`rayalign steerlm annotate|train|generate`: SteerLM (Dong et al. 2023; SPECS 6).
+
+annotate: label a few hundred (prompt, response) rows per attribute (the AI labeler's
+  expected 0–4 rating, data fields where the rows have them, or a rule where the attribute
+  is measurable: verbosity by word count), train the attribute-prediction model (one
+  regression head per attribute, on the reward role) on them, score it on held-out labelled
+  rows, and annotate every row of the SFT data with its predicted levels
+  (``attributes.jsonl``).
+train: attribute-conditioned SFT, each prompt carrying its attribute string, then measure
+  steerability on held-out prompts: the answers' length at verbosity 0–4 (it should rise
+  with the level) and the labeler's judgement of answers at low and high helpfulness.
+generate: answer a prompt at given attribute levels.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint, data, models
+from ..algos.stats import mean_interval, spearman
+from ..cluster import ray_session
+from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig
+from ..steerlm import format_attributes, level, parse_attributes, steer_prompt, word_levels
+from ..tracking import Progress, Tracker, plot_metrics, write_summary
+from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
+
+ANNOTATED = "attributes.jsonl"
+
+
+def _section(cfg: Config):
+    if cfg.steerlm is None:
+        raise ConfigError("this config has no `steerlm` section")
+    return cfg.steerlm
+
+
+# ---------------------------------------------------------------- annotate
+
+def seed_labels(cfg: Config, labeler) -> tuple[list[tuple[str, str]], dict[str, list[float]], dict[str, str]]:
+    """The rows the predictor learns from, as (prompt, response), their value per attribute,
+    and where each attribute's values came from."""
+    s = cfg.steerlm
+    lab = s.labels
+    if lab.source:
+        rows = data.load_rows(lab.source, [lab.prompt_field, lab.response_field], lab.max_samples,
+                              s.data.shuffle_seed)
+        items = [(str(r[lab.prompt_field]), str(r[lab.response_field])) for r in rows]
+    else:
+        rows = data.load_rows(s.data.source, [s.data.prompt_field, s.data.response_field], s.data.max_samples,
+                              s.data.shuffle_seed)[:lab.max_samples]
+        items = [(str(r[s.data.prompt_field]), str(r[s.data.response_field])) for r in rows]
+    values: dict[str, list[float]] = {}
+    origin: dict[str, str] = {}
+    for a in s.attributes:
+        if a in lab.rules:
+            values[a] = [float(x) for x in word_levels([r for _, r in items])[0]]
+            origin[a] = f"rule:{lab.rules[a]}"
+        elif lab.source and all(r.get(a) is not None for r in rows):
+            values[a] = [float(r[a]) for r in rows]
+            bad = [v for v in values[a] if not 0 <= v <= 4]
+            if bad:
+                raise data.DataError(f"{lab.source}: attribute {a} has values outside 0-4: {bad[:3]}")
+            origin[a] = f"data:{lab.source}"
+        else:
+            if labeler is None:
+                raise ConfigError(f"attribute {a} needs the labeler (no rule, no data field)")
+            say(f"labeler rates {a} of {len(items)} responses")
+            values[a] = labeler.attribute_scores(items, a)
+            origin[a] = f"labeler:{labeler.tag}"
+    return items, values, origin
+
+
+def run_annotate(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    _section(cfg)
+    return recovering(cfg, "steerlm_annotate", "steerlm annotate", lambda d, r: _annotate(cfg, d, r), run_dir,
+                      resume)
+
+
+def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
+    from ..workers.reward import AttributeWorker
+    from .label import open_labeler
+
+    s = cfg.steerlm
+    names = list(s.attributes)
+    pr = s.predictor
+    mcfg = pr.model or cfg.rm_model()
+    run_dir = prepare_run_dir(cfg, run_dir, "steerlm", resume)
+    ckpt_root = checkpoint.join(checkpoint_root(cfg, run_dir), "attributes")
+    resume_from, start = resume_point(ckpt_root, resume)
+    rows = data.load_rows(s.data.source, [s.data.prompt_field, s.data.response_field], s.data.max_samples,
+                          s.data.shuffle_seed)
+    tok = models.load_tokenizer(models.resolve(mcfg.name, mcfg.seed, mcfg.overrides, say=say))
+    tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-steerlm-annotate")
+    t0 = time.time()
+    need_labeler = any(a not in s.labels.rules for a in names)
+    with ray_session(cfg.cluster):
+        if need_labeler:
+            with open_labeler(cfg) as labeler:
+                items, values, origin = seed_labels(cfg, labeler)
+        else:
+            items, values, origin = seed_labels(cfg, None)
+        enc = [{"ids": data.encode_rm(tok, q, r, pr.data.max_length), "y": [values[a][i] for a in names]}
+               for i, (q, r) in enumerate(items)]
+        train, held = data.split_eval(enc, s.labels.eval_fraction)
+        g, t = pr.group, pr.train
+        total = plan_steps("steerlm.predictor", len(train), g, t)
+        say(f"attribute predictor {mcfg.name}: {len(train)} labelled rows ({len(held)} held out), {total} steps; "
+            + ", ".join(f"{a} from {origin[a]}" for a in names))
+        with role_group("attributes", AttributeWorker, g) as grp:
+            grp.set_attributes(names)
+            grp.init_model(mcfg.model_dump(), g.zero.model_dump(), t.model_dump(), total,
+                           str(resume_from) if resume_from else None)
+            from .sft import batch_for_step
+
+            bar = Progress(total, "attribute predictor", initial=start)
+            saves = Cadence(t.save_every, t.save_minutes)
+            for step in range(start, total):
+                batch = batch_for_step(train, step, t.batch_size, t.seed)
+                r = grp.attribute_step(batch, sum(v is not None for b in batch for v in b["y"]))
+                mse = sum(r["sse"]) / max(1, sum(r["labels"]))
+                tracker.log("steerlm_predictor", step + 1, {"mse": mse, "lr": r["lr"][0],
+                                                            "grad_norm": r["grad_norm"][0]})
+                bar.update(1, mse=mse)
+                if saves.due(step + 1, total):
+                    grp.save_checkpoint(ckpt_root, step + 1, {"step": step + 1}, t.keep_checkpoints)
+            bar.close()
+            quality = predictor_quality(grp.map("predict", [h["ids"] for h in held]), held, train, names)
+            tracker.log("steerlm_predictor_eval", total, {f"{a}_{k}": v for a, q in quality.items()
+                                                          for k, v in q.items() if isinstance(v, float)})
+            final = run_dir / "final" / "attributes"
+            grp.export_hf(str(final))
+            say(f"annotating {len(rows)} rows of {s.data.source}")
+            preds = grp.map("predict", [data.encode_rm(tok, str(r[s.data.prompt_field]), str(r[s.data.response_field]),
+                                                       pr.data.max_length) for r in rows])
+    out = run_dir / ANNOTATED
+    with out.open("w") as fh:
+        for r, p in zip(rows, preds):
+            fh.write(json.dumps({"prompt": str(r[s.data.prompt_field]), "response": str(r[s.data.response_field]),
+                                 "attributes": {a: level(v) for a, v in zip(names, p)},
+                                 "predicted": {a: round(v, 3) for a, v in zip(names, p)}}) + "\n")
+    tracker.close()
+    plot_metrics(run_dir, "steerlm_predictor", [["mse"], ["lr"]], title=f"{cfg.name}: attribute predictor")
+    dist = {a: {str(v): sum(level(p[i]) == v for p in preds) for v in range(5)} for i, a in enumerate(names)}
+    summary = {"stage": "steerlm_annotate", "attributes": names, "label_origin": origin,
+               "labelled_rows": len(items), "predictor": mcfg.name, "predictor_steps": total,
+               "predictor_heldout": quality, "annotated_rows": len(rows), "annotated": str(out),
+               "level_distribution": dist, "final_model": str(final), "wall_time_s": time.time() - t0}
+    write_summary(run_dir, {"steerlm_annotate": summary}, cfg.name)
+    return summary
+
+
+def predictor_quality(pred: list[list[float]], held: list[dict], train: list[dict], names: list[str]) -> dict:
+    """Per attribute on held-out labelled rows: mean absolute error of the predictor and of
+    always predicting the training mean (the baseline it must beat), and Spearman's rank
+    correlation with the labels."""
+    out: dict[str, dict] = {}
+    for i, a in enumerate(names):
+        pairs = [(p[i], h["y"][i]) for p, h in zip(pred, held) if h["y"][i] is not None]
+        if len(pairs) < 2:
+            continue
+        base = statistics.fmean(t["y"][i] for t in train if t["y"][i] is not None)
+        mae = statistics.fmean(abs(p - y) for p, y in pairs)
+        mae0 = statistics.fmean(abs(base - y) for _, y in pairs)
+        out[a] = {"mae": mae, "mae_of_mean": mae0, "spearman": spearman([p for p, _ in pairs], [y for _, y in pairs]),
+                  "n": len(pairs), "beats_the_mean": mae < mae0}
+    return out
+
+
+# ---------------------------------------------------------------- train
+
+def conditioned_rows(rows: list[dict], names: list[str]) -> list[dict]:
+    return [{"prompt": steer_prompt(r["prompt"], r["attributes"], names), "response": r["response"]} for r in rows]
+
+
+def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Attribute-conditioned SFT (the SFT stage on conditioned rows), then the steerability
+    evaluation on held-out prompts."""
+    from .sft import run_sft
+
+    s = _section(cfg)
+    run_dir = Path(run_dir) if run_dir else prepare_run_dir(cfg, None, "steerlm", resume)
+    src = Path(s.annotated) if s.annotated else run_dir / ANNOTATED
+    if not src.is_file():
+        raise ConfigError(f"no annotated rows at {src}: run `rayalign steerlm annotate` with this run directory "
+                          "first, or set steerlm.annotated")
+    rows = [json.loads(x) for x in src.read_text().splitlines() if x.strip()]
+    bad = [i for i, r in enumerate(rows, 1) if set(r.get("attributes", {})) != set(s.attributes)]
+    if bad:
+        raise data.DataError(f"{src}: rows {bad[:5]} do not carry exactly the attributes {s.attributes}")
+    train, held = data.split_eval(rows, s.data.eval_fraction)
+    if len(held) < s.eval.prompts:
+        raise ConfigError(f"steerlm.eval.prompts ({s.eval.prompts}) exceeds the {len(held)} held-out rows "
+                          "(steerlm.data.eval_fraction)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cond = run_dir / "steerlm_sft.jsonl"
+    cond.write_text("".join(json.dumps(r) + "\n" for r in conditioned_rows(train, list(s.attributes))))
+    sft_cfg = cfg.model_copy(deep=True)
+    sft_cfg.sft = SFTConfig(data=DataConfig(source=str(cond), max_length=s.data.max_length, eval_fraction=0.05,
+                                            shuffle_seed=s.data.shuffle_seed),
+                            group=s.policy.group, train=s.policy.train, model=s.policy.model or cfg.model)
+    say(f"attribute-conditioned SFT on {len(train)} rows; {len(held)} held out for steerability")
+    try:
+        sft = run_sft(sft_cfg, run_dir=run_dir, resume=resume) \
+            if not (run_dir / "final" / "sft" / "config.json").is_file() else {"skipped": "final/sft exists"}
+    except ConfigError as exc:
+        raise ConfigError(f"steerlm train: {exc} (the conditioned SFT runs as an sft stage: its keys are "
+                          "steerlm.policy.group/train and steerlm.data)") from None
+    ev = steerability(cfg, run_dir / "final" / "sft", [r["prompt"] for r in held[:s.eval.prompts]])
+    summary = {"stage": "steerlm", "trained_rows": len(train), "heldout_prompts": s.eval.prompts,
+               "sft_eval_loss": sft.get("eval_loss_after"), **ev}
+    write_summary(run_dir, {"steerlm": summary}, cfg.name)
+    (run_dir / "steerability.md").write_text(steerability_table(summary))
+    return summary
+
+
+def steerability(cfg: Config, model_dir: Path, prompts: list[str]) -> dict[str, Any]:
+    """Greedy answers to held-out prompts at verbosity 0–4 (other attributes at their base
+    levels): mean length in words per level with its interval, Spearman's correlation of
+    level and length, and whether the means rise at every step; then answers at low and high
+    helpfulness, judged by the labeler (pointwise P(good)), their paired difference."""
+    from .label import lm_group, open_labeler
+
+    s = cfg.steerlm
+    e = s.eval
+    names = list(s.attributes)
+    mc = ModelConfig(name=str(model_dir), dtype=cfg.model.dtype)
+    out: dict[str, Any] = {}
+    with ray_session(cfg.cluster):
+        with lm_group("steered", mc, s.policy.group.model_copy(update={"zero": s.policy.group.zero.model_copy(
+                update={"stage": 0})})) as grp:
+            def answers(levels: dict[str, int]) -> list[str]:
+                return [x.strip() for x in grp.map("generate", [steer_prompt(q, levels, names) for q in prompts],
+                                                   e.max_new_tokens, 0.0)]
+
+            per_level = {}
+            for v in range(5):
+                say(f"steerability: verbosity {v}")
+                per_level[v] = answers(dict(e.base, verbosity=v))
+            lo, hi = e.helpfulness_levels
+            help_ans = {lo: answers(dict(e.base, helpfulness=lo)), hi: answers(dict(e.base, helpfulness=hi))} \
+                if "helpfulness" in names else {}
+        lengths = {v: [len(a.split()) for a in xs] for v, xs in per_level.items()}
+        means = {v: mean_interval([float(x) for x in ls]) for v, ls in lengths.items()}
+        rho = spearman([float(v) for v in lengths for _ in lengths[v]], [float(x) for v in lengths for x in lengths[v]])
+        steps = [means[v + 1]["mean"] - means[v]["mean"] for v in range(4)]
+        out["verbosity_length"] = {str(v): means[v] for v in means}
+        out["verbosity_spearman"] = rho
+        out["verbosity_monotonic"] = all(d > 0 for d in steps)
+        out["verbosity_examples"] = [{"prompt": prompts[0], **{str(v): per_level[v][0][:200] for v in per_level}}]
+        if help_ans:
+            with open_labeler(cfg) as lab:
+                p_lo = lab.p_good(list(zip(prompts, help_ans[lo])))
+                p_hi = lab.p_good(list(zip(prompts, help_ans[hi])))
+            diff = mean_interval([b - a for a, b in zip(p_lo, p_hi)])
+            out["helpfulness_judged"] = {"levels": [lo, hi], "p_good_low": statistics.fmean(p_lo),
+                                         "p_good_high": statistics.fmean(p_hi), "difference": diff,
+                                         "identical_answers": sum(a == b for a, b in zip(help_ans[lo], help_ans[hi])),
+                                         "judge": lab.tag}
+    return out
+
+
+def steerability_table(s: dict[str, Any]) -> str:
+    """What the steerability evaluation found, in plain words."""
+    lines = ["# Steerability", "", f"{s['heldout_prompts']} held-out prompts, greedy answers.", "",
+             "| verbosity | mean words | 95% CI |", "|---:|---:|---|"]
+    for v, m in s["verbosity_length"].items():
+        lines.append(f"| {v} | {m['mean']:.1f} | [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}] |")
+    lines += ["", f"Spearman's rho (level, length): {s['verbosity_spearman']:.2f}. Mean length "
+              + ("rises at every level." if s["verbosity_monotonic"] else "does NOT rise at every level.")]
+    h = s.get("helpfulness_judged")
+    if h:
+        d = h["difference"]
+        lo, hi = d["ci95"]
+        verdict = ("moved the judge's score up" if lo > 0 else "moved it DOWN" if hi < 0
+                   else "did not move it measurably")
+        lines += ["", f"Helpfulness {h['levels'][1]} vs {h['levels'][0]}: the labeler's P(good) "
+                  f"{h['p_good_high']:.3f} vs {h['p_good_low']:.3f}, paired difference {d['mean']:+.3f} "
+                  f"[95% CI {lo:+.3f}, {hi:+.3f}] ({h['identical_answers']} identical answers): raising "
+                  f"helpfulness {verdict} ({h['judge']})."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- generate
+
+def generate(cfg: Config, run_dir: Path, prompts: list[str], attributes: str, max_new_tokens: int = 128) -> list[str]:
+    """Answers from the run's attribute-conditioned policy at the given levels (the rest at
+    ``steerlm.eval.base``), in this process."""
+    import torch
+
+    from ..data import chat_prompt
+
+    s = _section(cfg)
+    levels = parse_attributes(attributes, s.attributes, s.eval.base)
+    d = Path(run_dir) / "final" / "sft"
+    if not (d / "config.json").is_file():
+        raise ConfigError(f"no attribute-conditioned policy at {d}: run `rayalign steerlm train` first")
+    from transformers import AutoModelForCausalLM
+
+    tok = models.load_tokenizer(d)
+    model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True)
+    model.eval()
+    out = []
+    for q in prompts:
+        ids = tok(chat_prompt(tok, steer_prompt(q, levels, s.attributes)), return_tensors="pt",
+                  add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    say(f"attributes: {format_attributes(levels, s.attributes)}")
+    return out

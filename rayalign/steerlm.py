@@ -1,0 +1,71 @@
+"""SteerLM's attribute strings (Dong et al. 2023; SPECS 6), as pure functions: the string
+a conditioned prompt carries, its parsing, and the rule that measures verbosity.
+
+An attribute string names each attribute with an integer level 0–4, in a fixed order:
+``helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:1``. Training puts each
+example's annotated levels in its prompt; at inference the user sets them to steer.
+"""
+from __future__ import annotations
+
+from .errors import RayalignError
+
+ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+LEVELS = range(0, 5)
+
+
+class SteerError(RayalignError, ValueError):
+    """A malformed attribute string or value."""
+
+
+def level(value: float) -> int:
+    """A predicted or rated value as a level: rounded and clipped to 0–4."""
+    return int(min(4, max(0, round(float(value)))))
+
+
+def format_attributes(values: dict[str, float], names: tuple[str, ...] | list[str] = ATTRIBUTES) -> str:
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise SteerError(f"attribute string: no value for {', '.join(missing)}")
+    return ",".join(f"{n}:{level(values[n])}" for n in names)
+
+
+def parse_attributes(text: str, names: tuple[str, ...] | list[str] = ATTRIBUTES,
+                     defaults: dict[str, int] | None = None) -> dict[str, int]:
+    """``"verbosity:4,helpfulness:2"`` → levels, the rest from ``defaults``; every name
+    must end up with a level 0–4."""
+    out = dict(defaults or {})
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, val = part.partition(":")
+        name = name.strip()
+        if not sep or name not in names:
+            raise SteerError(f"attribute string: {part!r} is not NAME:LEVEL with NAME one of {', '.join(names)}")
+        try:
+            v = int(val)
+        except ValueError:
+            raise SteerError(f"attribute string: {name}'s level {val.strip()!r} is not an integer 0-4") from None
+        if v not in LEVELS:
+            raise SteerError(f"attribute string: {name}'s level {v} is outside 0-4")
+        out[name] = v
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise SteerError(f"attribute string: no level for {', '.join(missing)}")
+    return {n: out[n] for n in names}
+
+
+def steer_prompt(prompt: str, values: dict[str, float], names: tuple[str, ...] | list[str] = ATTRIBUTES) -> str:
+    """The user turn of a conditioned example: the prompt, then its attribute string on a
+    line of its own (just before the answer it conditions)."""
+    return f"{prompt}\n\n<attributes>{format_attributes(values, names)}</attributes>"
+
+
+def word_levels(responses: list[str], cuts: list[float] | None = None) -> tuple[list[int], list[float]]:
+    """Verbosity measured: a response's word count placed among the quintile cut points of
+    the given responses' counts (or of ``cuts``), level 0 (shortest fifth) to 4. Returns the
+    levels and the cut points (to place other responses on the same scale)."""
+    counts = [len(r.split()) for r in responses]
+    if cuts is None:
+        s = sorted(counts)
+        if not s:
+            raise SteerError("word_levels needs responses")
+        cuts = [s[min(len(s) - 1, int(len(s) * q / 5))] for q in range(1, 5)]
+    return [sum(c > k for k in cuts) for c in counts], list(cuts)

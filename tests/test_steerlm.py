@@ -1,0 +1,153 @@
+"""SteerLM: attribute strings, the verbosity rule, the labeler's 0-4 ratings, the attribute
+predictor, and `rayalign steerlm annotate` + `train` end to end on tiny models."""
+import json
+import math
+
+import pytest
+
+from rayalign import steerlm
+from rayalign.algos import stats
+from rayalign.cli import main
+
+
+def test_attribute_strings():
+    levels = {"helpfulness": 3.6, "correctness": 4, "coherence": 0.2, "complexity": 2.5, "verbosity": -1}
+    # Rounded (half to even, as Python does) and clipped to 0-4, in the fixed order.
+    assert steerlm.format_attributes(levels) == "helpfulness:4,correctness:4,coherence:0,complexity:2,verbosity:0"
+    assert steerlm.parse_attributes("verbosity:4, helpfulness:1", defaults={a: 2 for a in steerlm.ATTRIBUTES}) == {
+        "helpfulness": 1, "correctness": 2, "coherence": 2, "complexity": 2, "verbosity": 4}
+    for bad, why in [("verbosity=4", "NAME:LEVEL"), ("verbosity:5", "outside 0-4"), ("verbosity:x", "not an integer"),
+                     ("speed:2", "NAME:LEVEL"), ("verbosity:1", "no level for helpfulness")]:
+        with pytest.raises(steerlm.SteerError, match=why):
+            steerlm.parse_attributes(bad)
+    p = steerlm.steer_prompt("What is Ray?", {a: 2 for a in steerlm.ATTRIBUTES})
+    assert p == ("What is Ray?\n\n<attributes>helpfulness:2,correctness:2,coherence:2,complexity:2,verbosity:2"
+                 "</attributes>")
+
+
+def test_verbosity_by_word_count_quintiles():
+    responses = [" ".join(["w"] * n) for n in range(1, 11)]  # 1..10 words
+    lv, cuts = steerlm.word_levels(responses)
+    # cut points: the 2nd, 4th, 6th, 8th smallest counts = 3, 5, 7, 9
+    assert cuts == [3, 5, 7, 9]
+    assert lv == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4]
+    assert steerlm.word_levels(["a b c d e f g h i j k l"], cuts)[0] == [4]
+
+
+def test_spearman_and_mean_interval_by_hand():
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties take their average rank: x ranks 1.5 1.5 3 4, y ranks 1 2 3 4.
+    rx = [1.5, 1.5, 3, 4]
+    mx = sum(rx) / 4
+    want = sum((a - mx) * (b - 2.5) for a, b in zip(rx, [1, 2, 3, 4])) / math.sqrt(
+        sum((a - mx) ** 2 for a in rx) * 5.0)
+    assert stats.spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(want)
+    assert stats.spearman([1, 1, 1], [1, 2, 3]) == 0.0
+    m = stats.mean_interval([1.0, 2.0, 3.0])
+    assert m["mean"] == 2.0 and m["ci95"] == pytest.approx([2 - stats.Z95 / math.sqrt(3), 2 + stats.Z95 / math.sqrt(3)])
+
+
+def test_labeler_rates_an_attribute_as_an_expected_level():
+    from rayalign.labeler.backends import FunctionBackend
+    from rayalign.labeler.judge import Labeler
+    from rayalign.labeler.templates import PRESETS
+
+    seen = []
+
+    def fn(prompt, options):
+        seen.append((prompt, options))
+        return [math.log(w) for w in (0.1, 0.1, 0.2, 0.2, 0.4)]  # P over "0".."4"
+
+    lab = Labeler(FunctionBackend(fn), PRESETS["helpfulness"])
+    assert lab.attribute_scores([("q", "an answer")], "verbosity") == [pytest.approx(1 * 0.1 + 2 * 0.2 + 3 * 0.2 + 4 * 0.4)]
+    prompt, options = seen[0]
+    assert options == ["0", "1", "2", "3", "4"]
+    assert "Rate the response's verbosity (how much detail" in prompt and "Response: an answer" in prompt
+    with pytest.raises(ValueError, match="no attribute 'speed'"):
+        lab.attribute_scores([("q", "a")], "speed")
+
+
+@pytest.mark.timeout(300)
+def test_attribute_predictor_learns_verbosity(tiny_dir):
+    from rayalign import data, models
+    from rayalign.cluster.group import LocalGroup
+    from rayalign.config import TrainConfig, ZeroConfig
+    from rayalign.pipelines.steerlm import predictor_quality
+    from rayalign.workers.reward import AttributeWorker
+
+    texts = [" ".join(["word"] * (1 + (i * 7) % 40)) for i in range(120)]
+    lv, _ = steerlm.word_levels(texts)
+    tok = models.load_tokenizer(models.resolve("tiny-bert"))
+    items = [{"ids": data.encode_rm(tok, "say something", t, 64), "y": [float(v), None]} for t, v in zip(texts, lv)]
+    train, held = items[24:], items[:24]
+    g = LocalGroup("attributes", AttributeWorker, threads=1)
+    g.set_attributes(["verbosity", "helpfulness"])
+    tr = TrainConfig(lr=3e-3, batch_size=8, micro_batch_size=8, lr_schedule="constant")
+    g.init_model({"name": "tiny-bert"}, ZeroConfig().model_dump(), tr.model_dump(), 200)
+    for step in range(60):
+        batch = train[(step * 8) % 96:][:8]
+        r = g.attribute_step(batch, 8)  # one labelled value per row: helpfulness is unlabelled
+    assert sum(r["labels"]) == 8
+    q = predictor_quality(g.predict([h["ids"] for h in held]), held, train, ["verbosity", "helpfulness"])
+    print(q)
+    assert "helpfulness" not in q  # no held-out labels to score it on
+    assert q["verbosity"]["beats_the_mean"] and q["verbosity"]["spearman"] > 0.8, q
+
+
+def steer_yaml(tmp_path):
+    cfg = tmp_path / "steer.yaml"
+    cfg.write_text(f"""
+name: tiny-steer
+model: {{name: tiny-llama}}
+cluster: {{num_cpus: 2, object_store_memory_mb: 150}}
+tracking: {{root: {tmp_path / 'runs'}, wandb: disabled}}
+labeler:
+  backend: {{type: hf, group: {{workers: 1, cpus_per_worker: 0.5}}}}
+steerlm:
+  data: {{source: packaged:chatterbot, max_samples: 80, max_length: 192, eval_fraction: 0.25}}
+  labels: {{max_samples: 40}}
+  predictor:
+    model: {{name: tiny-bert}}
+    group: {{workers: 1, cpus_per_worker: 1}}
+    train: {{lr: 1.0e-3, batch_size: 8, micro_batch_size: 8, epochs: 2, lr_schedule: constant}}
+  policy:
+    group: {{workers: 2, cpus_per_worker: 0.5, zero: {{stage: 2}}}}
+    train: {{lr: 3.0e-3, batch_size: 8, micro_batch_size: 2, max_steps: 4}}
+  eval: {{prompts: 4, max_new_tokens: 8}}
+""")
+    return cfg
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_steerlm_annotate_train_generate(tmp_path, capsys):
+    cfg = steer_yaml(tmp_path)
+    run = tmp_path / "run"
+    assert main(["steerlm", "annotate", str(cfg), "--run-dir", str(run)]) == 0
+    s = json.loads((run / "summary.json").read_text())["steerlm_annotate"]
+    assert s["label_origin"]["verbosity"] == "rule:words"
+    assert s["label_origin"]["helpfulness"].startswith("labeler:")
+    assert s["labelled_rows"] == 40 and s["annotated_rows"] == 80
+    assert set(s["predictor_heldout"]) == set(steerlm.ATTRIBUTES)
+    rows = [json.loads(x) for x in (run / "attributes.jsonl").read_text().splitlines()]
+    assert len(rows) == 80 and all(set(r["attributes"]) == set(steerlm.ATTRIBUTES) for r in rows)
+    assert all(v in range(5) for r in rows for v in r["attributes"].values())
+    assert (run / "final" / "attributes" / "config.json").is_file()
+
+    assert main(["steerlm", "train", str(cfg), "--run-dir", str(run)]) == 0
+    s = json.loads((run / "summary.json").read_text())["steerlm"]
+    assert s["trained_rows"] == 60 and set(s["verbosity_length"]) == {"0", "1", "2", "3", "4"}
+    assert -1 <= s["verbosity_spearman"] <= 1 and isinstance(s["verbosity_monotonic"], bool)
+    assert s["helpfulness_judged"]["levels"] == [0, 4]
+    cond = [json.loads(x) for x in (run / "steerlm_sft.jsonl").read_text().splitlines()]
+    assert len(cond) == 60 and all("<attributes>helpfulness:" in r["prompt"] for r in cond)
+    assert "Steerability" in (run / "steerability.md").read_text()
+
+    capsys.readouterr()
+    assert main(["steerlm", "generate", str(cfg), "--run-dir", str(run), "--prompt", "hello?",
+                 "--attributes", "verbosity:4", "--max-new-tokens", "4"]) == 0
+    assert "> hello?" in capsys.readouterr().out
+    assert main(["steerlm", "generate", str(cfg), "--run-dir", str(run), "--prompt", "hello?",
+                 "--attributes", "verbosity:9"]) == 2
+    assert "verbosity's level 9 is outside 0-4" in capsys.readouterr().err
