@@ -68,7 +68,7 @@ def main() -> None:
     from rayalign.labeler.templates import PRESETS
     from rayalign.workers.frozen import FrozenLMWorker
 
-    rows = data.load_rows("packaged:mc-pairs-heldout", ["prompt", "response_1", "response_2", "gold"],
+    rows = data.load_rows("packaged:mc-pairs-heldout", ["prompt", "response_1", "response_2"],
                           args.pairs, seed=7)
     filler = [str(r["response"]).strip() for r in data.load_rows("packaged:chatterbot", ["response"], None, seed=3)
               if 4 <= len(str(r["response"]).split()) <= 20 and str(r["response"]).strip().endswith((".", "!", "?"))]

@@ -44,24 +44,24 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_ppo(args) -> int:
-    from .pipelines.ppo import run_ppo
-
-    cfg = load_config(args.config, args.overrides)
-    summary = run_ppo(cfg, run_dir=_run_dir(args), resume=bool(args.resume))
+def _policy_stage(run, args) -> int:
+    """A stage that trains the final policy (ppo, dpo): its summary, less the examples."""
+    summary = run(load_config(args.config, args.overrides), run_dir=_run_dir(args), resume=bool(args.resume))
     summary.pop("win_examples", None)
     _print_summary(summary)
     return 0
+
+
+def cmd_ppo(args) -> int:
+    from .pipelines.ppo import run_ppo
+
+    return _policy_stage(run_ppo, args)
 
 
 def cmd_dpo(args) -> int:
     from .pipelines.dpo import run_dpo
 
-    cfg = load_config(args.config, args.overrides)
-    summary = run_dpo(cfg, run_dir=_run_dir(args), resume=bool(args.resume))
-    summary.pop("win_examples", None)
-    _print_summary(summary)
-    return 0
+    return _policy_stage(run_dpo, args)
 
 
 def cmd_label(args) -> int:

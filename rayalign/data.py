@@ -338,7 +338,9 @@ def encode_rm(tok, prompt: str, response: str, max_length: int) -> list[int]:
             ids = ids["input_ids"]
         ids = list(ids)
         return ids[-max_length:]
-    enc = tok(prompt, response, truncation="only_first" if len(prompt) > 0 else True,
+    # Cutting only the prompt cannot help when the response alone is too long: then both are cut.
+    fits = len(tok(response, add_special_tokens=False)["input_ids"]) + 4 < max_length
+    enc = tok(prompt, response, truncation="only_first" if len(prompt) > 0 and fits else True,
               max_length=max_length)["input_ids"]
     return list(enc)[:max_length]
 

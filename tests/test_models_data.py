@@ -102,3 +102,15 @@ def test_encode_sft_masks_the_prompt(tiny_dir):
     assert packed.position_ids[1, :16].tolist() == list(range(8)) * 2
     # the second sequence's first token is never a target of the first's last position
     assert plabels[1, 8] == -100 and plabels[0].tolist() == [-100] + list(ex["labels"][1:])
+
+
+def test_encode_rm_cuts_the_prompt_first_and_both_when_the_response_alone_is_too_long():
+    from rayalign import data, models
+
+    tok = models.load_tokenizer(models.resolve("tiny-bert"))
+    tok.chat_template = None  # an encoder's text-pair path (MiniLM's)
+    ids = data.encode_rm(tok, "question " * 100, "answer " * 10, 48)
+    assert len(ids) == 48 and tok.decode(ids).count("answer") == 10  # the whole response is kept
+    # A response longer than max_length: cutting only the prompt cannot fit it (this raised).
+    ids = data.encode_rm(tok, "question " * 10, "answer " * 400, 48)
+    assert len(ids) == 48

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import checkpoint, data, models
 from ..cluster import ray_session
-from ..config import Config, ConfigError, ModelConfig, RMDataConfig
+from ..config import Config, ConfigError, RMDataConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import (Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group,
                      say, stage_layout)
@@ -95,14 +95,6 @@ def evaluate_pairs(policy, evals: list[dict], loss) -> dict[str, float]:
     return pair_metrics(policy.dpo_eval(evals, loss.type, loss.beta, loss.tau), "eval_")
 
 
-def dpo_start(cfg: Config, default: Path | None) -> ModelConfig:
-    if cfg.dpo.policy.model is not None:
-        return cfg.dpo.policy.model
-    if default is not None:
-        return ModelConfig(name=str(default), dtype=cfg.model.dtype)
-    return cfg.model
-
-
 def run_dpo(cfg: Config, run_dir: Path | None = None, resume: bool = False,
             start_model: Path | None = None) -> dict[str, Any]:
     if cfg.dpo is None:
@@ -113,12 +105,12 @@ def run_dpo(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 def _run_dpo(cfg: Config, run_dir: Path, resume: bool, start_model: Path | None) -> dict[str, Any]:
     from ..workers.frozen import FrozenLMWorker
     from ..workers.policy import PolicyWorker
-    from .ppo import BaseOfPolicy, _maybe_labeler, evaluate_win_rate, split_prompts
+    from .ppo import BaseOfPolicy, _maybe_labeler, evaluate_win_rate, policy_start, split_prompts
 
     d = cfg.dpo
     g, t, loss = d.policy.group, d.policy.train, d.loss
     plan_steps("dpo.policy", t.batch_size, g, t)
-    pmodel = dpo_start(cfg, start_model)
+    pmodel = policy_start(cfg, start_model, d.policy.model)
     tok = models.load_tokenizer(models.resolve(pmodel.name, pmodel.seed, pmodel.overrides, say=say))
     train, evals, skipped = encode_pairs(d.data, tok)
     if loss.labels == "hard":

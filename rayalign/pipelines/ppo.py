@@ -501,9 +501,12 @@ def _kl_controller(cfg: Config, value: float | None = None):
     return ppo.AdaptiveKL(v, k.target, k.horizon) if k.target else ppo.FixedKL(v)
 
 
-def policy_start(cfg: Config, default: Path | None) -> ModelConfig:
-    if cfg.ppo.policy.model is not None:
-        return cfg.ppo.policy.model
+def policy_start(cfg: Config, default: Path | None, explicit: ModelConfig | None = None) -> ModelConfig:
+    """Where a trained policy starts: the section's own model, else ``default`` (the SFT
+    output in `run`), else the top-level model."""
+    explicit = explicit if explicit is not None else (cfg.ppo.policy.model if cfg.ppo is not None else None)
+    if explicit is not None:
+        return explicit
     if default is not None:
         return ModelConfig(name=str(default), dtype=cfg.model.dtype)
     return cfg.model

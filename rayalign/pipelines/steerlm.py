@@ -95,12 +95,20 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-steerlm-annotate")
     t0 = time.time()
     need_labeler = any(a not in s.labels.rules for a in names)
+    saved = run_dir / "attribute_labels.json"
     with ray_session(cfg.cluster):
-        if need_labeler:
-            with open_labeler(cfg) as labeler:
-                items, values, origin = seed_labels(cfg, labeler)
+        if resume and saved.is_file():
+            # The labeler's ratings are the slow part: a resumed run keeps them.
+            got = json.loads(saved.read_text())
+            items, values, origin = [tuple(x) for x in got["items"]], got["values"], got["origin"]
+            say(f"attribute labels of {len(items)} rows from {saved}")
         else:
-            items, values, origin = seed_labels(cfg, None)
+            if need_labeler:
+                with open_labeler(cfg) as labeler:
+                    items, values, origin = seed_labels(cfg, labeler)
+            else:
+                items, values, origin = seed_labels(cfg, None)
+            saved.write_text(json.dumps({"items": items, "values": values, "origin": origin}))
         enc = [{"ids": data.encode_rm(tok, q, r, pr.data.max_length), "y": [values[a][i] for a in names]}
                for i, (q, r) in enumerate(items)]
         train, held = data.split_eval(enc, s.labels.eval_fraction)
