@@ -478,6 +478,10 @@ class SteerLabelConfig(Section):
         default_factory=lambda: {"verbosity": "words"}, description="attributes measured by a rule instead "
         "of rated: words = the response's word count placed among the labelled rows' quintiles (0 shortest "
         "fifth .. 4 longest). Verbosity is measurable, so it is measured")
+    scale: Literal["quantiles", "absolute"] = Field(
+        "quantiles", description="the labeler's expected 0-4 ratings as levels: quantiles = placed among the "
+        "labelled rows' quintiles (a small judge's ratings bunch together: SmolLM2's have a standard deviation of "
+        "0.2 around 1, and rounded they gave 94-100% of rows the same level), absolute = as rated")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="labelled rows held out to score the predictor")
 
 

@@ -58,14 +58,19 @@ def steer_prompt(prompt: str, values: dict[str, float], names: tuple[str, ...] |
     return f"{prompt}\n\n<attributes>{format_attributes(values, names)}</attributes>"
 
 
-def word_levels(responses: list[str], cuts: list[float] | None = None) -> tuple[list[int], list[float]]:
-    """Verbosity measured: a response's word count placed among the quintile cut points of
-    the given responses' counts (or of ``cuts``), level 0 (shortest fifth) to 4. Returns the
-    levels and the cut points (to place other responses on the same scale)."""
-    counts = [len(r.split()) for r in responses]
+def quantile_levels(values: list[float], cuts: list[float] | None = None) -> tuple[list[int], list[float]]:
+    """Each value placed among the quintile cut points of ``values`` (or of ``cuts``): level
+    0 (lowest fifth) to 4. Returns the levels and the cut points (to place other values on
+    the same scale)."""
     if cuts is None:
-        s = sorted(counts)
+        s = sorted(values)
         if not s:
-            raise SteerError("word_levels needs responses")
+            raise SteerError("quantile_levels needs values")
         cuts = [s[min(len(s) - 1, int(len(s) * q / 5))] for q in range(1, 5)]
-    return [sum(c > k for k in cuts) for c in counts], list(cuts)
+    return [sum(v > k for k in cuts) for v in values], list(cuts)
+
+
+def word_levels(responses: list[str], cuts: list[float] | None = None) -> tuple[list[int], list[float]]:
+    """Verbosity measured: a response's word count among the quintiles of the responses'
+    counts (:func:`quantile_levels`), 0 (shortest fifth) to 4."""
+    return quantile_levels([len(r.split()) for r in responses], cuts)

@@ -151,3 +151,15 @@ def test_steerlm_annotate_train_generate(tmp_path, capsys):
     assert main(["steerlm", "generate", str(cfg), "--run-dir", str(run), "--prompt", "hello?",
                  "--attributes", "verbosity:9"]) == 2
     assert "verbosity's level 9 is outside 0-4" in capsys.readouterr().err
+
+
+def test_labeler_ratings_become_quantile_levels():
+    from rayalign.pipelines.steerlm import scaled
+
+    values = {"helpfulness": [1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.08, 1.09, 1.10],
+              "verbosity": [0.0, 4.0] * 5}
+    origin = {"helpfulness": "labeler:x", "verbosity": "rule:words"}
+    out = scaled(values, origin, "quantiles")
+    # Ratings bunched within 0.1 spread over all five levels; a rule's levels stay as measured.
+    assert out["helpfulness"] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4] and out["verbosity"] == values["verbosity"]
+    assert scaled(values, origin, "absolute") == values

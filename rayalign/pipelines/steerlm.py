@@ -4,8 +4,8 @@ annotate: label a few hundred (prompt, response) rows per attribute (the AI labe
   expected 0–4 rating, data fields where the rows have them, or a rule where the attribute
   is measurable: verbosity by word count), train the attribute-prediction model (one
   regression head per attribute, on the reward role) on them, score it on held-out labelled
-  rows, and annotate every row of the SFT data with its predicted levels
-  (``attributes.jsonl``).
+  rows, and annotate every row of the SFT data with its predicted levels (a measured
+  attribute is measured on every row) (``attributes.jsonl``).
 train: attribute-conditioned SFT, each prompt carrying its attribute string, then measure
   steerability on held-out prompts: the answers' length at verbosity 0–4 (it should rise
   with the level) and the labeler's judgement of answers at low and high helpfulness.
@@ -23,7 +23,7 @@ from .. import checkpoint, data, models
 from ..algos.stats import mean_interval, spearman
 from ..cluster import ray_session
 from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig
-from ..steerlm import format_attributes, level, parse_attributes, steer_prompt, word_levels
+from ..steerlm import format_attributes, level, parse_attributes, quantile_levels, steer_prompt, word_levels
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
 
@@ -72,6 +72,15 @@ def seed_labels(cfg: Config, labeler) -> tuple[list[tuple[str, str]], dict[str, 
     return items, values, origin
 
 
+def scaled(values: dict[str, list[float]], origin: dict[str, str], scale: str) -> dict[str, list[float]]:
+    """The labeler's ratings as levels (``quantiles``: among the labelled rows' quintiles);
+    rules and data fields as they are."""
+    if scale == "absolute":
+        return values
+    return {a: [float(x) for x in quantile_levels(v)[0]] if origin[a].startswith("labeler:") else v
+            for a, v in values.items()}
+
+
 def run_annotate(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     _section(cfg)
     return recovering(cfg, "steerlm_annotate", "steerlm annotate", lambda d, r: _annotate(cfg, d, r), run_dir,
@@ -109,6 +118,8 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             else:
                 items, values, origin = seed_labels(cfg, None)
             saved.write_text(json.dumps({"items": items, "values": values, "origin": origin}))
+        raw = values
+        values = scaled(values, origin, s.labels.scale)
         enc = [{"ids": data.encode_rm(tok, q, r, pr.data.max_length), "y": [values[a][i] for a in names]}
                for i, (q, r) in enumerate(items)]
         train, held = data.split_eval(enc, s.labels.eval_fraction)
@@ -142,16 +153,27 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             say(f"annotating {len(rows)} rows of {s.data.source}")
             preds = grp.map("predict", [data.encode_rm(tok, str(r[s.data.prompt_field]), str(r[s.data.response_field]),
                                                        pr.data.max_length) for r in rows])
+    # Quantile-scaled attributes are annotated by the predictions' own quintiles: a regression
+    # pulls its predictions toward the mean, and rounded they would leave the top level empty.
+    # A measured attribute is measured on every row (on the labelled rows' scale), not predicted.
+    responses = [str(r[s.data.response_field]) for r in rows]
+    cuts = word_levels([r for _, r in items])[1]
+    levels = {a: word_levels(responses, cuts)[0] if origin[a] == "rule:words"
+              else quantile_levels([p[i] for p in preds])[0]
+              if s.labels.scale == "quantiles" and origin[a].startswith("labeler:")
+              else [level(p[i]) for p in preds] for i, a in enumerate(names)}
     out = run_dir / ANNOTATED
     with out.open("w") as fh:
-        for r, p in zip(rows, preds):
+        for j, (r, p) in enumerate(zip(rows, preds)):
             fh.write(json.dumps({"prompt": str(r[s.data.prompt_field]), "response": str(r[s.data.response_field]),
-                                 "attributes": {a: level(v) for a, v in zip(names, p)},
+                                 "attributes": {a: levels[a][j] for a in names},
                                  "predicted": {a: round(v, 3) for a, v in zip(names, p)}}) + "\n")
     tracker.close()
     plot_metrics(run_dir, "steerlm_predictor", [["mse"], ["lr"]], title=f"{cfg.name}: attribute predictor")
-    dist = {a: {str(v): sum(level(p[i]) == v for p in preds) for v in range(5)} for i, a in enumerate(names)}
+    dist = {a: {str(v): levels[a].count(v) for v in range(5)} for a in names}
     summary = {"stage": "steerlm_annotate", "attributes": names, "label_origin": origin,
+               "label_scale": s.labels.scale,
+               "rated_range": {a: [min(v), max(v)] for a, v in raw.items() if origin[a].startswith("labeler:")},
                "labelled_rows": len(items), "predictor": mcfg.name, "predictor_steps": total,
                "predictor_heldout": quality, "annotated_rows": len(rows), "annotated": str(out),
                "level_distribution": dist, "final_model": str(final), "wall_time_s": time.time() - t0}
