@@ -157,7 +157,7 @@ def test_rayalign_dpo_on_a_zero3_policy(tmp_path, capsys):
     assert s["judge_gold_source"] == "packaged:hhh-pairs"
     for f in ("final/policy/config.json", "plots/dpo.png", "plots/dpo_eval.png", "metrics.jsonl"):
         assert (run / f).is_file(), f
-    # IPO from the step-6 checkpoint's run is a different loss: errors name the keys.
+    # Bad settings stop the command before it starts, naming the key.
     assert main(["dpo", str(cfg), "dpo.loss.type=hinge"]) == 2
     assert "dpo.loss.type" in capsys.readouterr().err
     assert main(["dpo", str(cfg), "dpo.policy.train.batch_size=6"]) == 2

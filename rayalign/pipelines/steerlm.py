@@ -22,7 +22,7 @@ from typing import Any
 from .. import checkpoint, data, models
 from ..algos.stats import mean_interval, spearman
 from ..cluster import ray_session
-from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig
+from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig, ZeroConfig
 from ..steerlm import format_attributes, level, parse_attributes, quantile_levels, steer_prompt, word_levels
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
@@ -258,8 +258,9 @@ def steerability(cfg: Config, model_dir: Path, prompts: list[str]) -> dict[str, 
     mc = ModelConfig(name=str(model_dir), dtype=cfg.model.dtype)
     out: dict[str, Any] = {}
     with ray_session(cfg.cluster):
-        with lm_group("steered", mc, s.policy.group.model_copy(update={"zero": s.policy.group.zero.model_copy(
-                update={"stage": 0})})) as grp:
+        # Inference only: the policy's layout, every rank a whole copy.
+        layout = s.policy.group.model_copy(update={"zero": ZeroConfig()})
+        with lm_group("steered", mc, layout) as grp:
             def answers(levels: dict[str, int]) -> list[str]:
                 return [x.strip() for x in grp.map("generate", [steer_prompt(q, levels, names) for q in prompts],
                                                    e.max_new_tokens, 0.0)]

@@ -168,9 +168,11 @@ class PolicyWorker(TrainableWorker):
             adv = to_frame([s["advantages"] for s in chunk], t, chunk).to(dev)
             isw = to_frame([s["is_weights"] for s in chunk], t, chunk).to(dev) \
                 if chunk[0].get("is_weights") is not None else None
-            lens = torch.tensor([len(s["response_ids"]) for s in chunk])
-            w = ppo.aggregation_weights(lens, loss_agg, norm_len).tolist()
-            weights = to_frame([[x] * n for x, n in zip(w, lens.tolist())], t, chunk).to(dev)
+            weights = None  # token_mean: every token weighs 1
+            if loss_agg != "token_mean":
+                lens = torch.tensor([len(s["response_ids"]) for s in chunk])
+                w = ppo.aggregation_weights(lens, loss_agg, norm_len).tolist()
+                weights = to_frame([[x] * n for x, n in zip(w, lens.tolist())], t, chunk).to(dev)
             term, st = ppo.policy_terms(logp, old, adv, act, clip, isw, clip_high)
             ent = ppo.entropy_from_logits(scaled if entropy_coef else scaled.detach())
             total = term
@@ -187,7 +189,7 @@ class PolicyWorker(TrainableWorker):
                    "tokens": int(k)}
             if kl_tok is not None:
                 out["kl_loss"] = float(kl_tok.detach().sum())
-            return (total * weights).sum(), out
+            return (total if weights is None else total * weights).sum(), out
 
         # Dropout off (SPECS 4): the ratio must compare the same function before and after.
         self.engine.eval()
