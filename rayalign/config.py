@@ -485,9 +485,27 @@ class SteerLabelConfig(Section):
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="labelled rows held out to score the predictor")
 
 
+class SteerSamplesConfig(Section):
+    """Answers the starting policy writes to steerlm.data's prompts, annotated like the data's
+    own (SteerLM's several responses per prompt, each with its attributes)."""
+    per_prompt: int = Field(0, ge=0, le=8, description="sampled answers per distinct prompt (0: the data's "
+                            "answers only). With one answer per prompt, a prompt already predicts its answer's "
+                            "attributes and a small policy learns to ignore the string (measured on SmolLM2: "
+                            "identical answers at every verbosity level); answers of other lengths and "
+                            "qualities to the same prompt are what make the levels informative")
+    temperature: float = Field(0.7, gt=0)
+    max_new_tokens: int = Field(128, ge=8)
+    keep_unfinished: bool = Field(False, description="keep answers cut by max_new_tokens (trained to end "
+                                  "there)")
+    seed: int = 0
+    group: GroupConfig = Field(default_factory=lambda: GroupConfig(workers=1, cpus_per_worker=2),
+                               description="the sampling group (vLLM engines where rollout.engine resolves to "
+                               "vllm)")
+
+
 class SteerEvalConfig(Section):
-    prompts: int = Field(32, ge=2, description="held-out prompts (steerlm.data's eval split, never trained on) "
-                         "answered at every level")
+    prompts: int = Field(32, ge=2, description="held-out prompts (steerlm.data's eval split of distinct "
+                         "prompts, none of whose answers is trained on) answered at every level")
     max_new_tokens: int = Field(64, ge=1)
     base: dict[str, int] = Field(
         default_factory=lambda: {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2,
@@ -495,6 +513,8 @@ class SteerEvalConfig(Section):
         description="the levels of the attributes not being varied")
     helpfulness_levels: list[int] = Field([0, 4], min_length=2, max_length=2,
                                           description="low and high helpfulness whose answers the labeler judges")
+    baseline: bool = Field(True, description="measure the starting policy on the same conditioned prompts too: "
+                           "what the SFT added to what the prompt's words already do")
 
 
 class SteerLMConfig(Section):
@@ -505,6 +525,12 @@ class SteerLMConfig(Section):
         train=TrainConfig(lr=1e-4, batch_size=8, micro_batch_size=8, epochs=6, lr_schedule="constant")),
         description="the attribute-prediction model (regression heads on the reward role); its data and loss "
         "keys are not used")
+    samples: SteerSamplesConfig = Field(default_factory=SteerSamplesConfig)
+    render: Literal["codes", "words"] = Field(
+        "words", description="the attribute string in the prompt: codes = helpfulness:4,...,verbosity:1 (the "
+        "paper's form), words = each level as a plain instruction (Answer in a few words. .. Answer in detail.). "
+        "A small policy learns from words what it did not learn from codes (SmolLM2-135M: no effect of the "
+        "digits after 1-3 epochs)")
     annotated: Optional[str] = Field(None, description="train: annotated rows to train on (default: the run "
                                      "directory's attributes.jsonl from `steerlm annotate`)")
     policy: PPORoleConfig = Field(default_factory=lambda: PPORoleConfig(

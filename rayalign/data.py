@@ -278,6 +278,30 @@ def load_rows(source: str, fields: Iterable[str], max_samples: int | None = None
     return rows
 
 
+def dedupe(rows: list[dict], fields: Iterable[str]) -> list[dict]:
+    """The rows with a new combination of ``fields``, in order (a corpus that repeats a
+    conversation 118 times, as chatterbot's tech support file does, holds one example)."""
+    seen: set = set()
+    out = []
+    for r in rows:
+        key = tuple(json.dumps(r.get(f), sort_keys=True) for f in fields)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def split_by_prompt(rows: list[dict], eval_fraction: float, field: str = "prompt"
+                    ) -> tuple[list[dict], list[str]]:
+    """Training rows and held-out prompts, the first ``eval_fraction`` of the distinct
+    prompts held out with every row that has them: a prompt with several answers is never
+    on both sides."""
+    prompts = list(dict.fromkeys(str(r[field]) for r in rows))
+    n = max(1, int(round(len(prompts) * eval_fraction))) if eval_fraction > 0 else 0
+    held = set(prompts[:n])
+    return [r for r in rows if str(r[field]) not in held], prompts[:n]
+
+
 def split_eval(rows: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
     n_eval = int(round(len(rows) * eval_fraction))
     if eval_fraction > 0:

@@ -246,6 +246,12 @@ class VLLMEngine:
         else:
             # vLLM's CPU backend otherwise claims most of the node's memory for its KV cache.
             kw["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+            # A prefill split over steps rewinds its request's generator, which a CPU
+            # generator cannot do: seeded sampling then dies ("CPU Generator does not use
+            # offset") once a batch's prompts exceed one step's token budget (measured: 1,140
+            # chat prompts at once). Whole prefills only.
+            kw["enable_chunked_prefill"] = False
+            kw["max_num_batched_tokens"] = max(max_model_len, 8192)
         self.llm = LLM(**kw)
         import json
         from pathlib import Path

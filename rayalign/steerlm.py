@@ -52,10 +52,45 @@ def parse_attributes(text: str, names: tuple[str, ...] | list[str] = ATTRIBUTES,
     return {n: out[n] for n in names}
 
 
-def steer_prompt(prompt: str, values: dict[str, float], names: tuple[str, ...] | list[str] = ATTRIBUTES) -> str:
+# Each level of the five attributes as a plain instruction. A 135M policy did not learn what
+# the digits of "verbosity:4" mean from 1-3 epochs of conditioned SFT, while it already
+# follows plain length instructions (measured on SmolLM2-135M-Instruct, 16 prompts, greedy:
+# "Answer in a few words." 13 words, "Answer in detail." 46; "verbosity:0" 32, "verbosity:4" 32).
+PHRASES: dict[str, tuple[str, ...]] = {
+    "helpfulness": ("Do not try to help.", "Help a little.", "Be somewhat helpful.", "Be helpful.",
+                    "Be as helpful as possible."),
+    "correctness": ("Accuracy does not matter.", "Be roughly accurate.", "Be mostly accurate.", "Be accurate.",
+                    "Be fully accurate."),
+    "coherence": ("Coherence does not matter.", "Be loosely coherent.", "Be fairly coherent.", "Be coherent.",
+                  "Be perfectly clear and coherent."),
+    "complexity": ("Use very simple words.", "Use simple words.", "Use everyday language.",
+                   "Use advanced language.", "Use expert language."),
+    "verbosity": ("Answer in a few words.", "Answer in one short sentence.", "Answer in a sentence or two.",
+                  "Answer in a few sentences.", "Answer in detail."),
+}
+LEVEL_WORDS = ("very low", "low", "medium", "high", "very high")
+RENDERINGS = ("codes", "words")
+
+
+def render_attributes(values: dict[str, float], names: tuple[str, ...] | list[str] = ATTRIBUTES,
+                      style: str = "codes") -> str:
+    """The attribute string: ``codes`` = ``helpfulness:4,...,verbosity:1`` (the paper's
+    form), ``words`` = each level as a plain instruction (:data:`PHRASES`; an attribute
+    without phrases as ``Name: high.``)."""
+    if style == "codes":
+        return format_attributes(values, names)
+    if style != "words":
+        raise SteerError(f"attribute rendering {style!r}: expected one of {', '.join(RENDERINGS)}")
+    format_attributes(values, names)  # the same checks
+    return " ".join(PHRASES[n][level(values[n])] if n in PHRASES else f"{n.capitalize()}: "
+                    f"{LEVEL_WORDS[level(values[n])]}." for n in names)
+
+
+def steer_prompt(prompt: str, values: dict[str, float], names: tuple[str, ...] | list[str] = ATTRIBUTES,
+                 style: str = "codes") -> str:
     """The user turn of a conditioned example: the prompt, then its attribute string on a
     line of its own (just before the answer it conditions)."""
-    return f"{prompt}\n\n<attributes>{format_attributes(values, names)}</attributes>"
+    return f"{prompt}\n\n<attributes>{render_attributes(values, names, style)}</attributes>"
 
 
 def quantile_levels(values: list[float], cuts: list[float] | None = None) -> tuple[list[int], list[float]]:

@@ -216,6 +216,25 @@ def test_vllm_greedy_equals_hf_greedy(tiny_dir):
         hf.kill()
 
 
+@needs_vllm
+@pytest.mark.timeout(300)
+def test_vllm_seeded_sampling_of_more_prompts_than_one_step_prefills(tiny_dir):
+    # 60 prompts of ~200 tokens exceed a step's token budget (8,192): with chunked prefill
+    # a CPU engine died rewinding a seeded generator ("CPU Generator does not use offset").
+    prompts = [f"question {i}: " + "tell me more about the weather " * 33 for i in range(60)]
+    eng = _engine("vllm")
+    try:
+        a = eng.rollout(prompts, 4, 1.0, 1.0, 7, 16, 0, -1)
+        b = eng.rollout(prompts, 4, 1.0, 1.0, 7, 16, 0, -1)
+        assert sum(len(s["prompt_ids"]) for s in a) > 8192
+        assert [s["response_ids"] for s in a] == [s["response_ids"] for s in b]
+        got = eng.generate(prompts[:3], 4, 1.0, 7, 16, True)
+        assert [g["response"] for g in got] == [s["response"] for s in a[:3]]
+        assert [g["ended"] for g in got] == [s["ended"] for s in a[:3]]
+    finally:
+        eng.kill()
+
+
 # ---------------------------------------------------------------- on Ray
 
 

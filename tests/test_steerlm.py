@@ -8,6 +8,7 @@ import pytest
 from rayalign import steerlm
 from rayalign.algos import stats
 from rayalign.cli import main
+from rayalign.data import dedupe, load_rows, split_by_prompt
 
 
 def test_attribute_strings():
@@ -107,6 +108,7 @@ labeler:
 steerlm:
   data: {{source: packaged:chatterbot, max_samples: 80, max_length: 192, eval_fraction: 0.25}}
   labels: {{max_samples: 40}}
+  samples: {{per_prompt: 1, max_new_tokens: 8, keep_unfinished: true, group: {{workers: 1, cpus_per_worker: 1}}}}
   predictor:
     model: {{name: tiny-bert}}
     group: {{workers: 1, cpus_per_worker: 1}}
@@ -128,20 +130,32 @@ def test_steerlm_annotate_train_generate(tmp_path, capsys):
     s = json.loads((run / "summary.json").read_text())["steerlm_annotate"]
     assert s["label_origin"]["verbosity"] == "rule:words"
     assert s["label_origin"]["helpfulness"].startswith("labeler:")
-    assert s["labelled_rows"] == 40 and s["annotated_rows"] == 80
+    # 80 data rows less the repeats, plus one sampled answer per distinct prompt (the tiny
+    # model's are cut at 8 tokens; kept here so the count is known)
+    data_rows = {(r["prompt"], r["response"]) for r in load_rows("packaged:chatterbot", ["prompt", "response"], 80)}
+    prompts = {p for p, _ in data_rows}
+    assert s["repeated_rows_dropped"] == 80 - len(data_rows)
+    assert s["sampled_answers"]["drawn"] == len(prompts)
+    assert s["labelled_rows"] == 40 and s["annotated_rows"] == len(data_rows) + s["sampled_answers"]["kept"]
     assert set(s["predictor_heldout"]) == set(steerlm.ATTRIBUTES)
     rows = [json.loads(x) for x in (run / "attributes.jsonl").read_text().splitlines()]
-    assert len(rows) == 80 and all(set(r["attributes"]) == set(steerlm.ATTRIBUTES) for r in rows)
+    assert len(rows) == s["annotated_rows"] and all(set(r["attributes"]) == set(steerlm.ATTRIBUTES) for r in rows)
+    assert {(r["prompt"], r["response"]) for r in rows if r["origin"] == "data"} == data_rows
+    assert {r["prompt"] for r in rows if r["origin"] == "sampled"} <= prompts
     assert all(v in range(5) for r in rows for v in r["attributes"].values())
     assert (run / "final" / "attributes" / "config.json").is_file()
 
     assert main(["steerlm", "train", str(cfg), "--run-dir", str(run)]) == 0
     s = json.loads((run / "summary.json").read_text())["steerlm"]
-    assert s["trained_rows"] == 60 and set(s["verbosity_length"]) == {"0", "1", "2", "3", "4"}
+    held = list(dict.fromkeys(r["prompt"] for r in rows))[:round(len(prompts) * 0.25)]
+    assert s["trained_rows"] == sum(r["prompt"] not in held for r in rows) and s["trained_sampled_rows"] > 0
+    assert set(s["verbosity_length"]) == {"0", "1", "2", "3", "4"}
     assert -1 <= s["verbosity_spearman"] <= 1 and isinstance(s["verbosity_monotonic"], bool)
     assert s["helpfulness_judged"]["levels"] == [0, 4]
     cond = [json.loads(x) for x in (run / "steerlm_sft.jsonl").read_text().splitlines()]
-    assert len(cond) == 60 and all("<attributes>helpfulness:" in r["prompt"] for r in cond)
+    assert len(cond) == s["trained_rows"] and all("<attributes>helpfulness:" in r["prompt"] for r in cond)
+    # no answer to a held-out prompt is trained on
+    assert not {r["prompt"].split("\n\n<attributes>")[0] for r in cond} & set(held)
     assert "Steerability" in (run / "steerability.md").read_text()
 
     capsys.readouterr()
@@ -163,3 +177,45 @@ def test_labeler_ratings_become_quantile_levels():
     # Ratings bunched within 0.1 spread over all five levels; a rule's levels stay as measured.
     assert out["helpfulness"] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4] and out["verbosity"] == values["verbosity"]
     assert scaled(values, origin, "absolute") == values
+
+
+def test_repeats_dropped_and_held_out_prompts_never_trained_on():
+    rows = [{"prompt": "a", "response": "x"}, {"prompt": "b", "response": "y"}, {"prompt": "a", "response": "x"},
+            {"prompt": "a", "response": "z"}, {"prompt": "c", "response": "y"}, {"prompt": "d", "response": "w"}]
+    u = dedupe(rows, ["prompt", "response"])
+    assert u == [rows[0], rows[1], rows[3], rows[4], rows[5]]
+    train, held = split_by_prompt(u, 0.25)
+    # 4 distinct prompts, a quarter held out: "a" with both its answers
+    assert held == ["a"] and train == [rows[1], rows[4], rows[5]]
+    assert split_by_prompt(u, 0.0) == (u, [])
+
+
+def test_sampled_answers_join_the_rows_after_their_prompt():
+    from rayalign.pipelines.steerlm import with_samples
+
+    rows = [{"prompt": "p", "response": "one", "origin": "data"}, {"prompt": "q", "response": "two", "origin": "data"},
+            {"prompt": "p", "response": "three", "origin": "data"}]
+    answers = {"p": [{"response": " long answer ", "ended": True}, {"response": "cut", "ended": False}],
+               "q": [{"response": "two", "ended": True}, {"response": "  ", "ended": True}]}
+    out, counts = with_samples(rows, answers)
+    assert [(r["response"], r["origin"]) for r in out] == [("one", "data"), ("long answer", "sampled"),
+                                                           ("two", "data"), ("three", "data")]
+    # q's sample repeats its data answer (dropped as a repeat), one is blank, one was cut
+    assert counts == {"drawn": 4, "unfinished": 1, "empty": 1, "kept": 1}
+    out, counts = with_samples(rows, answers, keep_unfinished=True)
+    assert [r["response"] for r in out] == ["one", "long answer", "cut", "two", "three"] and counts["kept"] == 2
+
+
+def test_attribute_levels_rendered_as_words():
+    levels = {"helpfulness": 4, "correctness": 3, "coherence": 2, "complexity": 1, "verbosity": 0}
+    assert steerlm.render_attributes(levels, style="words") == (
+        "Be as helpful as possible. Be accurate. Be fairly coherent. Use simple words. Answer in a few words.")
+    assert steerlm.render_attributes(levels) == steerlm.format_attributes(levels)
+    # an attribute without phrases by name and level word; the checks of the codes apply
+    assert steerlm.render_attributes({"humour": 3.4}, ["humour"], "words") == "Humour: high."
+    with pytest.raises(steerlm.SteerError, match="no value for verbosity"):
+        steerlm.render_attributes({"helpfulness": 1}, ["helpfulness", "verbosity"], "words")
+    with pytest.raises(steerlm.SteerError, match="expected one of codes, words"):
+        steerlm.render_attributes(levels, style="emoji")
+    p = steerlm.steer_prompt("Hi?", dict(levels, verbosity=4), style="words")
+    assert p.startswith("Hi?\n\n<attributes>") and p.endswith("Answer in detail.</attributes>")

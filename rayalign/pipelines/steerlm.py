@@ -23,7 +23,7 @@ from .. import checkpoint, data, models
 from ..algos.stats import mean_interval, spearman
 from ..cluster import ray_session
 from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig, ZeroConfig
-from ..steerlm import format_attributes, level, parse_attributes, quantile_levels, steer_prompt, word_levels
+from ..steerlm import level, parse_attributes, quantile_levels, render_attributes, steer_prompt, word_levels
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
 
@@ -38,9 +38,12 @@ def _section(cfg: Config):
 
 # ---------------------------------------------------------------- annotate
 
-def seed_labels(cfg: Config, labeler) -> tuple[list[tuple[str, str]], dict[str, list[float]], dict[str, str]]:
+def seed_labels(cfg: Config, labeler, rows: list[dict] | None = None
+                ) -> tuple[list[tuple[str, str]], dict[str, list[float]], dict[str, str]]:
     """The rows the predictor learns from, as (prompt, response), their value per attribute,
-    and where each attribute's values came from."""
+    and where each attribute's values came from. Without ``steerlm.labels.source``: the
+    first ``labels.max_samples`` of ``rows`` (the rows being annotated, sampled answers
+    among them), else of steerlm.data."""
     s = cfg.steerlm
     lab = s.labels
     if lab.source:
@@ -48,9 +51,8 @@ def seed_labels(cfg: Config, labeler) -> tuple[list[tuple[str, str]], dict[str, 
                               s.data.shuffle_seed)
         items = [(str(r[lab.prompt_field]), str(r[lab.response_field])) for r in rows]
     else:
-        rows = data.load_rows(s.data.source, [s.data.prompt_field, s.data.response_field], s.data.max_samples,
-                              s.data.shuffle_seed)[:lab.max_samples]
-        items = [(str(r[s.data.prompt_field]), str(r[s.data.response_field])) for r in rows]
+        rows = (rows if rows is not None else data_rows(cfg)[0])[:lab.max_samples]
+        items = [(r["prompt"], r["response"]) for r in rows]
     values: dict[str, list[float]] = {}
     origin: dict[str, str] = {}
     for a in s.attributes:
@@ -70,6 +72,63 @@ def seed_labels(cfg: Config, labeler) -> tuple[list[tuple[str, str]], dict[str, 
             values[a] = labeler.attribute_scores(items, a)
             origin[a] = f"labeler:{labeler.tag}"
     return items, values, origin
+
+
+def data_rows(cfg: Config) -> tuple[list[dict], int]:
+    """steerlm.data as ``{prompt, response, origin: data}`` rows without repeats, and how
+    many repeated rows were dropped."""
+    d = cfg.steerlm.data
+    raw = data.load_rows(d.source, [d.prompt_field, d.response_field], d.max_samples, d.shuffle_seed)
+    rows = data.dedupe([{"prompt": str(r[d.prompt_field]), "response": str(r[d.response_field]), "origin": "data"}
+                        for r in raw], ["prompt", "response"])
+    return rows, len(raw) - len(rows)
+
+
+def with_samples(rows: list[dict], answers: dict[str, list[dict]], keep_unfinished: bool = False
+                 ) -> tuple[list[dict], dict[str, int]]:
+    """``rows`` with the sampled answers to each prompt placed after the prompt's first row
+    (so any prefix of the result mixes the data's answers and the samples); empty, repeated
+    and (unless kept) unfinished answers dropped."""
+    extra: dict[str, list[dict]] = {}
+    counts = {"drawn": 0, "unfinished": 0, "empty": 0}
+    for p, outs in answers.items():
+        for o in outs:
+            counts["drawn"] += 1
+            text = o["response"].strip()
+            if not text:
+                counts["empty"] += 1
+            elif not o["ended"] and not keep_unfinished:
+                counts["unfinished"] += 1
+            else:
+                extra.setdefault(p, []).append({"prompt": p, "response": text, "origin": "sampled"})
+    out, placed = [], set()
+    for r in rows:
+        out.append(r)
+        if r["prompt"] not in placed:
+            placed.add(r["prompt"])
+            out += extra.get(r["prompt"], [])
+    merged = data.dedupe(out, ["prompt", "response"])
+    counts["kept"] = sum(r["origin"] == "sampled" for r in merged)
+    return merged, counts
+
+
+def sample_answers(cfg: Config, prompts: list[str]) -> dict[str, list[dict]]:
+    """``steerlm.samples.per_prompt`` answers of the policy's starting model to each prompt,
+    each ``{response, ended}``."""
+    from .sampling import sampling_group
+
+    s = cfg.steerlm
+    sc = s.samples
+    model = s.policy.model or cfg.model
+    out: dict[str, list[dict]] = {p: [] for p in prompts}
+    with sampling_group(cfg, "steerlm_samples", model, sc.group) as grp:
+        for k in range(sc.per_prompt):
+            say(f"sampling answer {k + 1} of {sc.per_prompt} to {len(prompts)} prompts ({model.name}, "
+                f"temperature {sc.temperature})")
+            got = grp.map("generate", prompts, sc.max_new_tokens, sc.temperature, sc.seed + k, 16, True)
+            for p, g in zip(prompts, got):
+                out[p].append(g)
+    return out
 
 
 def scaled(values: dict[str, list[float]], origin: dict[str, str], scale: str) -> dict[str, list[float]]:
@@ -98,14 +157,27 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, run_dir, "steerlm", resume)
     ckpt_root = checkpoint.join(checkpoint_root(cfg, run_dir), "attributes")
     resume_from, start = resume_point(ckpt_root, resume)
-    rows = data.load_rows(s.data.source, [s.data.prompt_field, s.data.response_field], s.data.max_samples,
-                          s.data.shuffle_seed)
+    rows, repeats = data_rows(cfg)
+    if repeats:
+        say(f"{s.data.source}: {repeats} repeated (prompt, response) rows dropped, {len(rows)} left")
     tok = models.load_tokenizer(models.resolve(mcfg.name, mcfg.seed, mcfg.overrides, say=say))
     tracker = Tracker(run_dir, cfg.tracking, cfg.model_dump(mode="json"), name=f"{cfg.name}-steerlm-annotate")
     t0 = time.time()
     need_labeler = any(a not in s.labels.rules for a in names)
     saved = run_dir / "attribute_labels.json"
+    sampled = run_dir / "samples.json"
+    counts: dict[str, int] = {}
     with ray_session(cfg.cluster):
+        if s.samples.per_prompt:
+            if resume and sampled.is_file():
+                answers = json.loads(sampled.read_text())
+                say(f"sampled answers from {sampled}")
+            else:
+                answers = sample_answers(cfg, list(dict.fromkeys(r["prompt"] for r in rows)))
+                sampled.write_text(json.dumps(answers))
+            rows, counts = with_samples(rows, answers, s.samples.keep_unfinished)
+            say(f"{counts['kept']} of {counts['drawn']} sampled answers kept ({counts['unfinished']} cut by "
+                f"max_new_tokens, {counts['empty']} empty)")
         if resume and saved.is_file():
             # The labeler's ratings are the slow part: a resumed run keeps them.
             got = json.loads(saved.read_text())
@@ -114,9 +186,9 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         else:
             if need_labeler:
                 with open_labeler(cfg) as labeler:
-                    items, values, origin = seed_labels(cfg, labeler)
+                    items, values, origin = seed_labels(cfg, labeler, rows)
             else:
-                items, values, origin = seed_labels(cfg, None)
+                items, values, origin = seed_labels(cfg, None, rows)
             saved.write_text(json.dumps({"items": items, "values": values, "origin": origin}))
         raw = values
         values = scaled(values, origin, s.labels.scale)
@@ -151,12 +223,12 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             final = run_dir / "final" / "attributes"
             grp.export_hf(str(final))
             say(f"annotating {len(rows)} rows of {s.data.source}")
-            preds = grp.map("predict", [data.encode_rm(tok, str(r[s.data.prompt_field]), str(r[s.data.response_field]),
-                                                       pr.data.max_length) for r in rows])
+            preds = grp.map("predict", [data.encode_rm(tok, r["prompt"], r["response"], pr.data.max_length)
+                                        for r in rows])
     # Quantile-scaled attributes are annotated by the predictions' own quintiles: a regression
     # pulls its predictions toward the mean, and rounded they would leave the top level empty.
     # A measured attribute is measured on every row (on the labelled rows' scale), not predicted.
-    responses = [str(r[s.data.response_field]) for r in rows]
+    responses = [r["response"] for r in rows]
     cuts = word_levels([r for _, r in items])[1]
     levels = {a: word_levels(responses, cuts)[0] if origin[a] == "rule:words"
               else quantile_levels([p[i] for p in preds])[0]
@@ -165,7 +237,7 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     out = run_dir / ANNOTATED
     with out.open("w") as fh:
         for j, (r, p) in enumerate(zip(rows, preds)):
-            fh.write(json.dumps({"prompt": str(r[s.data.prompt_field]), "response": str(r[s.data.response_field]),
+            fh.write(json.dumps({"prompt": r["prompt"], "response": r["response"], "origin": r["origin"],
                                  "attributes": {a: levels[a][j] for a in names},
                                  "predicted": {a: round(v, 3) for a, v in zip(names, p)}}) + "\n")
     tracker.close()
@@ -174,7 +246,11 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     summary = {"stage": "steerlm_annotate", "attributes": names, "label_origin": origin,
                "label_scale": s.labels.scale,
                "rated_range": {a: [min(v), max(v)] for a, v in raw.items() if origin[a].startswith("labeler:")},
-               "labelled_rows": len(items), "predictor": mcfg.name, "predictor_steps": total,
+               "labelled_rows": len(items), "repeated_rows_dropped": repeats,
+               "sampled_answers": counts or None,
+               "mean_words": {o: statistics.fmean(len(r["response"].split()) for r in rows if r["origin"] == o)
+                              for o in ("data", "sampled") if any(r["origin"] == o for r in rows)},
+               "predictor": mcfg.name, "predictor_steps": total,
                "predictor_heldout": quality, "annotated_rows": len(rows), "annotated": str(out),
                "level_distribution": dist, "final_model": str(final), "wall_time_s": time.time() - t0}
     write_summary(run_dir, {"steerlm_annotate": summary}, cfg.name)
@@ -200,8 +276,9 @@ def predictor_quality(pred: list[list[float]], held: list[dict], train: list[dic
 
 # ---------------------------------------------------------------- train
 
-def conditioned_rows(rows: list[dict], names: list[str]) -> list[dict]:
-    return [{"prompt": steer_prompt(r["prompt"], r["attributes"], names), "response": r["response"]} for r in rows]
+def conditioned_rows(rows: list[dict], names: list[str], style: str = "codes") -> list[dict]:
+    return [{"prompt": steer_prompt(r["prompt"], r["attributes"], names, style), "response": r["response"]}
+            for r in rows]
 
 
 def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
@@ -219,33 +296,39 @@ def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
     bad = [i for i, r in enumerate(rows, 1) if set(r.get("attributes", {})) != set(s.attributes)]
     if bad:
         raise data.DataError(f"{src}: rows {bad[:5]} do not carry exactly the attributes {s.attributes}")
-    train, held = data.split_eval(rows, s.data.eval_fraction)
+    train, held = data.split_by_prompt(rows, s.data.eval_fraction)
     if len(held) < s.eval.prompts:
-        raise ConfigError(f"steerlm.eval.prompts ({s.eval.prompts}) exceeds the {len(held)} held-out rows "
-                          "(steerlm.data.eval_fraction)")
+        raise ConfigError(f"steerlm.eval.prompts ({s.eval.prompts}) exceeds the {len(held)} held-out prompts "
+                          "(steerlm.data.eval_fraction of the distinct prompts)")
     run_dir.mkdir(parents=True, exist_ok=True)
     cond = run_dir / "steerlm_sft.jsonl"
-    cond.write_text("".join(json.dumps(r) + "\n" for r in conditioned_rows(train, list(s.attributes))))
+    cond.write_text("".join(json.dumps(r) + "\n" for r in conditioned_rows(train, list(s.attributes), s.render)))
     sft_cfg = cfg.model_copy(deep=True)
     sft_cfg.sft = SFTConfig(data=DataConfig(source=str(cond), max_length=s.data.max_length, eval_fraction=0.05,
                                             shuffle_seed=s.data.shuffle_seed),
                             group=s.policy.group, train=s.policy.train, model=s.policy.model or cfg.model)
-    say(f"attribute-conditioned SFT on {len(train)} rows; {len(held)} held out for steerability")
+    say(f"attribute-conditioned SFT on {len(train)} rows; {len(held)} prompts held out for steerability")
     try:
         sft = run_sft(sft_cfg, run_dir=run_dir, resume=resume) \
             if not (run_dir / "final" / "sft" / "config.json").is_file() else {"skipped": "final/sft exists"}
     except ConfigError as exc:
         raise ConfigError(f"steerlm train: {exc} (the conditioned SFT runs as an sft stage: its keys are "
                           "steerlm.policy.group/train and steerlm.data)") from None
-    ev = steerability(cfg, run_dir / "final" / "sft", [r["prompt"] for r in held[:s.eval.prompts]])
-    summary = {"stage": "steerlm", "trained_rows": len(train), "heldout_prompts": s.eval.prompts,
+    prompts = held[:s.eval.prompts]
+    ev = steerability(cfg, ModelConfig(name=str(run_dir / "final" / "sft"), dtype=cfg.model.dtype), prompts)
+    if s.eval.baseline:
+        say("steerability of the starting policy, on the same conditioned prompts")
+        ev["before_sft"] = steerability(cfg, s.policy.model or cfg.model, prompts)
+    summary = {"stage": "steerlm", "trained_rows": len(train),
+               "trained_sampled_rows": sum(r.get("origin") == "sampled" for r in train),
+               "heldout_prompts": s.eval.prompts,
                "sft_eval_loss": sft.get("eval_loss_after"), **ev}
     write_summary(run_dir, {"steerlm": summary}, cfg.name)
     (run_dir / "steerability.md").write_text(steerability_table(summary))
     return summary
 
 
-def steerability(cfg: Config, model_dir: Path, prompts: list[str]) -> dict[str, Any]:
+def steerability(cfg: Config, mc: ModelConfig, prompts: list[str]) -> dict[str, Any]:
     """Greedy answers to held-out prompts at verbosity 0–4 (other attributes at their base
     levels): mean length in words per level with its interval, Spearman's correlation of
     level and length, and whether the means rise at every step; then answers at low and high
@@ -255,14 +338,13 @@ def steerability(cfg: Config, model_dir: Path, prompts: list[str]) -> dict[str, 
     s = cfg.steerlm
     e = s.eval
     names = list(s.attributes)
-    mc = ModelConfig(name=str(model_dir), dtype=cfg.model.dtype)
     out: dict[str, Any] = {}
     with ray_session(cfg.cluster):
         # Inference only: the policy's layout, every rank a whole copy.
         layout = s.policy.group.model_copy(update={"zero": ZeroConfig()})
         with lm_group("steered", mc, layout) as grp:
             def answers(levels: dict[str, int]) -> list[str]:
-                return [x.strip() for x in grp.map("generate", [steer_prompt(q, levels, names) for q in prompts],
+                return [x.strip() for x in grp.map("generate", [steer_prompt(q, levels, names, s.render) for q in prompts],
                                                    e.max_new_tokens, 0.0)]
 
             per_level = {}
@@ -293,20 +375,32 @@ def steerability(cfg: Config, model_dir: Path, prompts: list[str]) -> dict[str, 
 
 
 def steerability_table(s: dict[str, Any]) -> str:
-    """What the steerability evaluation found, in plain words."""
-    lines = ["# Steerability", "", f"{s['heldout_prompts']} held-out prompts, greedy answers.", "",
-             "| verbosity | mean words | 95% CI |", "|---:|---:|---|"]
+    """What the steerability evaluation found, in plain words (and the starting policy's,
+    on the same prompts, where it was measured)."""
+    b = s.get("before_sft")
+    lines = ["# Steerability", "", f"{s['heldout_prompts']} held-out prompts, greedy answers, after the "
+             "attribute-conditioned SFT" + (" and (last columns) before it, on the same conditioned prompts." if b
+                                           else "."), "",
+             "| verbosity | mean words | 95% CI |" + (" before SFT | 95% CI |" if b else ""),
+             "|---:|---:|---|" + ("---:|---|" if b else "")]
     for v, m in s["verbosity_length"].items():
-        lines.append(f"| {v} | {m['mean']:.1f} | [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}] |")
-    lines += ["", f"Spearman's rho (level, length): {s['verbosity_spearman']:.2f}. Mean length "
-              + ("rises at every level." if s["verbosity_monotonic"] else "does NOT rise at every level.")]
-    h = s.get("helpfulness_judged")
-    if h:
+        row = f"| {v} | {m['mean']:.1f} | [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}] |"
+        if b:
+            mb = b["verbosity_length"][v]
+            row += f" {mb['mean']:.1f} | [{mb['ci95'][0]:.1f}, {mb['ci95'][1]:.1f}] |"
+        lines.append(row)
+    for tag, x in [("After SFT", s)] + ([("Before SFT", b)] if b else []):
+        lines += ["", f"{tag}: Spearman's rho (level, length) {x['verbosity_spearman']:.2f}; the mean length "
+                  + ("rises at every level." if x["verbosity_monotonic"] else "does NOT rise at every level.")]
+    for tag, x in [("After SFT", s)] + ([("Before SFT", b)] if b else []):
+        h = x.get("helpfulness_judged")
+        if not h:
+            continue
         d = h["difference"]
         lo, hi = d["ci95"]
         verdict = ("moved the judge's score up" if lo > 0 else "moved it DOWN" if hi < 0
                    else "did not move it measurably")
-        lines += ["", f"Helpfulness {h['levels'][1]} vs {h['levels'][0]}: the labeler's P(good) "
+        lines += ["", f"{tag}, helpfulness {h['levels'][1]} vs {h['levels'][0]}: the labeler's P(good) "
                   f"{h['p_good_high']:.3f} vs {h['p_good_low']:.3f}, paired difference {d['mean']:+.3f} "
                   f"[95% CI {lo:+.3f}, {hi:+.3f}] ({h['identical_answers']} identical answers): raising "
                   f"helpfulness {verdict} ({h['judge']})."]
@@ -334,11 +428,11 @@ def generate(cfg: Config, run_dir: Path, prompts: list[str], attributes: str, ma
     model.eval()
     out = []
     for q in prompts:
-        ids = tok(chat_prompt(tok, steer_prompt(q, levels, s.attributes)), return_tensors="pt",
+        ids = tok(chat_prompt(tok, steer_prompt(q, levels, s.attributes, s.render)), return_tensors="pt",
                   add_special_tokens=False)
         with torch.no_grad():
             gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    say(f"attributes: {format_attributes(levels, s.attributes)}")
+    say(f"attributes: {render_attributes(levels, s.attributes, s.render)}")
     return out

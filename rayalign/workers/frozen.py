@@ -221,9 +221,11 @@ class FrozenLMWorker(Worker):
 
     @dispatch(SPLIT)
     def generate(self, items: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0, batch_size: int = 8) -> list[str]:
-        """Continue each rendered prompt (rationales for chain-of-thought labeling)."""
-        out: list[str] = []
+                 seed: int = 0, batch_size: int = 8, ended: bool = False) -> list:
+        """Continue each rendered prompt (rationales for chain-of-thought labeling).
+        ``ended``: each as ``{"response", "ended"}``, ended saying whether it stopped before
+        max_new_tokens (the rollout engines' signature)."""
+        out: list = []
         torch.manual_seed(seed + self.rank)
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
                                   eos_token_id=self.tok.eos_token_id)
@@ -236,5 +238,10 @@ class FrozenLMWorker(Worker):
             with torch.no_grad():
                 gen = self.model.generate(**enc, **kw)
             if not idle:
-                out.extend(self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+                new = gen[:, enc["input_ids"].shape[1]:]
+                texts = self.tok.batch_decode(new, skip_special_tokens=True)
+                if ended:  # a row that stopped early is padded after its EOS
+                    texts = [{"response": t, "ended": bool((row == self.tok.eos_token_id).any())}
+                             for t, row in zip(texts, new)]
+                out.extend(texts)
         return out

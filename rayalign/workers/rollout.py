@@ -68,10 +68,12 @@ class RolloutWorker(Worker):
 
     @dispatch(SPLIT)
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0, batch_size: int = 16) -> list[str]:
+                 seed: int = 0, batch_size: int = 16, ended: bool = False) -> list:
         """Texts only (evaluation, label pairs, upstream answers): greedy when temperature
-        is 0. The signature of the other roles' ``generate``."""
-        return [s["response"] for s in self.rollout(prompts, max_new_tokens, temperature, 1.0, seed, batch_size)]
+        is 0. The signature of the other roles' ``generate``. ``ended``: each as
+        ``{"response", "ended"}``, ended saying whether it stopped before max_new_tokens."""
+        out = self.rollout(prompts, max_new_tokens, temperature, 1.0, seed, batch_size)
+        return [{"response": s["response"], "ended": s["ended"]} if ended else s["response"] for s in out]
 
     # ------------------------------------------------------------ weight sync
 
