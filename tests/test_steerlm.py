@@ -153,7 +153,11 @@ def test_steerlm_annotate_train_generate(tmp_path, capsys):
     assert -1 <= s["verbosity_spearman"] <= 1 and isinstance(s["verbosity_monotonic"], bool)
     assert s["helpfulness_judged"]["levels"] == [0, 4]
     cond = [json.loads(x) for x in (run / "steerlm_sft.jsonl").read_text().splitlines()]
-    assert len(cond) == s["trained_rows"] and all("<attributes>helpfulness:" in r["prompt"] for r in cond)
+    assert len(cond) == s["trained_rows"]
+    assert all(any(r["prompt"].endswith(f"{v}</attributes>") for v in steerlm.PHRASES["verbosity"]) for r in cond)
+    # the starting policy measured on the same prompts
+    assert set(s["before_sft"]["verbosity_length"]) == {"0", "1", "2", "3", "4"}
+    assert "before SFT" in (run / "steerability.md").read_text()
     # no answer to a held-out prompt is trained on
     assert not {r["prompt"].split("\n\n<attributes>")[0] for r in cond} & set(held)
     assert "Steerability" in (run / "steerability.md").read_text()
