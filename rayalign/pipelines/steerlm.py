@@ -315,10 +315,11 @@ def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
         raise ConfigError(f"steerlm train: {exc} (the conditioned SFT runs as an sft stage: its keys are "
                           "steerlm.policy.group/train and steerlm.data)") from None
     prompts = held[:s.eval.prompts]
-    ev = steerability(cfg, ModelConfig(name=str(run_dir / "final" / "sft"), dtype=cfg.model.dtype), prompts)
-    if s.eval.baseline:
-        say("steerability of the starting policy, on the same conditioned prompts")
-        ev["before_sft"] = steerability(cfg, s.policy.model or cfg.model, prompts)
+    trained = ModelConfig(name=str(run_dir / "final" / "sft"), dtype=cfg.model.dtype)
+    # the starting policy on the same conditioned prompts: what the SFT added to the words
+    ev, *before = steerability(cfg, [trained] + ([s.policy.model or cfg.model] if s.eval.baseline else []), prompts)
+    if before:
+        ev["before_sft"] = before[0]
     summary = {"stage": "steerlm", "trained_rows": len(train),
                "trained_sampled_rows": sum(r.get("origin") == "sampled" for r in train),
                "heldout_prompts": s.eval.prompts,
@@ -328,50 +329,54 @@ def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
     return summary
 
 
-def steerability(cfg: Config, mc: ModelConfig, prompts: list[str]) -> dict[str, Any]:
-    """Greedy answers to held-out prompts at verbosity 0–4 (other attributes at their base
-    levels): mean length in words per level with its interval, Spearman's correlation of
-    level and length, and whether the means rise at every step; then answers at low and high
-    helpfulness, judged by the labeler (pointwise P(good)), their paired difference."""
+def steerability(cfg: Config, models: list[ModelConfig], prompts: list[str]) -> list[dict[str, Any]]:
+    """For each model: greedy answers to held-out prompts at verbosity 0–4 (other attributes
+    at their base levels): mean length in words per level with its interval, Spearman's
+    correlation of level and length, and whether the means rise at every step; then answers
+    at low and high helpfulness, judged by the labeler (pointwise P(good)), their paired
+    difference. One Ray session and one labeler serve every model."""
     from .label import lm_group, open_labeler
 
     s = cfg.steerlm
     e = s.eval
     names = list(s.attributes)
-    out: dict[str, Any] = {}
+    lo, hi = e.helpfulness_levels
+    outs: list[dict[str, Any]] = []
+    helps: list[dict[int, list[str]]] = []
     with ray_session(cfg.cluster):
         # Inference only: the policy's layout, every rank a whole copy.
         layout = s.policy.group.model_copy(update={"zero": ZeroConfig()})
-        with lm_group("steered", mc, layout) as grp:
-            def answers(levels: dict[str, int]) -> list[str]:
-                return [x.strip() for x in grp.map("generate", [steer_prompt(q, levels, names, s.render) for q in prompts],
-                                                   e.max_new_tokens, 0.0)]
+        for mc in models:
+            with lm_group("steered", mc, layout) as grp:
+                def answers(levels: dict[str, int]) -> list[str]:
+                    texts = [steer_prompt(q, levels, names, s.render) for q in prompts]
+                    return [x.strip() for x in grp.map("generate", texts, e.max_new_tokens, 0.0)]
 
-            per_level = {}
-            for v in range(5):
-                say(f"steerability: verbosity {v}")
-                per_level[v] = answers(dict(e.base, verbosity=v))
-            lo, hi = e.helpfulness_levels
-            help_ans = {lo: answers(dict(e.base, helpfulness=lo)), hi: answers(dict(e.base, helpfulness=hi))} \
-                if "helpfulness" in names else {}
-        lengths = {v: [len(a.split()) for a in xs] for v, xs in per_level.items()}
-        means = {v: mean_interval([float(x) for x in ls]) for v, ls in lengths.items()}
-        rho = spearman([float(v) for v in lengths for _ in lengths[v]], [float(x) for v in lengths for x in lengths[v]])
-        steps = [means[v + 1]["mean"] - means[v]["mean"] for v in range(4)]
-        out["verbosity_length"] = {str(v): means[v] for v in means}
-        out["verbosity_spearman"] = rho
-        out["verbosity_monotonic"] = all(d > 0 for d in steps)
-        out["verbosity_examples"] = [{"prompt": prompts[0], **{str(v): per_level[v][0][:200] for v in per_level}}]
-        if help_ans:
+                per_level = {}
+                for v in range(5):
+                    say(f"steerability of {mc.name}: verbosity {v}")
+                    per_level[v] = answers(dict(e.base, verbosity=v))
+                helps.append({lo: answers(dict(e.base, helpfulness=lo)), hi: answers(dict(e.base, helpfulness=hi))}
+                             if "helpfulness" in names else {})
+            lengths = {v: [len(a.split()) for a in xs] for v, xs in per_level.items()}
+            means = {v: mean_interval([float(x) for x in ls]) for v, ls in lengths.items()}
+            steps = [means[v + 1]["mean"] - means[v]["mean"] for v in range(4)]
+            outs.append({"verbosity_length": {str(v): means[v] for v in means},
+                         "verbosity_spearman": spearman([float(v) for v in lengths for _ in lengths[v]],
+                                                        [float(x) for v in lengths for x in lengths[v]]),
+                         "verbosity_monotonic": all(d > 0 for d in steps),
+                         "verbosity_examples": [{"prompt": prompts[0],
+                                                 **{str(v): per_level[v][0][:200] for v in per_level}}]})
+        if any(helps):
             with open_labeler(cfg) as lab:
-                p_lo = lab.p_good(list(zip(prompts, help_ans[lo])))
-                p_hi = lab.p_good(list(zip(prompts, help_ans[hi])))
-            diff = mean_interval([b - a for a, b in zip(p_lo, p_hi)])
-            out["helpfulness_judged"] = {"levels": [lo, hi], "p_good_low": statistics.fmean(p_lo),
-                                         "p_good_high": statistics.fmean(p_hi), "difference": diff,
-                                         "identical_answers": sum(a == b for a, b in zip(help_ans[lo], help_ans[hi])),
-                                         "judge": lab.tag}
-    return out
+                for out, h in zip(outs, helps):
+                    p_lo = lab.p_good(list(zip(prompts, h[lo])))
+                    p_hi = lab.p_good(list(zip(prompts, h[hi])))
+                    out["helpfulness_judged"] = {
+                        "levels": [lo, hi], "p_good_low": statistics.fmean(p_lo), "p_good_high": statistics.fmean(p_hi),
+                        "difference": mean_interval([b - a for a, b in zip(p_lo, p_hi)]),
+                        "identical_answers": sum(a == b for a, b in zip(h[lo], h[hi])), "judge": lab.tag}
+    return outs
 
 
 def steerability_table(s: dict[str, Any]) -> str:
