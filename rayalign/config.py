@@ -483,6 +483,10 @@ class SteerLabelConfig(Section):
         "labelled rows' quintiles (a small judge's ratings bunch together: SmolLM2's have a standard deviation of "
         "0.2 around 1, and rounded they gave 94-100% of rows the same level), absolute = as rated")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="labelled rows held out to score the predictor")
+    judged: dict[str, Literal["rating", "p_good"]] = Field(
+        default_factory=dict, description="how the labeler rates an attribute (default rating): rating = its "
+        "expected answer to 'rate the <attribute> 0-4' (SPECS 6), p_good = its pointwise P(the response is "
+        "good), the judgement it gives everywhere else, which the steerability evaluation scores helpfulness by")
 
 
 class SteerSamplesConfig(Section):
@@ -540,9 +544,13 @@ class SteerLMConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "SteerLMConfig":
-        unknown = [r for r in self.labels.rules if r not in self.attributes]
-        if unknown:
-            raise ValueError(f"labels.rules names {unknown}, not among the attributes {self.attributes}")
+        for key in ("rules", "judged"):
+            unknown = [r for r in getattr(self.labels, key) if r not in self.attributes]
+            if unknown:
+                raise ValueError(f"labels.{key} names {unknown}, not among the attributes {self.attributes}")
+        both = [a for a in self.labels.judged if a in self.labels.rules]
+        if both:
+            raise ValueError(f"labels.judged names {both}, which labels.rules measures (one source per attribute)")
         bad = {k: v for k, v in self.eval.base.items() if k not in self.attributes or v not in range(5)}
         missing = [a for a in self.attributes if a not in self.eval.base]
         if bad or missing:

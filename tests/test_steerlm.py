@@ -223,3 +223,34 @@ def test_attribute_levels_rendered_as_words():
         steerlm.render_attributes(levels, style="emoji")
     p = steerlm.steer_prompt("Hi?", dict(levels, verbosity=4), style="words")
     assert p.startswith("Hi?\n\n<attributes>") and p.endswith("Answer in detail.</attributes>")
+
+
+def test_labeler_judges_an_attribute_by_p_good_or_rates_it(tmp_path):
+    from rayalign.config import load_config
+    from rayalign.labeler.backends import FunctionBackend
+    from rayalign.labeler.judge import Labeler
+    from rayalign.labeler.templates import PRESETS
+    from rayalign.pipelines.steerlm import seed_labels
+
+    def fn(prompt, options):
+        if options == ["0", "1", "2", "3", "4"]:  # a rating: P = .1 .1 .2 .2 .4 -> 2.7
+            return [math.log(w) for w in (0.1, 0.1, 0.2, 0.2, 0.4)]
+        good = 0.8 if "Response: a fine answer" in prompt else 0.25
+        return [math.log(good), math.log(1 - good)]  # [Yes, No]
+
+    cfg = load_config(steer_yaml(tmp_path), ["steerlm.attributes=[helpfulness,correctness,verbosity]",
+                                             "steerlm.labels.judged={helpfulness: p_good}",
+                                             "steerlm.eval.base={helpfulness: 4, correctness: 4, verbosity: 2}"])
+    rows = [{"prompt": "q", "response": "a fine answer"}, {"prompt": "q", "response": "bad"}]
+    lab = Labeler(FunctionBackend(fn), PRESETS["helpfulness"])
+    items, values, origin = seed_labels(cfg, lab, rows)
+    assert items == [("q", "a fine answer"), ("q", "bad")]
+    # P(good) 0.8 and 0.25 on the 0-4 scale; correctness rated; verbosity measured
+    assert values["helpfulness"] == [pytest.approx(3.2), pytest.approx(1.0)]
+    assert values["correctness"] == [pytest.approx(2.7)] * 2
+    assert origin["helpfulness"].startswith("labeler:p_good:") and origin["correctness"].startswith("labeler:pointwise")
+    assert origin["verbosity"] == "rule:words"
+    with pytest.raises(Exception, match="labels.judged names .'speed'."):
+        load_config(steer_yaml(tmp_path), ["steerlm.labels.judged={speed: p_good}"])
+    with pytest.raises(Exception, match="which labels.rules measures"):
+        load_config(steer_yaml(tmp_path), ["steerlm.labels.judged={verbosity: p_good}"])

@@ -1,8 +1,8 @@
 """`rayalign steerlm annotate|train|generate`: SteerLM (Dong et al. 2023; SPECS 6).
 
 annotate: label a few hundred (prompt, response) rows per attribute (the AI labeler's
-  expected 0–4 rating, data fields where the rows have them, or a rule where the attribute
-  is measurable: verbosity by word count), train the attribute-prediction model (one
+  expected 0–4 rating or its P(good), data fields where the rows have them, or a rule where
+  the attribute is measurable: verbosity by word count), train the attribute-prediction model (one
   regression head per attribute, on the reward role) on them, score it on held-out labelled
   rows, and annotate every row of the SFT data with its predicted levels (a measured
   attribute is measured on every row) (``attributes.jsonl``).
@@ -68,9 +68,15 @@ def seed_labels(cfg: Config, labeler, rows: list[dict] | None = None
         else:
             if labeler is None:
                 raise ConfigError(f"attribute {a} needs the labeler (no rule, no data field)")
-            say(f"labeler rates {a} of {len(items)} responses")
-            values[a] = labeler.attribute_scores(items, a)
-            origin[a] = f"labeler:{labeler.tag}"
+            if lab.judged.get(a, "rating") == "p_good":
+                say(f"labeler judges {a} of {len(items)} responses by its P(good)")
+                # on the 0-4 scale, so that `labels.scale: absolute` reads it like a rating
+                values[a] = [4.0 * p for p in labeler.p_good(items)]
+                origin[a] = f"labeler:p_good:{labeler.tag}"
+            else:
+                say(f"labeler rates {a} of {len(items)} responses")
+                values[a] = labeler.attribute_scores(items, a)
+                origin[a] = f"labeler:{labeler.tag}"
     return items, values, origin
 
 
