@@ -1,5 +1,4 @@
 """Confidence intervals against hand-computed values."""
-import math
 
 import pytest
 

@@ -252,8 +252,6 @@ class ActorGroup(_GroupBase):
         return self._submit(name, mode, args, kwargs).result()
 
     def _submit(self, name: str, mode: str, args: tuple, kwargs: dict) -> Pending:
-        import ray
-
         TRAFFIC.sent((args, kwargs), f"{self.name}.{name}")
         if mode == SPLIT:
             parts = self._split_args(name, args, len(self.actors))

@@ -71,11 +71,6 @@ def model_shape(model: ModelConfig, head: str = "causal") -> Shape:
     key = (model.name, model.seed, tuple(sorted(model.overrides.items())), head)
     if key in _SHAPES:
         return _SHAPES[key]
-    import torch
-    import transformers
-
-    from ..models import resolve
-
     hf, m = _meta_model(model, head)
     params = sum(p.numel() for p in m.parameters())  # parameters() yields tied weights once
     h = int(getattr(hf, "hidden_size"))

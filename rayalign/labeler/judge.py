@@ -23,7 +23,7 @@ import math
 import re
 from typing import Any, Iterable
 
-from ..algos.preference import (d_rlaif_reward, expected_score, logit, pointwise_preference, same_slot,
+from ..algos.preference import (d_rlaif_reward, expected_score, pointwise_preference, same_slot,
                                 swap_average, two_way_softmax)
 from .backends import Backend
 from .templates import LabelTemplate

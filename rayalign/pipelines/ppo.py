@@ -13,7 +13,7 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ..cluster.group import ActorGroup, lost_actor
 from ..config import Config, ConfigError, ModelConfig
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, failure_limit, prepare_run_dir, record_placement, role_group, say, stage_layout
+
+if TYPE_CHECKING:
+    from ..batch import Rows
 
 # (prompts, samples) -> one score per sample; a sample carries "response" (text) and
 # "response_ids", so a verifiable reward can read either.
@@ -268,7 +271,7 @@ def advantages(samples, old, ref, values, scores, s: dict):
     """Rewards, KL and advantages of an iteration's samples (a task off the driver): the
     training batch (samples plus ``old_logprobs``, ``advantages``, and for GAE
     ``old_values``/``returns``) and the iteration's metrics."""
-    from ..batch import Batch, Ragged, Rows, frame, meta_of, unframe
+    from ..batch import Ragged, Rows, frame, meta_of, unframe
     from ..rollout import WeightVersionError
 
     b = samples.load()
