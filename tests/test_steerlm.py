@@ -158,6 +158,15 @@ def test_steerlm_annotate_train_generate(tmp_path, capsys):
     # the starting policy measured on the same prompts
     assert set(s["before_sft"]["verbosity_length"]) == {"0", "1", "2", "3", "4"}
     assert "before SFT" in (run / "steerability.md").read_text()
+    # every answer kept for audit, and the summary's figures are theirs
+    ans = json.loads((run / "steerability_answers.json").read_text())
+    assert ans["prompts"] == held[:4] and [m["model"] for m in ans["models"]][1] == "tiny-llama"
+    for m, x in zip(ans["models"], [s, s["before_sft"]]):
+        assert all(len(m["verbosity"][str(v)]) == 4 for v in range(5))
+        lengths = [len(a.split()) for a in m["verbosity"]["3"]]
+        assert x["verbosity_length"]["3"]["mean"] == pytest.approx(sum(lengths) / 4)
+        hi = [a["p_good"] for a in m["helpfulness"]["4"]]
+        assert x["helpfulness_judged"]["p_good_high"] == pytest.approx(sum(hi) / 4)
     # no answer to a held-out prompt is trained on
     assert not {r["prompt"].split("\n\n<attributes>")[0] for r in cond} & set(held)
     assert "Steerability" in (run / "steerability.md").read_text()

@@ -28,6 +28,7 @@ from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
 
 ANNOTATED = "attributes.jsonl"
+ANSWERS = "steerability_answers.json"
 
 
 def _section(cfg: Config):
@@ -324,6 +325,9 @@ def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
     trained = ModelConfig(name=str(run_dir / "final" / "sft"), dtype=cfg.model.dtype)
     # the starting policy on the same conditioned prompts: what the SFT added to the words
     ev, *before = steerability(cfg, [trained] + ([s.policy.model or cfg.model] if s.eval.baseline else []), prompts)
+    # every answer, for audit: the summary keeps the figures and one example
+    (run_dir / ANSWERS).write_text(json.dumps({"prompts": prompts, "models": [
+        {"model": x["model"], **x.pop("answers")} for x in [ev] + before]}, indent=1))
     if before:
         ev["before_sft"] = before[0]
     summary = {"stage": "steerlm", "trained_rows": len(train),
@@ -367,17 +371,20 @@ def steerability(cfg: Config, models: list[ModelConfig], prompts: list[str]) -> 
             lengths = {v: [len(a.split()) for a in xs] for v, xs in per_level.items()}
             means = {v: mean_interval([float(x) for x in ls]) for v, ls in lengths.items()}
             steps = [means[v + 1]["mean"] - means[v]["mean"] for v in range(4)]
-            outs.append({"verbosity_length": {str(v): means[v] for v in means},
+            outs.append({"model": mc.name, "verbosity_length": {str(v): means[v] for v in means},
                          "verbosity_spearman": spearman([float(v) for v in lengths for _ in lengths[v]],
                                                         [float(x) for v in lengths for x in lengths[v]]),
                          "verbosity_monotonic": all(d > 0 for d in steps),
                          "verbosity_examples": [{"prompt": prompts[0],
-                                                 **{str(v): per_level[v][0][:200] for v in per_level}}]})
+                                                 **{str(v): per_level[v][0][:200] for v in per_level}}],
+                         "answers": {"verbosity": {str(v): xs for v, xs in per_level.items()}}})
         if any(helps):
             with open_labeler(cfg) as lab:
                 for out, h in zip(outs, helps):
                     p_lo = lab.p_good(list(zip(prompts, h[lo])))
                     p_hi = lab.p_good(list(zip(prompts, h[hi])))
+                    out["answers"]["helpfulness"] = {str(v): [{"answer": a, "p_good": p} for a, p in zip(h[v], ps)]
+                                                     for v, ps in ((lo, p_lo), (hi, p_hi))}
                     out["helpfulness_judged"] = {
                         "levels": [lo, hi], "p_good_low": statistics.fmean(p_lo), "p_good_high": statistics.fmean(p_hi),
                         "difference": mean_interval([b - a for a, b in zip(p_lo, p_hi)]),
