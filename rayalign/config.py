@@ -502,6 +502,11 @@ class SteerSamplesConfig(Section):
     keep_unfinished: bool = Field(False, description="keep answers cut by max_new_tokens (trained to end "
                                   "there)")
     seed: int = 0
+    instructed: dict[str, list[int]] = Field(
+        default_factory=dict, description="attributes whose level is asked for, as a plain instruction, in the "
+        "sampling prompt (e.g. {helpfulness: [0, 4]}: a prompt's samples cycle through the levels, 'Do not try "
+        "to help.' then 'Be as helpful as possible.'). The instruction only makes the answers differ; each is "
+        "labelled and annotated like any other row, and trained on under the plain prompt")
     group: GroupConfig = Field(default_factory=lambda: GroupConfig(workers=1, cpus_per_worker=2),
                                description="the sampling group (vLLM engines where rollout.engine resolves to "
                                "vllm)")
@@ -556,6 +561,12 @@ class SteerLMConfig(Section):
         if bad or missing:
             raise ValueError(f"eval.base needs a level 0-4 for each attribute ({', '.join(self.attributes)})"
                              + (f"; bad: {bad}" if bad else "") + (f"; missing: {missing}" if missing else ""))
+        for a, levels in self.samples.instructed.items():
+            if a not in self.attributes or not levels or any(v not in range(5) for v in levels):
+                raise ValueError(f"samples.instructed: {a}: {levels} must name an attribute ({', '.join(self.attributes)})"
+                                 " with a non-empty list of levels 0-4")
+        if self.samples.instructed and not self.samples.per_prompt:
+            raise ValueError("samples.instructed needs samples.per_prompt >= 1 (it instructs the sampled answers)")
         if any(v not in range(5) for v in self.eval.helpfulness_levels):
             raise ValueError(f"eval.helpfulness_levels must be levels 0-4, not {self.eval.helpfulness_levels}")
         if "verbosity" not in self.attributes:

@@ -93,6 +93,17 @@ def steer_prompt(prompt: str, values: dict[str, float], names: tuple[str, ...] |
     return f"{prompt}\n\n<attributes>{render_attributes(values, names, style)}</attributes>"
 
 
+def instructed_levels(instructed: dict[str, list[int]], prompt_index: int, sample: int) -> dict[str, int]:
+    """The levels a sampling prompt asks for: sample ``k`` of prompt ``i`` takes each
+    attribute's ``levels[(i + k) % len(levels)]``, so a prompt's samples cycle through the
+    levels (with as many samples as levels, each prompt gets every one) and one sample per
+    prompt alternates them across prompts."""
+    for a, levels in instructed.items():
+        if not levels or any(v not in LEVELS for v in levels):
+            raise SteerError(f"instructed levels of {a} must be a non-empty list of levels 0-4, not {levels}")
+    return {a: levels[(prompt_index + sample) % len(levels)] for a, levels in instructed.items()}
+
+
 def quantile_levels(values: list[float], cuts: list[float] | None = None) -> tuple[list[int], list[float]]:
     """Each value placed among the quintile cut points of ``values`` (or of ``cuts``): level
     0 (lowest fifth) to 4. Returns the levels and the cut points (to place other values on

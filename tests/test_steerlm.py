@@ -8,6 +8,7 @@ import pytest
 from rayalign import steerlm
 from rayalign.algos import stats
 from rayalign.cli import main
+from rayalign.config import SteerLMConfig
 from rayalign.data import dedupe, load_rows, split_by_prompt
 
 
@@ -108,7 +109,8 @@ labeler:
 steerlm:
   data: {{source: packaged:chatterbot, max_samples: 80, max_length: 192, eval_fraction: 0.25}}
   labels: {{max_samples: 40}}
-  samples: {{per_prompt: 1, max_new_tokens: 8, keep_unfinished: true, group: {{workers: 1, cpus_per_worker: 1}}}}
+  samples: {{per_prompt: 1, max_new_tokens: 8, keep_unfinished: true, instructed: {{helpfulness: [0, 4]}},
+             group: {{workers: 1, cpus_per_worker: 1}}}}
   predictor:
     model: {{name: tiny-bert}}
     group: {{workers: 1, cpus_per_worker: 1}}
@@ -143,6 +145,16 @@ def test_steerlm_annotate_train_generate(tmp_path, capsys):
     assert {(r["prompt"], r["response"]) for r in rows if r["origin"] == "data"} == data_rows
     assert {r["prompt"] for r in rows if r["origin"] == "sampled"} <= prompts
     assert all(v in range(5) for r in rows for v in r["attributes"].values())
+    # one sample per prompt, its helpfulness instruction alternating 0, 4 across the prompts
+    # (in their order); data rows carry none
+    asked = {r["prompt"]: r["instructed"]["helpfulness"] for r in rows if r["origin"] == "sampled"}
+    order = list(dict.fromkeys(r["prompt"] for r in rows))
+    assert asked and all(v == [0, 4][order.index(p) % 2] for p, v in asked.items())
+    assert not any("instructed" in r for r in rows if r["origin"] == "data")
+    bi = s["by_instruction"]["annotated"]["helpfulness"]
+    assert set(bi) == {"0", "4"} and sum(bi[v]["verbosity"]["n"] for v in bi) == len(asked)
+    lev0 = [r["attributes"]["verbosity"] for r in rows if r.get("instructed", {}).get("helpfulness") == 0]
+    assert bi["0"]["verbosity"]["mean"] == pytest.approx(sum(lev0) / len(lev0))
     assert (run / "final" / "attributes" / "config.json").is_file()
 
     assert main(["steerlm", "train", str(cfg), "--run-dir", str(run)]) == 0
@@ -217,6 +229,40 @@ def test_sampled_answers_join_the_rows_after_their_prompt():
     assert counts == {"drawn": 4, "unfinished": 1, "empty": 1, "kept": 1}
     out, counts = with_samples(rows, answers, keep_unfinished=True)
     assert [r["response"] for r in out] == ["one", "long answer", "cut", "two", "three"] and counts["kept"] == 2
+
+
+def test_instructed_samples_cycle_levels_and_are_summarised_by_instruction():
+    from rayalign.pipelines.steerlm import by_instruction, with_samples
+
+    ins = {"helpfulness": [0, 4], "verbosity": [1, 2, 3]}
+    assert steerlm.instructed_levels(ins, 0, 0) == {"helpfulness": 0, "verbosity": 1}
+    assert steerlm.instructed_levels(ins, 0, 1) == {"helpfulness": 4, "verbosity": 2}
+    assert steerlm.instructed_levels(ins, 3, 1) == {"helpfulness": 0, "verbosity": 2}
+    assert steerlm.instructed_levels({}, 5, 2) == {}
+    with pytest.raises(steerlm.SteerError, match="levels 0-4"):
+        steerlm.instructed_levels({"helpfulness": [5]}, 0, 0)
+    # the instruction travels with its answer; the data's rows have none
+    rows = [{"prompt": "p", "response": "d", "origin": "data"}]
+    answers = {"p": [{"response": "no", "ended": True, "instructed": {"helpfulness": 0}},
+                     {"response": "yes, here", "ended": True, "instructed": {"helpfulness": 4}},
+                     {"response": "sure", "ended": True, "instructed": {"helpfulness": 4}}]}
+    out, _ = with_samples(rows, answers)
+    assert [r.get("instructed") for r in out] == [None, {"helpfulness": 0}, {"helpfulness": 4}, {"helpfulness": 4}]
+    got = by_instruction(out, {"helpfulness": [9.0, 1.0, 3.0, 2.0]})["helpfulness"]
+    assert set(got) == {"0", "4"}
+    assert got["0"]["helpfulness"]["mean"] == 1.0 and got["0"]["helpfulness"]["n"] == 1
+    assert got["4"]["helpfulness"]["mean"] == 2.5 and got["4"]["helpfulness"]["n"] == 2
+
+
+def test_instructed_samples_config_checked():
+    base = {"data": {"source": "packaged:chatterbot"}}
+    SteerLMConfig(**base, samples={"per_prompt": 2, "instructed": {"helpfulness": [0, 4]}})
+    for bad, msg in [({"per_prompt": 2, "instructed": {"humour": [0]}}, "must name an attribute"),
+                     ({"per_prompt": 2, "instructed": {"helpfulness": []}}, "non-empty list"),
+                     ({"per_prompt": 2, "instructed": {"helpfulness": [0, 7]}}, "levels 0-4"),
+                     ({"per_prompt": 0, "instructed": {"helpfulness": [0, 4]}}, "per_prompt >= 1")]:
+        with pytest.raises(ValueError, match=msg):
+            SteerLMConfig(**base, samples=bad)
 
 
 def test_attribute_levels_rendered_as_words():

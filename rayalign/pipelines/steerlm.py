@@ -23,7 +23,7 @@ from .. import checkpoint, data, models
 from ..algos.stats import mean_interval, spearman
 from ..cluster import ray_session
 from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig, ZeroConfig
-from ..steerlm import level, parse_attributes, quantile_levels, render_attributes, steer_prompt, word_levels
+from ..steerlm import instructed_levels, level, parse_attributes, quantile_levels, render_attributes, steer_prompt, word_levels
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
 
@@ -107,7 +107,8 @@ def with_samples(rows: list[dict], answers: dict[str, list[dict]], keep_unfinish
             elif not o["ended"] and not keep_unfinished:
                 counts["unfinished"] += 1
             else:
-                extra.setdefault(p, []).append({"prompt": p, "response": text, "origin": "sampled"})
+                extra.setdefault(p, []).append({"prompt": p, "response": text, "origin": "sampled",
+                                                **({"instructed": o["instructed"]} if o.get("instructed") else {})})
     out, placed = [], set()
     for r in rows:
         out.append(r)
@@ -128,13 +129,30 @@ def sample_answers(cfg: Config, prompts: list[str]) -> dict[str, list[dict]]:
     sc = s.samples
     model = s.policy.model or cfg.model
     out: dict[str, list[dict]] = {p: [] for p in prompts}
+    names = list(sc.instructed)
     with sampling_group(cfg, "steerlm_samples", model, sc.group) as grp:
         for k in range(sc.per_prompt):
+            asked = [instructed_levels(sc.instructed, i, k) for i in range(len(prompts))]
+            texts = [steer_prompt(p, a, names, "words") if a else p for p, a in zip(prompts, asked)]
             say(f"sampling answer {k + 1} of {sc.per_prompt} to {len(prompts)} prompts ({model.name}, "
-                f"temperature {sc.temperature})")
-            got = grp.map("generate", prompts, sc.max_new_tokens, sc.temperature, sc.seed + k, 16, True)
-            for p, g in zip(prompts, got):
-                out[p].append(g)
+                f"temperature {sc.temperature}" + (f", instructed: {', '.join(names)}" if names else "") + ")")
+            got = grp.map("generate", texts, sc.max_new_tokens, sc.temperature, sc.seed + k, 16, True)
+            for p, a, g in zip(prompts, asked, got):
+                out[p].append({**g, "instructed": a} if a else g)
+    return out
+
+
+def by_instruction(rows: list[dict], values: dict[str, list[float]]) -> dict[str, dict[str, dict]]:
+    """For each instructed attribute: the mean of each attribute's ``values`` over the rows
+    sampled at each instructed level, with an interval (what the instruction did to the
+    labels or annotations; the instruction itself is never a label)."""
+    out: dict[str, dict[str, dict]] = {}
+    for a in dict.fromkeys(k for r in rows for k in r.get("instructed") or {}):
+        per: dict[str, dict] = {}
+        for v in sorted({r["instructed"][a] for r in rows if a in (r.get("instructed") or {})}):
+            idx = [i for i, r in enumerate(rows) if (r.get("instructed") or {}).get(a) == v]
+            per[str(v)] = {b: mean_interval([float(xs[i]) for i in idx]) for b, xs in values.items()}
+        out[a] = per
     return out
 
 
@@ -245,11 +263,16 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     with out.open("w") as fh:
         for j, (r, p) in enumerate(zip(rows, preds)):
             fh.write(json.dumps({"prompt": r["prompt"], "response": r["response"], "origin": r["origin"],
+                                 **({"instructed": r["instructed"]} if r.get("instructed") else {}),
                                  "attributes": {a: levels[a][j] for a in names},
                                  "predicted": {a: round(v, 3) for a, v in zip(names, p)}}) + "\n")
     tracker.close()
     plot_metrics(run_dir, "steerlm_predictor", [["mse"], ["lr"]], title=f"{cfg.name}: attribute predictor")
     dist = {a: {str(v): levels[a].count(v) for v in range(5)} for a in names}
+    # the labelled rows are the first of `rows` (unless labels.source names others)
+    labelled = rows[:len(items)]
+    if [(r["prompt"], r["response"]) for r in labelled] != [tuple(x) for x in items]:
+        labelled = []
     summary = {"stage": "steerlm_annotate", "attributes": names, "label_origin": origin,
                "label_scale": s.labels.scale,
                "rated_range": {a: [min(v), max(v)] for a, v in raw.items() if origin[a].startswith("labeler:")},
@@ -257,6 +280,9 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
                "sampled_answers": counts or None,
                "mean_words": {o: statistics.fmean(len(r["response"].split()) for r in rows if r["origin"] == o)
                               for o in ("data", "sampled") if any(r["origin"] == o for r in rows)},
+               "by_instruction": {"labels": by_instruction(labelled, raw),
+                                  "annotated": by_instruction(rows, {a: levels[a] for a in names})}
+               if s.samples.instructed else None,
                "predictor": mcfg.name, "predictor_steps": total,
                "predictor_heldout": quality, "annotated_rows": len(rows), "annotated": str(out),
                "level_distribution": dist, "final_model": str(final), "wall_time_s": time.time() - t0}
