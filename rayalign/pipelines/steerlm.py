@@ -309,7 +309,7 @@ def predictor_quality(pred: list[list[float]], held: list[dict], train: list[dic
 
 # ---------------------------------------------------------------- train
 
-def conditioned_rows(rows: list[dict], names: list[str], style: str = "codes") -> list[dict]:
+def conditioned_rows(rows: list[dict], names: list[str], style: str) -> list[dict]:
     return [{"prompt": steer_prompt(r["prompt"], r["attributes"], names, style), "response": r["response"]}
             for r in rows]
 
