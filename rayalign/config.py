@@ -483,6 +483,12 @@ class SteerLabelConfig(Section):
         "labelled rows' quintiles (a small judge's ratings bunch together: SmolLM2's have a standard deviation of "
         "0.2 around 1, and rounded they gave 94-100% of rows the same level), absolute = as rated")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="labelled rows held out to score the predictor")
+    control: dict[str, str] = Field(
+        default_factory=dict, description="attribute -> a measured attribute (labels.rules) whose effect is "
+        "taken out of its labels: each label less the labelled rows' mean at the same level of the control, plus "
+        "the overall mean. A 135M judge's P(good) mostly rewards length (Spearman 0.38 with the word count; the "
+        "predictor's helpfulness then agreed 0.91 with its verbosity), so, uncontrolled, the helpfulness level "
+        "says what the verbosity level says, and at a fixed verbosity nothing")
     judged: dict[str, Literal["rating", "p_good"]] = Field(
         default_factory=dict, description="how the labeler rates an attribute (default rating): rating = its "
         "expected answer to 'rate the <attribute> 0-4' (SPECS 6), p_good = its pointwise P(the response is "
@@ -553,6 +559,10 @@ class SteerLMConfig(Section):
             unknown = [r for r in getattr(self.labels, key) if r not in self.attributes]
             if unknown:
                 raise ValueError(f"labels.{key} names {unknown}, not among the attributes {self.attributes}")
+        for a, c in self.labels.control.items():
+            if a not in self.attributes or a in self.labels.rules or c not in self.labels.rules:
+                raise ValueError(f"labels.control: {a}: {c} needs a labelled attribute ({a}, not measured by a rule) "
+                                 f"and a measured one ({c}, in labels.rules: {sorted(self.labels.rules)})")
         both = [a for a in self.labels.judged if a in self.labels.rules]
         if both:
             raise ValueError(f"labels.judged names {both}, which labels.rules measures (one source per attribute)")

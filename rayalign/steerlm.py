@@ -104,6 +104,20 @@ def instructed_levels(instructed: dict[str, list[int]], prompt_index: int, sampl
     return {a: levels[(prompt_index + sample) % len(levels)] for a, levels in instructed.items()}
 
 
+def controlled(values: list[float], control: list[int]) -> tuple[list[float], dict[int, float]]:
+    """``values`` with what ``control`` explains taken out: each value less the mean of the
+    values at its control level, plus the overall mean (so the scale stays where it was).
+    Returns them and the mean at each control level."""
+    if len(values) != len(control) or not values:
+        raise SteerError(f"controlled: {len(values)} values for {len(control)} control levels")
+    at: dict[int, list[float]] = {}
+    for v, c in zip(values, control):
+        at.setdefault(int(c), []).append(float(v))
+    means = {c: sum(xs) / len(xs) for c, xs in sorted(at.items())}
+    overall = sum(values) / len(values)
+    return [float(v) - means[int(c)] + overall for v, c in zip(values, control)], means
+
+
 def quantile_levels(values: list[float], cuts: list[float] | None = None) -> tuple[list[int], list[float]]:
     """Each value placed among the quintile cut points of ``values`` (or of ``cuts``): level
     0 (lowest fifth) to 4. Returns the levels and the cut points (to place other values on

@@ -108,7 +108,7 @@ labeler:
   backend: {{type: hf, group: {{workers: 1, cpus_per_worker: 0.5}}}}
 steerlm:
   data: {{source: packaged:chatterbot, max_samples: 80, max_length: 192, eval_fraction: 0.25}}
-  labels: {{max_samples: 40}}
+  labels: {{max_samples: 40, control: {{helpfulness: verbosity}}}}
   samples: {{per_prompt: 1, max_new_tokens: 8, keep_unfinished: true, instructed: {{helpfulness: [0, 4]}},
              group: {{workers: 1, cpus_per_worker: 1}}}}
   predictor:
@@ -131,7 +131,10 @@ def test_steerlm_annotate_train_generate(tmp_path, capsys):
     assert main(["steerlm", "annotate", str(cfg), "--run-dir", str(run)]) == 0
     s = json.loads((run / "summary.json").read_text())["steerlm_annotate"]
     assert s["label_origin"]["verbosity"] == "rule:words"
-    assert s["label_origin"]["helpfulness"].startswith("labeler:")
+    assert s["label_origin"]["helpfulness"].startswith("labeler:") and s["label_origin"]["helpfulness"].endswith(
+        "|less:verbosity")
+    assert s["label_control"]["helpfulness"]["by"] == "verbosity"
+    assert set(s["predicted_spearman"]["helpfulness"]) == {"correctness", "coherence", "complexity", "verbosity"}
     # 80 data rows less the repeats, plus one sampled answer per distinct prompt (the tiny
     # model's are cut at 8 tokens; kept here so the count is known)
     data_rows = {(r["prompt"], r["response"]) for r in load_rows("packaged:chatterbot", ["prompt", "response"], 80)}
@@ -252,6 +255,21 @@ def test_instructed_samples_cycle_levels_and_are_summarised_by_instruction():
     assert set(got) == {"0", "4"}
     assert got["0"]["helpfulness"]["mean"] == 1.0 and got["0"]["helpfulness"]["n"] == 1
     assert got["4"]["helpfulness"]["mean"] == 2.5 and got["4"]["helpfulness"]["n"] == 2
+
+
+def test_labels_controlled_for_a_measured_attribute():
+    # means at control 0: 2, at 1: 4; overall 3
+    out, means = steerlm.controlled([1.0, 3.0, 2.0, 6.0], [0, 0, 1, 1])
+    assert out == [2.0, 4.0, 1.0, 5.0] and means == {0: 2.0, 1: 4.0}
+    # what the control explained is gone: a label that only tracks it becomes constant
+    assert steerlm.controlled([1.0, 1.0, 3.0], [0, 0, 4])[0] == [5 / 3] * 3
+    with pytest.raises(steerlm.SteerError, match="3 values for 2 control levels"):
+        steerlm.controlled([1.0, 2.0, 3.0], [0, 1])
+    base = {"data": {"source": "packaged:chatterbot"}}
+    SteerLMConfig(**base, labels={"control": {"helpfulness": "verbosity"}})
+    for bad in ({"helpfulness": "correctness"}, {"verbosity": "verbosity"}, {"humour": "verbosity"}):
+        with pytest.raises(ValueError, match="labels.control"):
+            SteerLMConfig(**base, labels={"control": bad})
 
 
 def test_instructed_samples_config_checked():

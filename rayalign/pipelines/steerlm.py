@@ -23,7 +23,7 @@ from .. import checkpoint, data, models
 from ..algos.stats import mean_interval, spearman
 from ..cluster import ray_session
 from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig, ZeroConfig
-from ..steerlm import instructed_levels, level, parse_attributes, quantile_levels, render_attributes, steer_prompt, word_levels
+from ..steerlm import controlled, instructed_levels, level, parse_attributes, quantile_levels, render_attributes, steer_prompt, word_levels
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
 
@@ -216,6 +216,13 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
                 items, values, origin = seed_labels(cfg, None, rows)
             saved.write_text(json.dumps({"items": items, "values": values, "origin": origin}))
         raw = values
+        control = {}
+        for a, c in s.labels.control.items():
+            values = dict(values)
+            values[a], means = controlled(values[a], [int(x) for x in values[c]])
+            control[a] = {"by": c, "mean_at_level": {str(k): v for k, v in means.items()}}
+            say(f"{a} labels less their mean at each {c} level: " + ", ".join(f"{k}: {v:.2f}" for k, v in means.items()))
+            origin[a] += f"|less:{c}"
         values = scaled(values, origin, s.labels.scale)
         enc = [{"ids": data.encode_rm(tok, q, r, pr.data.max_length), "y": [values[a][i] for a in names]}
                for i, (q, r) in enumerate(items)]
@@ -283,6 +290,10 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
                "by_instruction": {"labels": by_instruction(labelled, raw),
                                   "annotated": by_instruction(rows, {a: levels[a] for a in names})}
                if s.samples.instructed else None,
+               "label_control": control or None,
+               # how far the annotated attributes say the same thing (ρ of the predictions)
+               "predicted_spearman": {a: {b: spearman([p[i] for p in preds], [p[j] for p in preds])
+                                          for j, b in enumerate(names) if j > i} for i, a in enumerate(names)},
                "predictor": mcfg.name, "predictor_steps": total,
                "predictor_heldout": quality, "annotated_rows": len(rows), "annotated": str(out),
                "level_distribution": dist, "final_model": str(final), "wall_time_s": time.time() - t0}
