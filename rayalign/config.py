@@ -522,6 +522,10 @@ class SteerEvalConfig(Section):
     prompts: int = Field(32, ge=2, description="held-out prompts (steerlm.data's eval split of distinct "
                          "prompts, none of whose answers is trained on) answered at every level")
     max_new_tokens: int = Field(64, ge=1)
+    source: Optional[str] = Field(None, description="prompts from another source instead of steerlm.data's "
+                                  "held-out ones (the first `prompts` distinct ones not trained on): a check on "
+                                  "prompts that no choice of method was made on")
+    prompt_field: str = "prompt"
     base: dict[str, int] = Field(
         default_factory=lambda: {"helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 2,
                                  "verbosity": 2},

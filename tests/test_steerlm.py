@@ -186,6 +186,17 @@ def test_steerlm_annotate_train_generate(tmp_path, capsys):
     assert not {r["prompt"].split("\n\n<attributes>")[0] for r in cond} & set(held)
     assert "Steerability" in (run / "steerability.md").read_text()
 
+    # the evaluation again, on another source's prompts: the trained policy is kept
+    sft_dir = run / "final" / "sft" / "model.safetensors"
+    mtime = sft_dir.stat().st_mtime
+    assert main(["steerlm", "train", str(cfg), "--run-dir", str(run), "steerlm.eval.source=packaged:mixed-prompts",
+                 "steerlm.eval.prompts=3"]) == 0
+    s2 = json.loads((run / "summary.json").read_text())["steerlm"]
+    other = list(dict.fromkeys(r["prompt"] for r in load_rows("packaged:mixed-prompts", ["prompt"])))[:3]
+    assert s2["heldout_source"] == "packaged:mixed-prompts" and sft_dir.stat().st_mtime == mtime
+    assert json.loads((run / "steerability_answers.json").read_text())["prompts"] == other
+    assert "(packaged:mixed-prompts)" in (run / "steerability.md").read_text()
+
     capsys.readouterr()
     assert main(["steerlm", "generate", str(cfg), "--run-dir", str(run), "--prompt", "hello?",
                  "--attributes", "verbosity:4", "--max-new-tokens", "4"]) == 0

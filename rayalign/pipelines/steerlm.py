@@ -341,7 +341,14 @@ def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
     if bad:
         raise data.DataError(f"{src}: rows {bad[:5]} do not carry exactly the attributes {s.attributes}")
     train, held = data.split_by_prompt(rows, s.data.eval_fraction)
-    if len(held) < s.eval.prompts:
+    if s.eval.source:
+        trained = {r["prompt"] for r in train}
+        got = data.load_rows(s.eval.source, [s.eval.prompt_field])
+        held = [p for p in dict.fromkeys(str(r[s.eval.prompt_field]) for r in got) if p not in trained]
+        if len(held) < s.eval.prompts:
+            raise ConfigError(f"steerlm.eval.prompts ({s.eval.prompts}) exceeds the {len(held)} distinct prompts of "
+                              f"{s.eval.source} that are not trained on")
+    elif len(held) < s.eval.prompts:
         raise ConfigError(f"steerlm.eval.prompts ({s.eval.prompts}) exceeds the {len(held)} held-out prompts "
                           "(steerlm.data.eval_fraction of the distinct prompts)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +376,7 @@ def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
         ev["before_sft"] = before[0]
     summary = {"stage": "steerlm", "trained_rows": len(train),
                "trained_sampled_rows": sum(r.get("origin") == "sampled" for r in train),
-               "heldout_prompts": s.eval.prompts,
+               "heldout_prompts": s.eval.prompts, "heldout_source": s.eval.source or f"{s.data.source} (held out)",
                "sft_eval_loss": sft.get("eval_loss_after"), **ev}
     write_summary(run_dir, {"steerlm": summary}, cfg.name)
     (run_dir / "steerability.md").write_text(steerability_table(summary))
@@ -433,8 +440,8 @@ def steerability_table(s: dict[str, Any]) -> str:
     """What the steerability evaluation found, in plain words (and the starting policy's,
     on the same prompts, where it was measured)."""
     b = s.get("before_sft")
-    lines = ["# Steerability", "", f"{s['heldout_prompts']} held-out prompts, greedy answers, after the "
-             "attribute-conditioned SFT" + (" and (last columns) before it, on the same conditioned prompts." if b
+    lines = ["# Steerability", "", f"{s['heldout_prompts']} held-out prompts ({s.get('heldout_source', '?')}), "
+             "greedy answers, after the attribute-conditioned SFT" + (" and (last columns) before it, on the same conditioned prompts." if b
                                            else "."), "",
              "| verbosity | mean words | 95% CI |" + (" before SFT | 95% CI |" if b else ""),
              "|---:|---:|---|" + ("---:|---|" if b else "")]
