@@ -577,8 +577,8 @@ class SteerLMConfig(Section):
                              + (f"; bad: {bad}" if bad else "") + (f"; missing: {missing}" if missing else ""))
         for a, levels in self.samples.instructed.items():
             if a not in self.attributes or not levels or any(v not in range(5) for v in levels):
-                raise ValueError(f"samples.instructed: {a}: {levels} must name an attribute ({', '.join(self.attributes)})"
-                                 " with a non-empty list of levels 0-4")
+                raise ValueError(f"samples.instructed: {a}: {levels} must name an attribute "
+                                 f"({', '.join(self.attributes)}) with a non-empty list of levels 0-4")
         if self.samples.instructed and not self.samples.per_prompt:
             raise ValueError("samples.instructed needs samples.per_prompt >= 1 (it instructs the sampled answers)")
         if any(v not in range(5) for v in self.eval.helpfulness_levels):

@@ -23,7 +23,8 @@ from .. import checkpoint, data, models
 from ..algos.stats import mean_interval, spearman
 from ..cluster import ray_session
 from ..config import Config, ConfigError, DataConfig, ModelConfig, SFTConfig, ZeroConfig
-from ..steerlm import controlled, instructed_levels, level, parse_attributes, quantile_levels, render_attributes, steer_prompt, word_levels
+from ..steerlm import (controlled, instructed_levels, level, parse_attributes, quantile_levels, render_attributes,
+                       steer_prompt, word_levels)
 from ..tracking import Progress, Tracker, plot_metrics, write_summary
 from .common import Cadence, checkpoint_root, plan_steps, prepare_run_dir, recovering, resume_point, role_group, say
 
@@ -146,14 +147,12 @@ def by_instruction(rows: list[dict], values: dict[str, list[float]]) -> dict[str
     """For each instructed attribute: the mean of each attribute's ``values`` over the rows
     sampled at each instructed level, with an interval (what the instruction did to the
     labels or annotations; the instruction itself is never a label)."""
-    out: dict[str, dict[str, dict]] = {}
-    for a in dict.fromkeys(k for r in rows for k in r.get("instructed") or {}):
-        per: dict[str, dict] = {}
-        for v in sorted({r["instructed"][a] for r in rows if a in (r.get("instructed") or {})}):
-            idx = [i for i, r in enumerate(rows) if (r.get("instructed") or {}).get(a) == v]
-            per[str(v)] = {b: mean_interval([float(xs[i]) for i in idx]) for b, xs in values.items()}
-        out[a] = per
-    return out
+    at: dict[str, dict[int, list[int]]] = {}
+    for i, r in enumerate(rows):
+        for a, v in (r.get("instructed") or {}).items():
+            at.setdefault(a, {}).setdefault(v, []).append(i)
+    return {a: {str(v): {b: mean_interval([float(xs[i]) for i in idx]) for b, xs in values.items()}
+                for v, idx in sorted(per.items())} for a, per in at.items()}
 
 
 def scaled(values: dict[str, list[float]], origin: dict[str, str], scale: str) -> dict[str, list[float]]:
@@ -221,7 +220,8 @@ def _annotate(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             values = dict(values)
             values[a], means = controlled(values[a], [int(x) for x in values[c]])
             control[a] = {"by": c, "mean_at_level": {str(k): v for k, v in means.items()}}
-            say(f"{a} labels less their mean at each {c} level: " + ", ".join(f"{k}: {v:.2f}" for k, v in means.items()))
+            say(f"{a} labels less their mean at each {c} level: "
+                + ", ".join(f"{k}: {v:.2f}" for k, v in means.items()))
             origin[a] += f"|less:{c}"
         values = scaled(values, origin, s.labels.scale)
         enc = [{"ids": data.encode_rm(tok, q, r, pr.data.max_length), "y": [values[a][i] for a in names]}
@@ -342,9 +342,9 @@ def run_train(cfg: Config, run_dir: Path | None = None, resume: bool = False) ->
         raise data.DataError(f"{src}: rows {bad[:5]} do not carry exactly the attributes {s.attributes}")
     train, held = data.split_by_prompt(rows, s.data.eval_fraction)
     if s.eval.source:
-        trained = {r["prompt"] for r in train}
+        train_prompts = {r["prompt"] for r in train}
         got = data.load_rows(s.eval.source, [s.eval.prompt_field])
-        held = [p for p in dict.fromkeys(str(r[s.eval.prompt_field]) for r in got) if p not in trained]
+        held = [p for p in dict.fromkeys(str(r[s.eval.prompt_field]) for r in got) if p not in train_prompts]
         if len(held) < s.eval.prompts:
             raise ConfigError(f"steerlm.eval.prompts ({s.eval.prompts}) exceeds the {len(held)} distinct prompts of "
                               f"{s.eval.source} that are not trained on")
@@ -441,8 +441,8 @@ def steerability_table(s: dict[str, Any]) -> str:
     on the same prompts, where it was measured)."""
     b = s.get("before_sft")
     lines = ["# Steerability", "", f"{s['heldout_prompts']} held-out prompts ({s.get('heldout_source', '?')}), "
-             "greedy answers, after the attribute-conditioned SFT" + (" and (last columns) before it, on the same conditioned prompts." if b
-                                           else "."), "",
+             "greedy answers, after the attribute-conditioned SFT"
+             + (" and (last columns) before it, on the same conditioned prompts." if b else "."), "",
              "| verbosity | mean words | 95% CI |" + (" before SFT | 95% CI |" if b else ""),
              "|---:|---:|---|" + ("---:|---|" if b else "")]
     for v, m in s["verbosity_length"].items():
