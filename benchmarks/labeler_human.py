@@ -153,15 +153,124 @@ def score(rows: list[dict], fn) -> dict:
     return out
 
 
+def pairwise_main(args) -> None:
+    """``--methods pairwise``: the pairwise judge alone (both orders of every pair), for judges
+    too large to ask every pointwise question of every response on this machine. Each
+    combination of the two orders is scored from one feature cache; the temperature of the
+    log-odds combination is fitted on the dev split only and read from its results file for
+    the held-out split."""
+    from rayalign.algos.preference import expected_calibration_error, fit_temperature, swap_logodds
+    from rayalign.data import load_rows
+    from rayalign.models import cache_root
+
+    source = args.source or f"packaged:mc-pairs-{args.split}"
+    rows = load_rows(source, ["prompt", "response_1", "response_2"], None, 0)
+    rows = [r for r in rows if r.get("gold") in (1, 2)]
+    if args.limit:
+        rows = rows[:args.limit]
+    tag = args.model.replace("/", "_")
+    cache_path = Path(args.cache or cache_root() / "data" / f"pairwise_features_{tag}_{source.split(':')[-1]}.json")
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    todo = [r for r in rows if r["id"] not in cache]
+    t0 = time.time()
+    if todo:
+        from rayalign.cluster.group import LocalGroup
+        from rayalign.workers.frozen import FrozenLMWorker
+
+        grp = LocalGroup("labeler", FrozenLMWorker, threads=args.threads)
+        info = grp.init_model({"name": args.model, "dtype": args.dtype}, {}, True)
+        print(f"judge {args.model}: {info['dtype']} ({info['dtype_reason']})", flush=True)
+        for k in range(0, len(todo), 32):
+            chunk = todo[k:k + 32]
+            texts = [T.pairwise_text(r["prompt"], a, b) for r in chunk
+                     for a, b in ((r["response_1"], r["response_2"]), (r["response_2"], r["response_1"]))]
+            lps = grp.worker.option_logprobs([(x, ["1", "2"]) for x in texts], 8)
+            for i, r in enumerate(chunk):
+                cache[r["id"]] = [lps[2 * i][0] - lps[2 * i][1], lps[2 * i + 1][0] - lps[2 * i + 1][1]]
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache))
+            done = k + len(chunk)
+            print(f"pairwise: {done}/{len(todo)} pairs x 2 orders, {(time.time() - t0) / done:.2f} s per pair",
+                  flush=True)
+        grp.kill()
+    l12 = [cache[r["id"]][0] for r in rows]
+    l21 = [cache[r["id"]][1] for r in rows]
+    gold1 = [r["gold"] == 1 for r in rows]
+    s = [swap_logodds(a, b) for a, b in zip(l12, l21)]
+    dev_file = Path(args.out.format(split="dev", model=tag))
+    if args.split == "dev":
+        temp = fit_temperature(s, gold1)
+    else:
+        if not dev_file.is_file():
+            raise SystemExit(f"{dev_file} is missing: run --split dev first (the temperature is fitted there)")
+        temp = json.loads(dev_file.read_text())["fitted_temperature"]
+    sig1 = lambda x: 1 / (1 + math.exp(-max(-60.0, min(60.0, x))))  # noqa: E731
+    methods = {
+        "pairwise, first order only": [sig1(a) for a in l12],
+        "pairwise with swap, probabilities averaged (the old combination)":
+            [swap_average(sig1(a), sig1(b)) for a, b in zip(l12, l21)],
+        "pairwise with swap, log-odds averaged (position prior cancels)": [sig1(x) for x in s],
+        f"pairwise with swap, log-odds averaged, temperature {temp:.3g} (fitted on dev)": [sig1(x / temp) for x in s],
+    }
+    table = {}
+    for name, ps in methods.items():
+        hits = [(p > 0.5) == g if p != 0.5 else False for p, g in zip(ps, gold1)]
+        table[name] = rate(sum(hits), len(hits)) | {
+            "ece": expected_calibration_error(ps, gold1), "mean_confidence": sum(max(p, 1 - p) for p in ps) / len(ps)}
+        tasks: dict[str, list[bool]] = {}
+        for r, h in zip(rows, hits):
+            tasks.setdefault(r.get("task", "all"), []).append(h)
+        table[name]["by_task"] = {c: rate(sum(v), len(v)) for c, v in sorted(tasks.items())}
+    same = sum((a > 0) == (b > 0) for a, b in zip(l12, l21)) / len(rows)
+    slot1 = sum(a > 0 for a in l12) / len(rows)
+    print(f"\n{args.split}: {len(rows)} pairs of {source}; judge {args.model}")
+    print(f"position bias (same slot in both orders) {same:.1%}; slot 1 chosen in the first order {slot1:.1%}")
+    w = max(map(len, table))
+    for name, t in table.items():
+        print(f"{name:<{w}}  {t['rate']:.1%} [{t['ci95'][0]:.1%}, {t['ci95'][1]:.1%}]  ECE {t['ece']:.3f}  "
+              f"mean confidence {t['mean_confidence']:.2f}")
+    import torch
+
+    out = {"split": args.split, "source": source, "pairs": len(rows), "judge": args.model, "methods": table,
+           "fitted_temperature": temp, "position_bias_rate": same, "slot1_rate_first_order": slot1,
+           "seconds": time.time() - t0, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads",
+           "torch": torch.__version__,
+           "reliability": reliability_bins([sig1(x / temp) for x in s], gold1)}
+    Path(args.out.format(split=args.split, model=tag)).write_text(json.dumps(out, indent=1))
+
+
+def reliability_bins(ps: list[float], gold1: list[bool], bins: int = 10) -> list[dict]:
+    out = []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, p in enumerate(ps) if lo <= p < hi or (b == bins - 1 and p == 1.0)]
+        if idx:
+            out.append({"bin": [lo, hi], "n": len(idx), "mean_p": sum(ps[i] for i in idx) / len(idx),
+                        "gold_rate": sum(gold1[i] for i in idx) / len(idx)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=human_pairs.SPLITS, required=True)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the judge: a packaged model or HF directory")
+    ap.add_argument("--dtype", default="auto", help="the judge's dtype (auto: bf16 where the CPU has native bf16)")
+    ap.add_argument("--methods", choices=["all", "pairwise"], default="all",
+                    help="all: every pointwise and pairwise method on BIG-bench's pairs (SmolLM2); pairwise: "
+                         "the pairwise judge alone, on --source")
+    ap.add_argument("--source", default=None, help="--methods pairwise: gold pairs (default packaged:mc-pairs-SPLIT)")
+    ap.add_argument("--limit", type=int, default=0, help="--methods pairwise: the first N pairs only")
     ap.add_argument("--cache", default=None, help="feature cache (default: in rayalign's cache; it holds "
                     "BIG-bench text, which is never committed)")
     ap.add_argument("--subset", type=int, default=200, help="pairs for few-shot and pairwise (slower)")
     ap.add_argument("--out", default="benchmarks/results/labeler_human_{split}.json")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.methods == "pairwise":
+        if args.out == ap.get_default("out"):
+            args.out = "benchmarks/results/labeler_pairwise_{model}_{split}.json"
+        return pairwise_main(args)
     rows = human_pairs.load(args.split)
     dev = human_pairs.load("dev")
     rng = random.Random(0)

@@ -242,9 +242,12 @@ def cmd_models(args) -> int:
 
     if args.action == "list":
         rows = models.list_models()
-        print(f"{'name':<24}{'kind':<11}{'installed':<11}{'prepared':<10}description")
+        print(f"{'name':<30}{'kind':<11}{'installed':<11}{'prepared':<10}description")
         for r in rows:
-            print(f"{r['name']:<24}{r['kind']:<11}{str(r['installed']):<11}{str(r['prepared']):<10}{r['description']}")
+            print(f"{r['name']:<30}{r['kind']:<11}{str(r['installed']):<11}{str(r['prepared']):<10}{r['description']}")
+            for key in ("size", "format", "license", "provenance"):
+                if r.get(key):
+                    print(f"{'':<30}{key}: {r[key]}")
         print(f"\ncache: {models.models_cache()}")
         return 0
     if not args.name:

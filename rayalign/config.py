@@ -28,8 +28,10 @@ class ModelConfig(Section):
         description="A packaged model name (see `rayalign models list`), a tiny random "
         "model (`tiny-llama`, `tiny-gpt2`, `tiny-bert`) or a local HF directory.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Training/inference dtype. CPUs want float32; GPUs bfloat16."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Training/inference dtype. auto: bfloat16 on GPUs; on CPUs bfloat16 for roles "
+        "that never train (judge, reference, frozen reward) where the CPU has native bf16 (AMX, AVX512-BF16), "
+        "float32 otherwise; the choice and its reason are printed when the role loads."
     )
     seed: int = Field(0, description="Seed for tiny random models (same seed, same weights).")
     overrides: dict[str, Any] = Field(
@@ -237,6 +239,14 @@ class LabelerConfig(Section):
         "worst chunk decides (pairwise: the most decided chunk); auto = any_fail for the harmlessness template, "
         "mean otherwise")
     swap: bool = Field(True, description="pairwise: average both presentation orders (position debiasing)")
+    swap_combine: Literal["mean", "logodds"] = Field(
+        "mean", description="pairwise+swap: mean = the two orders' probabilities averaged (Lee et al. 2023); "
+        "logodds = their log-odds averaged, which cancels a position prior exactly instead of squashing the "
+        "label towards 0.5 (a judge that always picks slot 2 first gives labels that say nothing otherwise)")
+    temperature: float = Field(
+        1.0, gt=0, description="pairwise+swap+logodds: the combined log-odds are divided by this before the "
+        "sigmoid, so soft labels are calibrated; fit it on dev pairs (benchmarks/labeler_human.py --methods "
+        "pairwise --split dev prints it), never on pairs you report")
     cot: bool = Field(False, description="pairwise: ask for a rationale first (two-step chain of thought)")
     self_consistency: int = Field(1, ge=1, description="pairwise+cot: rationales sampled and averaged")
     sc_temperature: float = Field(0.7, gt=0)

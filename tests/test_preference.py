@@ -75,3 +75,79 @@ def test_dpo_and_ipo_losses_by_hand():
     assert pr.preference_loss("ipo", h, one, tau=0.1).item() == pytest.approx(9.0)
     with pytest.raises(ValueError, match="unknown preference loss"):
         pr.preference_loss("hinge", h, one)
+
+
+# ---------------------------------------------------------------- pairwise calibration
+
+def test_swap_logodds_cancels_a_position_prior_by_hand():
+    from rayalign.algos.preference import swap_logodds
+
+    # A judge that adds +3 to slot 1 in every order: l12 = 1 + 3, l21 = -1 + 3.
+    assert swap_logodds(4.0, 2.0) == pytest.approx(1.0)
+    # The probability mean of the same pair is pulled towards 1/2: (σ(4) + 1 - σ(2)) / 2 = (.9820 + .1192) / 2
+    from rayalign.algos.preference import swap_average
+    assert swap_average(1 / (1 + math.exp(-4)), 1 / (1 + math.exp(-2))) == pytest.approx(0.5506, abs=1e-4)
+
+
+def test_fit_temperature_recovers_the_likelihood_optimum():
+    from rayalign.algos.preference import fit_temperature
+
+    # Scores ±2 with gold agreeing 3 of 4 times: the MLE has σ(2/T) = 3/4, T = 2 / ln 3.
+    scores = [2.0, 2.0, 2.0, 2.0, -2.0, -2.0, -2.0, -2.0]
+    gold = [True, True, True, False, False, False, False, True]
+    assert fit_temperature(scores, gold) == pytest.approx(2 / math.log(3), rel=1e-4)
+    with pytest.raises(ValueError):
+        fit_temperature([1.0], [True, False])
+
+
+def test_expected_calibration_error_by_hand():
+    from rayalign.algos.preference import expected_calibration_error, reliability
+
+    # Bin [0.9, 1.0): p .95 twice, gold 1 once -> |.95 - .5| = .45 on 2 of 4;
+    # bin [0.2, 0.3): p .25 twice, gold 1 never -> .25 on 2 of 4. ECE = (2*.45 + 2*.25) / 4 = .35
+    p = [0.95, 0.95, 0.25, 0.25]
+    g = [True, False, False, False]
+    assert expected_calibration_error(p, g) == pytest.approx(0.35)
+    bins = reliability(p, g)
+    assert [(b["n"], round(b["mean_p"], 2), b["gold_rate"]) for b in bins] == [(2, 0.25, 0.0), (2, 0.95, 0.5)]
+    assert expected_calibration_error([1.0, 0.0], [True, False]) == 0.0  # p = 1 falls in the last bin
+
+
+def test_labeler_logodds_combination_and_temperature():
+    from rayalign.labeler.backends import FunctionBackend
+    from rayalign.labeler.judge import Labeler
+    from rayalign.labeler.templates import PRESETS
+
+    # A judge biased to slot 2 by 3 nats that prefers the response containing "good" by 1 nat.
+    def fn(prompt, options):
+        tail = prompt.split("Response 1:")[-1]
+        first, second = tail.split("Response 2:")
+        z = (1.0 if "good" in first else -1.0) - 3.0
+        return [z / 2, -z / 2]
+
+    pair = [{"context": "q", "response_1": "good answer", "response_2": "bad answer"}]
+    mean = Labeler(FunctionBackend(fn), PRESETS["helpfulness"], mode="pairwise").label(pair)[0]
+    logodds = Labeler(FunctionBackend(fn), PRESETS["helpfulness"], mode="pairwise",
+                      swap_combine="logodds").label(pair)[0]
+    hot = Labeler(FunctionBackend(fn), PRESETS["helpfulness"], mode="pairwise", swap_combine="logodds",
+                  temperature=0.5).label(pair)[0]
+    assert mean["same_slot"] and mean["p"] == pytest.approx(0.5 * (1 / (1 + math.exp(2)) + 1 / (1 + math.exp(-4))))
+    assert logodds["p"] == pytest.approx(1 / (1 + math.exp(-1.0)))  # the -3 prior is gone
+    assert hot["p"] == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert "logodds-T0.5" in hot["labeler"]
+    with pytest.raises(ValueError, match="temperature"):
+        Labeler(FunctionBackend(fn), PRESETS["helpfulness"], mode="pairwise", temperature=0.0)
+
+
+def test_dtype_choice_follows_the_hardware(monkeypatch):
+    from rayalign import models
+
+    assert models.choose_dtype("float32", trains=False) == ("float32", "as configured")
+    monkeypatch.setattr(models, "cpu_bf16_units", lambda: ["amx_bf16"])
+    assert models.choose_dtype("auto", trains=False)[0] == "bfloat16"
+    assert models.choose_dtype("auto", trains=True)[0] == "float32"  # training stays float32 on CPUs
+    monkeypatch.setattr(models, "cpu_bf16_units", lambda: [])
+    dt, why = models.choose_dtype("auto", trains=False)
+    assert dt == "float32" and "no native bf16" in why
+    with pytest.raises(models.ModelError):
+        models.choose_dtype("int4", trains=False)

@@ -38,6 +38,60 @@ def same_slot(p_first_order: float, p_second_order: float) -> bool:
     return (p_first_order > 0.5) == (p_second_order > 0.5)
 
 
+def swap_logodds(logodds_first_order: float, logodds_second_order: float) -> float:
+    """Both orders combined in log-odds: ``(ℓ₁₂ − ℓ₂₁) / 2``, where ℓ is the judge's log-odds
+    of choosing slot 1 in that order. A position prior (a constant added to every ℓ) cancels
+    exactly, where averaging the two probabilities only squashes the result towards ½."""
+    return 0.5 * (logodds_first_order - logodds_second_order)
+
+
+def fit_temperature(scores: Sequence[float], first_preferred: Sequence[bool], lo: float = 0.05,
+                    hi: float = 50.0, iters: int = 100) -> float:
+    """The T > 0 that maximises the likelihood of the gold labels under P = σ(score / T) (a
+    one-parameter Platt scaling: it changes confidence, never the argmax). The negative
+    log-likelihood is convex in 1/T, so a ternary search over log T finds it."""
+    if len(scores) != len(first_preferred) or not scores:
+        raise ValueError("fit_temperature needs one gold label per score, and at least one")
+
+    def nll(t: float) -> float:
+        total = 0.0
+        for s, g in zip(scores, first_preferred):
+            z = (s / t) if g else (-s / t)
+            total += math.log1p(math.exp(-z)) if z > -30 else -z
+        return total
+
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(iters):
+        m1, m2 = a + (b - a) / 3, b - (b - a) / 3
+        if nll(math.exp(m1)) <= nll(math.exp(m2)):
+            b = m2
+        else:
+            a = m1
+    return math.exp((a + b) / 2)
+
+
+def reliability(p_first: Sequence[float], first_preferred: Sequence[bool], bins: int = 10) -> list[dict]:
+    """The bins behind the ECE: each non-empty bin's count, mean p and gold rate."""
+    rows: list[list[float]] = [[0.0, 0.0, 0] for _ in range(bins)]
+    for p, g in zip(p_first, first_preferred):
+        b = min(bins - 1, int(p * bins))
+        rows[b][0] += p
+        rows[b][1] += 1.0 if g else 0.0
+        rows[b][2] += 1
+    return [{"bin": [b / bins, (b + 1) / bins], "n": int(c), "mean_p": sp / c, "gold_rate": sg / c}
+            for b, (sp, sg, c) in enumerate(rows) if c]
+
+
+def expected_calibration_error(p_first: Sequence[float], first_preferred: Sequence[bool],
+                               bins: int = 10) -> float:
+    """ECE of P(first preferred): over equal-width bins of p, the share-weighted gap between
+    the bin's mean p and how often the first response was in fact preferred."""
+    n = len(p_first)
+    if n == 0 or n != len(first_preferred):
+        raise ValueError("expected_calibration_error needs one gold label per probability, and at least one")
+    return sum(b["n"] * abs(b["mean_p"] - b["gold_rate"]) for b in reliability(p_first, first_preferred, bins)) / n
+
+
 def expected_score(logps: Sequence[float], values: Sequence[float]) -> float:
     """Σ v·P(v) with P the softmax over the score tokens' log-probabilities."""
     m = max(logps)

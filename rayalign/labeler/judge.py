@@ -23,8 +23,8 @@ import math
 import re
 from typing import Any, Iterable
 
-from ..algos.preference import (d_rlaif_reward, expected_score, pointwise_preference, same_slot,
-                                swap_average, two_way_softmax)
+from ..algos.preference import (d_rlaif_reward, expected_score, logit, pointwise_preference, same_slot,
+                                swap_average, swap_logodds, two_way_softmax)
 from .backends import Backend
 from .templates import LabelTemplate
 
@@ -100,7 +100,8 @@ class Labeler:
                  relevance_weight: float = 0.0, criteria: list[str] | None = None,
                  criterion_weights: dict[str, float] | None = None, calibration: str = "none",
                  length_coef: float = 0.0, exemplars: list[dict] | None = None, assist: str = "none",
-                 chunk_words: int = 40, assist_aggregate: str = "auto"):
+                 chunk_words: int = 40, assist_aggregate: str = "auto", swap_combine: str = "mean",
+                 temperature: float = 1.0):
         if mode not in ("pairwise", "pointwise", "score"):
             raise ValueError(f"unknown labeler mode {mode!r}")
         if self_consistency > 1 and not cot:
@@ -120,6 +121,11 @@ class Labeler:
         if calibration not in ("none", "content_free"):
             raise ValueError(f"unknown calibration {calibration!r} (none, content_free)")
         self.calibration, self.length_coef = calibration, length_coef
+        if swap_combine not in ("mean", "logodds"):
+            raise ValueError(f"unknown swap combination {swap_combine!r} (mean, logodds)")
+        if not temperature > 0:
+            raise ValueError("the labeler's temperature must be positive")
+        self.swap_combine, self.temperature = swap_combine, float(temperature)
         self.exemplars = list(exemplars or [])
         if assist not in ("none", "chunked"):
             raise ValueError(f"unknown evaluation assistance {assist!r} (none, chunked)")
@@ -141,6 +147,8 @@ class Labeler:
     @property
     def tag(self) -> str:
         extra = "+swap" if (self.mode == "pairwise" and self.swap) else ""
+        if self.mode == "pairwise" and self.swap and self.swap_combine == "logodds":
+            extra += f"-logodds" + (f"-T{self.temperature:g}" if self.temperature != 1.0 else "")
         if self.mode == "pointwise":
             extra += f"+criteria({','.join(self.criteria)})" if self.criteria else ""
             extra += "+cf" if self.calibration == "content_free" else ""
@@ -253,6 +261,17 @@ class Labeler:
                 rationales[i].append(r.strip())
         return [s / self.sc for s in sums], rationales
 
+    def combine(self, p_first_order: float, p_second_order: float) -> float:
+        """P(response 1 preferred) from its slot-1 probability in the first order and the
+        slot-1 probability of the swapped order. ``mean``: the two probabilities averaged
+        (Lee et al. 2023). ``logodds``: the two log-odds averaged, which cancels a position
+        prior exactly, then divided by ``temperature`` (fitted on dev pairs:
+        ``benchmarks/labeler_human.py --methods pairwise``) so that P means what it says."""
+        if self.swap_combine == "mean":
+            return swap_average(p_first_order, p_second_order)
+        z = swap_logodds(logit(p_first_order, 1e-12), logit(p_second_order, 1e-12)) / self.temperature
+        return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+
     # ------------------------------------------------------------ the one entry point
 
     def label(self, pairs: list[dict]) -> list[dict]:
@@ -286,7 +305,7 @@ class Labeler:
             for i in range(len(pairs)):
                 rec: dict[str, Any] = {"p_order_12": p12[i]}
                 if self.swap:
-                    rec.update(p_order_21=p21[i], p=swap_average(p12[i], p21[i]),
+                    rec.update(p_order_21=p21[i], p=self.combine(p12[i], p21[i]),
                                same_slot=same_slot(p12[i], p21[i]))
                 else:
                     rec.update(p=p12[i])
@@ -331,7 +350,7 @@ class Labeler:
         p21, _ = self._slot1_probs([(c, y, x) for c, x, y in triples]) if self.swap else (None, None)
         per: list[list[dict]] = [[] for _ in ctx]
         for j, (i, (_, x, y)) in enumerate(zip(owner, triples)):
-            p = swap_average(p12[j], p21[j]) if self.swap else p12[j]
+            p = self.combine(p12[j], p21[j]) if self.swap else p12[j]
             per[i].append({"chunk_1": x, "chunk_2": y, "words": max(1, len(x.split()) + len(y.split())),
                            "p_order_12": p12[j], **({"p_order_21": p21[j]} if self.swap else {}), "p": p})
         pair_how = "decisive" if how == "any_fail" else how
@@ -404,6 +423,14 @@ def report(records: list[dict], gold: Iterable[int | None] | None = None,
                                                   if r["label"] in (1, 2)) / len(longer),
                     "gold_prefers_longer": sum((g == 1) == f for (_, g), f in zip(longer, first_longer)) / len(longer),
                 }
+            # Do the soft labels mean what they say? ECE of P(response 1 preferred) against gold,
+            # and the reliability bins behind it (plotted in the label stage's report).
+            from ..algos.preference import expected_calibration_error, reliability
+
+            pf = [r["p"] for r, _, _ in rows]
+            g1 = [g == 1 for _, g, _ in rows]
+            rep["ece"] = expected_calibration_error(pf, g1)
+            rep["reliability"] = reliability(pf, g1)
             if "p_order_12" in records[0]:
                 rep["agreement_first_order_only"] = sum(
                     (1 if r["p_order_12"] > 0.5 else 2) == g for r, g, _ in rows) / len(rows)

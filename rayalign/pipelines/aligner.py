@@ -285,6 +285,7 @@ def judge_sets(cfg: Config, judge, sets: dict[str, list[dict]], outs: dict[str, 
                             [r["response_2"] for r in rows])
             agree = sum((x > 0.5) == (int(r["gold"]) == 1) if x != 0.5 else 0.5 for x, r in zip(p, rows))
             res["judge_agreement"] = rate(agree, len(rows)) | {"source": src}
+            say(f"judge agreement with people: {len(rows)} pairs of {src}" + (f" ({'; '.join(why)})" if why else ""))
     return res
 
 

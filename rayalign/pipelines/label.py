@@ -23,7 +23,8 @@ def lm_group(role: str, model: ModelConfig, group: GroupConfig, chat: bool = Tru
     """A FrozenLMWorker group (scoring / sampling) for the duration of the block."""
     with role_group(role, FrozenLMWorker, group) as grp:
         info = grp.init_model(model.model_dump(), group.zero.model_dump(), chat)
-        say(f"{role} ready: {model.name}, {info['params'] / 1e6:.1f}M parameters, {group.workers} worker(s)")
+        say(f"{role} ready: {model.name}, {info['params'] / 1e6:.1f}M parameters, {group.workers} worker(s), "
+            f"{info['dtype']} ({info['dtype_reason']})")
         yield grp
 
 
@@ -38,6 +39,7 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
               relevance_weight=lc.pointwise_relevance, criteria=lc.criteria,
               criterion_weights=lc.criterion_weights, calibration=lc.calibration, length_coef=lc.length_coef,
               assist=lc.assist, chunk_words=lc.assist_chunk_words, assist_aggregate=lc.assist_aggregate,
+              swap_combine=lc.swap_combine, temperature=lc.temperature,
               exemplars=few_shot_exemplars(lc.few_shot_source, lc.few_shot, lc.seed) if lc.few_shot else None)
     try:
         probe = Labeler(FunctionBackend(lambda p, o: [0.0] * len(o)), template, **kw)
@@ -52,6 +54,28 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
     else:
         with lm_group("labeler", b.model or cfg.model, b.group, b.chat) as grp:
             yield Labeler(GroupBackend(grp, b.batch_size), template, **kw)
+
+
+def plot_reliability(bins: list[dict], out: Path) -> Path:
+    """Reliability diagram: per bin of P(response 1 preferred), how often it was (gold)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="calibrated")
+    ax.plot([b["mean_p"] for b in bins], [b["gold_rate"] for b in bins], marker="o", label="labeler")
+    for b in bins:
+        ax.annotate(str(b["n"]), (b["mean_p"], b["gold_rate"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set(xlabel="P(response 1 preferred), binned", ylabel="gold: response 1 preferred", xlim=(0, 1), ylim=(0, 1),
+           title="labeler reliability (n per bin)")
+    ax.legend(loc="upper left", fontsize=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def few_shot_exemplars(source: str, k: int, seed: int = 0) -> list[dict]:
@@ -181,6 +205,9 @@ def _run_label(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             + (f"; prefers the longer response {lb['labeler_prefers_longer']:.0%} (gold {lb['gold_prefers_longer']:.0%})"
                if lb else "")
             + (f"; position bias {rep['position_bias_rate']:.0%}" if "position_bias_rate" in rep else ""))
+    if "ece" in rep:
+        say(f"soft labels: expected calibration error {rep['ece']:.3f} against gold "
+            f"(reliability plot: {plot_reliability(rep['reliability'], run_dir / 'plots' / 'label_reliability.png')})")
     rep["wall_time_s"] = time.time() - t0
     rep["labels"] = str(out_path)
     rep["run_dir"] = str(run_dir)

@@ -925,7 +925,8 @@ def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
             say(f"judge agreement with people not measured: no gold source loads ({'; '.join(why)})")
             out["judge_agreement_not_measured"] = "; ".join(why)
         else:
-            say(f"judge agreement with gold labels on {len(rows)} pairs of {src}")
+            say(f"judge agreement with people: {len(rows)} pairs of {src}"
+                + (f" ({'; '.join(why)})" if why else ""))
             rep = report(labeler.label([{"context": r["prompt"], "response_1": r["response_1"],
                                          "response_2": r["response_2"]} for r in rows]),
                          [int(r["gold"]) for r in rows])

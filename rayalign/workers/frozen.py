@@ -28,7 +28,11 @@ class FrozenLMWorker(Worker):
         from ..models import load_tokenizer, resolve
 
         t0 = time.time()
+        from ..models import choose_dtype
+
         self.model_cfg = ModelConfig.model_validate(model)
+        self.model_cfg.dtype, dtype_reason = choose_dtype(self.model_cfg.dtype, trains=False,
+                                                          device=self.device.type)
         self.zero = ZeroConfig.model_validate(zero or {})
         path = resolve(self.model_cfg.name, self.model_cfg.seed, self.model_cfg.overrides, say=lambda s: None)
         self.tok = load_tokenizer(path)
@@ -55,6 +59,7 @@ class FrozenLMWorker(Worker):
         self.packing = self.model_cfg.packing and self.check_packing(
             self.per_token, min(int(module.config.vocab_size), len(self.tok)))
         return {"load_s": time.time() - t0, "chat": self.chat, "packing": self.packing,
+                "dtype": self.model_cfg.dtype, "dtype_reason": dtype_reason,
                 "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())}
 
     # ------------------------------------------------------------ helpers

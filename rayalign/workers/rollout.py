@@ -30,7 +30,11 @@ class RolloutWorker(Worker):
         from ..rollout import ENGINES
 
         t0 = time.time()
+        from ..models import choose_dtype
+
         mc = ModelConfig.model_validate(model)
+        # The engine samples for the trainer: it runs in the trainer's dtype.
+        mc.dtype, _ = choose_dtype(mc.dtype, trains=True, device=self.device.type)
         model_dir = resolve(mc.name, mc.seed, mc.overrides, say=lambda s: None)
         self.engine = ENGINES[engine](str(model_dir), mc.dtype, **settings)
         self.tok = self.engine.tok

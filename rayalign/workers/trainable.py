@@ -40,10 +40,11 @@ class TrainableWorker(Worker):
                    resume_from: str | None = None) -> dict[str, Any]:
         """Resolve the model on this rank's node, load its weights (the checkpoint's when
         resuming) and build the engine."""
-        from ..models import load_tokenizer, resolve
+        from ..models import choose_dtype, load_tokenizer, resolve
 
         t0 = time.time()
         self.model_cfg = ModelConfig.model_validate(model)
+        self.model_cfg.dtype, _ = choose_dtype(self.model_cfg.dtype, trains=True, device=self.device.type)
         model_dir = resolve(self.model_cfg.name, self.model_cfg.seed, self.model_cfg.overrides,
                             say=lambda s: None)
         self.zero = ZeroConfig.model_validate(zero)
