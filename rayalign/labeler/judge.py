@@ -1,4 +1,4 @@
-"""The AI labeler: preferences, judgements and scores from any backend (SPECS §2).
+"""The AI labeler: preferences, judgements and scores from any backend (Lee et al. 2023, RLAIF).
 
 Modes
 * ``pairwise`` — one prompt shows both responses; P from the log-probs of "1" and "2";
