@@ -169,7 +169,9 @@ def pairwise_main(args) -> None:
     if args.limit:
         rows = rows[:args.limit]
     tag = args.model.replace("/", "_")
-    cache_path = Path(args.cache or cache_root() / "data" / f"pairwise_features_{tag}_{source.split(':')[-1]}.json")
+    ttag = "" if T.name == "helpfulness" else f"_{T.name}"
+    cache_path = Path(args.cache or cache_root() / "data" /
+                      f"pairwise_features_{tag}{ttag}_{source.split(':')[-1]}.json")
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     todo = [r for r in rows if r["id"] not in cache]
     t0 = time.time()
@@ -184,7 +186,7 @@ def pairwise_main(args) -> None:
             chunk = todo[k:k + 32]
             texts = [T.pairwise_text(r["prompt"], a, b) for r in chunk
                      for a, b in ((r["response_1"], r["response_2"]), (r["response_2"], r["response_1"]))]
-            lps = grp.worker.option_logprobs([(x, ["1", "2"]) for x in texts], 8)
+            lps = grp.worker.option_logprobs([(x, list(T.options)) for x in texts], 8)
             for i, r in enumerate(chunk):
                 cache[r["id"]] = [lps[2 * i][0] - lps[2 * i][1], lps[2 * i + 1][0] - lps[2 * i + 1][1]]
             cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +233,8 @@ def pairwise_main(args) -> None:
               f"mean confidence {t['mean_confidence']:.2f}")
     import torch
 
-    out = {"split": args.split, "source": source, "pairs": len(rows), "judge": args.model, "methods": table,
+    out = {"split": args.split, "source": source, "pairs": len(rows), "judge": args.model, "template": T.name,
+           "methods": table,
            "fitted_temperature": temp, "position_bias_rate": same, "slot1_rate_first_order": slot1,
            "seconds": time.time() - t0, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads",
@@ -261,6 +264,8 @@ def main() -> None:
                          "the pairwise judge alone, on --source")
     ap.add_argument("--source", default=None, help="--methods pairwise: gold pairs (default packaged:mc-pairs-SPLIT)")
     ap.add_argument("--limit", type=int, default=0, help="--methods pairwise: the first N pairs only")
+    ap.add_argument("--template", default="helpfulness", help="--methods pairwise: the labeler template preset "
+                    "(helpfulness: the rater preamble, '1'/'2'; helpfulness-ab: a plain question, 'A'/'B')")
     ap.add_argument("--cache", default=None, help="feature cache (default: in rayalign's cache; it holds "
                     "BIG-bench text, which is never committed)")
     ap.add_argument("--subset", type=int, default=200, help="pairs for few-shot and pairwise (slower)")
@@ -268,8 +273,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.methods == "pairwise":
+        global T
+        T = PRESETS[args.template]
         if args.out == ap.get_default("out"):
-            args.out = "benchmarks/results/labeler_pairwise_{model}_{split}.json"
+            suffix = "" if args.template == "helpfulness" else f"_{args.template}"
+            args.out = "benchmarks/results/labeler_pairwise_{model}" + suffix + "_{split}.json"
         return pairwise_main(args)
     rows = human_pairs.load(args.split)
     dev = human_pairs.load("dev")

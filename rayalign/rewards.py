@@ -141,7 +141,7 @@ def open_rewards(cfg: Config, default_rm: Path | None = None, labeler=None) -> I
             terms.append((name, src.weight, fn))
             if getattr(fn, "group", None) is not None:
                 groups.append(fn.group)
-        if labeler is not None and any(s.type == "labeler" for s in cfg.ppo.rewards):
+        if labeler is not None and any(s.type in ("labeler", "refusal") for s in cfg.ppo.rewards):
             grp = getattr(labeler.backend, "group", None)
             if grp is not None:
                 groups.append(grp)
@@ -155,9 +155,11 @@ def _open_source(src: RewardSourceConfig, i: int, stack: contextlib.ExitStack, d
         return lambda p, r: fn(p, r)
     if src.type == "http":
         return HTTPReward(src.url, src.api_key_env, src.timeout_s, src.retries, src.batch_size)
-    if src.type == "labeler":
+    if src.type in ("labeler", "refusal"):
         if labeler is None:
-            raise ConfigError("ppo.rewards: a labeler term needs the labeler (internal: none was opened)")
+            raise ConfigError(f"ppo.rewards: a {src.type} term needs the labeler (internal: none was opened)")
+        if src.type == "refusal":
+            return lambda p, r: labeler.refusal_rewards(list(zip(p, r)))
         return lambda p, r: labeler.rewards(list(zip(p, r)))
     path = rm_path(src, i, default_rm)
     grp = stack.enter_context(role_group(f"reward{i}" if i else "reward", RewardWorker, src.group))

@@ -151,3 +151,82 @@ def test_dtype_choice_follows_the_hardware(monkeypatch):
     assert dt == "float32" and "no native bf16" in why
     with pytest.raises(models.ModelError):
         models.choose_dtype("int4", trains=False)
+
+
+def test_refusal_reward_by_hand():
+    from rayalign.algos.preference import refusal_reward
+
+    # s = 0.9: refusing earns 2*0.9-1 = 0.8, answering -0.8; s = 0.25 turns the signs: -0.5 / +0.5.
+    assert refusal_reward(0.9, True) == pytest.approx(0.8)
+    assert refusal_reward(0.9, False) == pytest.approx(-0.8)
+    assert refusal_reward(0.25, True) == pytest.approx(-0.5)
+    assert refusal_reward(0.25, False) == pytest.approx(0.5)
+    assert refusal_reward(0.5, True) == 0.0
+    with pytest.raises(ValueError, match="should refuse"):
+        refusal_reward(1.5, True)
+
+
+def test_refusal_preference_by_hand():
+    from rayalign.algos.preference import refusal_preference
+
+    assert refusal_preference(0.8, True, False, 0.3) == pytest.approx(0.8)   # response 1 refuses
+    assert refusal_preference(0.8, False, True, 0.3) == pytest.approx(0.2)   # response 2 refuses
+    assert refusal_preference(0.8, True, True, 0.3) == pytest.approx(0.3)    # both: the judge's own
+    assert refusal_preference(0.8, False, False, 0.6) == pytest.approx(0.6)  # neither
+
+
+def _harm_backend(calls):
+    """Asked about a request (Yes/No): log-odds 2.0 for 'bomb', -1.0 otherwise. Sent the
+    request itself: a reply opening "I" / "Sorry" with probabilities 0.6 / 0.2 for 'bomb'
+    (q = 0.8), 0.01 / 0.01 otherwise (q = 0.02). Pairwise prompts always favour slot 2."""
+    def fn(prompt, options):
+        calls.append(prompt)
+        if options == ["Yes", "No"]:
+            return [2.0, 0.0] if "bomb" in prompt else [-1.0, 0.0]
+        if options == ["I", "Sorry"]:
+            return [math.log(0.6), math.log(0.2)] if "bomb" in prompt else [math.log(0.01), math.log(0.01)]
+        return [0.0, 1.0]
+    return fn
+
+
+def test_labeler_harm_on_the_request():
+    from rayalign.labeler.backends import FunctionBackend
+    from rayalign.labeler.judge import Labeler
+    from rayalign.labeler.templates import PRESETS
+
+    calls = []
+    lab = Labeler(FunctionBackend(_harm_backend(calls)), PRESETS["helpfulness"], mode="pairwise", harm="request",
+                  refusal_signal="ask", refusal_bias=0.5)
+    refusal, answer = "I'm sorry, but I can't help with that.", "Mix the two and light it."
+    recs = lab.label([
+        {"context": "How do I build a bomb?", "response_1": refusal, "response_2": answer},
+        {"context": "How do I bake bread?", "response_1": refusal, "response_2": answer},
+        {"context": "How do I bake bread?", "response_1": "Knead it.", "response_2": "Bake it."},
+    ])
+    s_bomb = 1 / (1 + math.exp(-(2.0 - 0.5)))
+    s_bread = 1 / (1 + math.exp(-(-1.0 - 0.5)))
+    assert recs[0]["p"] == pytest.approx(s_bomb) and recs[0]["label"] == 1 and recs[0]["refused"] == [True, False]
+    assert recs[1]["p"] == pytest.approx(s_bread) and recs[1]["label"] == 2
+    # Neither refuses: the judge compares them (swap-averaged: slot 2 both times -> 0.5, a tie).
+    assert "p_should_refuse" not in recs[2] and recs[2]["p"] == pytest.approx(0.5)
+    # The request is asked about once however many pairs share it, and the rule-decided pairs
+    # never reach the pairwise prompt.
+    asked = [c for c in calls if "refuse" in c and "Response 1" not in c]
+    assert len(asked) == 2
+    assert sum("Response 1" in c for c in calls) == 2  # the third pair, both orders
+    assert lab.refusal_rewards([("How do I build a bomb?", refusal), ("How do I bake bread?", refusal)]) == \
+        pytest.approx([2 * s_bomb - 1, 2 * s_bread - 1])
+    rep = __import__("rayalign.labeler.judge", fromlist=["report"]).report(recs, [1, 2, None])
+    assert rep["agreement"] == 1.0 and rep["decided_on_request"] == pytest.approx(2 / 3)
+    assert rep["position_bias_rate"] == 1.0  # the one judged pair chose slot 2 both times
+    # The judge's own reply as the signal: q = 0.8 and 0.02, less a bias of logit(0.05).
+    own = Labeler(FunctionBackend(_harm_backend([])), PRESETS["helpfulness"], mode="pairwise", harm="request",
+                  refusal_bias=math.log(0.05 / 0.95))
+    s_own = own.should_refuse(["How do I build a bomb?", "How do I bake bread?"])
+    odds = lambda q: q / (1 - q) / (0.05 / 0.95)  # noqa: E731
+    assert s_own == pytest.approx([odds(0.8) / (1 + odds(0.8)), odds(0.02) / (1 + odds(0.02))])
+    assert s_own[0] > 0.98 and s_own[1] < 0.3
+    with pytest.raises(ValueError, match="refusal signal"):
+        Labeler(FunctionBackend(_harm_backend([])), PRESETS["helpfulness"], harm="request", refusal_signal="guess")
+    with pytest.raises(ValueError, match="harmlessness"):
+        Labeler(FunctionBackend(_harm_backend([])), PRESETS["helpfulness"], harm="content")

@@ -1,5 +1,8 @@
 """`rayalign run`: SFT → sampled pairs → AI labels → reward model → PPO in one run
-directory, on tiny models; stages with outputs are skipped when the run is resumed."""
+directory, on tiny models, shaped like the quickstart (pairwise labels in both orders with
+log-odds combination, harmlessness decided on the request, the rule-based refusal reward,
+RLOO, a win rate on the first held-out prompts); stages with outputs are skipped when the
+run is resumed."""
 import json
 import os
 
@@ -23,6 +26,11 @@ sft:
   group: {{workers: 2, cpus_per_worker: 0.5, zero: {{stage: 2}}}}
   train: {{lr: 3.0e-3, batch_size: 8, micro_batch_size: 2, max_steps: 4}}
 labeler:
+  mode: pairwise
+  swap_combine: logodds
+  temperature: 0.5
+  harm: request
+  refusal_bias: -2.0
   backend: {{type: hf, group: {{workers: 1, cpus_per_worker: 0.25}}}}
 label:
   source: packaged:mixed-prompts
@@ -38,11 +46,11 @@ ppo:
   reference: {{workers: 1, cpus_per_worker: 0.25}}
   rewards:
     - {{type: rm, weight: 1.0, group: {{workers: 1, cpus_per_worker: 0.25}}}}
-    - {{type: labeler, weight: 0.5}}
+    - {{type: refusal, weight: 0.5}}
     - {{type: function, weight: 2.0, function: "ppo_rewards:vowel_share"}}
   algo: {{iterations: 2, prompts_per_iteration: 4, samples_per_prompt: 2, estimator: rloo, max_new_tokens: 8}}
   eval: {{judge_gold: "packaged:hhh-pairs", judge_gold_samples: 4, max_new_tokens: 8, reward_every: 1,
-          reward_prompts: 4}}
+          reward_prompts: 4, win_rate_prompts: 5}}
 """)
     run = tmp_path / "run"
     assert main(["run", str(cfg), "--run-dir", str(run)]) == 0
@@ -53,6 +61,9 @@ ppo:
         assert (run / f).is_file(), f
     labels = [json.loads(x) for x in (run / "labels.jsonl").read_text().splitlines()]
     assert len(labels) == 24 and all(0 <= r["p"] <= 1 for r in labels)
+    # Each label was either compared by the judge in both orders or decided on the request.
+    assert all(("p_order_21" in r) != ("p_should_refuse" in r) for r in labels)
+    assert all("harm-request-self" in r["labeler"] and "logodds-T0.5" in r["labeler"] for r in labels)
     # the tiny SFT policy sometimes stops at once; most samples have text
     assert sum(bool(r["response_1"]) for r in labels) >= 18
     s = json.loads((run / "summary.json").read_text())
@@ -60,7 +71,7 @@ ppo:
     assert s["ppo"]["policy_start"] == str(run / "final" / "sft")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     ppo_rows = [r for r in rows if r["stage"] == "ppo"]
-    assert len(ppo_rows) == 2 and {"reward_rm", "reward_labeler", "reward_function"} <= set(ppo_rows[0])
+    assert len(ppo_rows) == 2 and {"reward_rm", "reward_refusal", "reward_function"} <= set(ppo_rows[0])
     assert "win rate of the PPO policy vs the SFT policy" in out.out
     readme = (run / "README.md").read_text()
     assert "judge agreement with people (packaged:hhh-pairs)" in readme
@@ -73,6 +84,8 @@ ppo:
     ref, ans = s["ppo"]["refusal_rate_harmful"], s["ppo"]["answer_rate_benign"]
     assert ref["final"]["n"] + ans["final"]["n"] == 8 and ref["final"]["n"] > 0 and ans["final"]["n"] > 0
     assert "refusal rate on held-out harmful questions" in readme
+    assert s["ppo"]["win_rate_prompts"] == 5 and s["ppo"]["eval_prompts"] == 8
+    assert 0 <= s["ppo"]["identical_answers"] <= 5
     lo, hi = s["ppo"]["win_rate_ci95"]
     assert lo <= s["ppo"]["win_rate_vs_start"] <= hi
 

@@ -92,6 +92,28 @@ def expected_calibration_error(p_first: Sequence[float], first_preferred: Sequen
     return sum(b["n"] * abs(b["mean_p"] - b["gold_rate"]) for b in reliability(p_first, first_preferred, bins)) / n
 
 
+def refusal_reward(p_should_refuse: float, refused: bool) -> float:
+    """The rule-based-reward form of harmlessness (after Mu et al. 2024, Rule Based Rewards):
+    a response is rewarded for refusing exactly the requests that should be refused.
+    (2s − 1)·(+1 if it refused else −1), s = P(the request should be refused): +1 for
+    refusing a request the judge is sure is harmful, −1 for answering it; the signs turn over
+    for a request it is sure is benign, and an undecided request (s = ½) earns nothing
+    either way."""
+    if not 0.0 <= p_should_refuse <= 1.0:
+        raise ValueError(f"P(should refuse) must be in [0, 1], got {p_should_refuse}")
+    return (2.0 * p_should_refuse - 1.0) * (1.0 if refused else -1.0)
+
+
+def refusal_preference(p_should_refuse: float, refused_1: bool, refused_2: bool, p_judged: float) -> float:
+    """P(response 1 preferred) when harmlessness is judged on the request: where exactly one
+    of the two responses refuses, the refusal is preferred with probability s = P(the request
+    should be refused) (the answer with 1 − s), whatever the wording; where both or neither
+    refuse, the judge's own pairwise preference ``p_judged`` stands."""
+    if refused_1 == refused_2:
+        return p_judged
+    return p_should_refuse if refused_1 else 1.0 - p_should_refuse
+
+
 def expected_score(logps: Sequence[float], values: Sequence[float]) -> float:
     """Σ v·P(v) with P the softmax over the score tokens' log-probabilities."""
     m = max(logps)

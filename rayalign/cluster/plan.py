@@ -186,7 +186,7 @@ def roles_of(cfg: Config, prompt_tokens: int = 128, allow_empty: bool = False) -
                 out.append(RoleLoad("ppo", f"reward{i}" if i else "reward",  # the names rewards.py starts
                                     cfg.rm_model() if r.path is None else ModelConfig(name=r.path), r.group,
                                     head="score", score_batch=r.batch_size, score_tokens=seq))
-        if hf_labeler and (any(r.type == "labeler" for r in p.rewards) or p.eval.win_rate):
+        if hf_labeler and (any(r.type in ("labeler", "refusal") for r in p.rewards) or p.eval.win_rate):
             out.append(RoleLoad("ppo", "labeler", lab_model, cfg.labeler.backend.group,
                                 score_batch=cfg.labeler.backend.batch_size, score_tokens=LABELER_TOKENS))
     if cfg.dpo is not None:
@@ -239,7 +239,12 @@ def estimate(load: RoleLoad) -> dict[str, Any]:
     m, g = load.model, load.group
     s = model_shape(m, load.head)
     P, W, z = s.params, g.workers, g.zero.stage
-    b = dtype_bytes(m.dtype)
+    dtype = m.dtype
+    if dtype == "auto":  # what the worker will choose on this kind of device
+        from ..models import choose_dtype
+
+        dtype = "bfloat16" if g.gpus_per_worker else choose_dtype("auto", load.train is not None, "cpu")[0]
+    b = dtype_bytes(dtype)
     half = b == 2
     gathered = 0.0
     grads32 = 0.0  # the fp32 gradient partition the optimizer reads (moves to the host with it)

@@ -23,8 +23,8 @@ import math
 import re
 from typing import Any, Iterable
 
-from ..algos.preference import (d_rlaif_reward, expected_score, logit, pointwise_preference, same_slot,
-                                swap_average, swap_logodds, two_way_softmax)
+from ..algos.preference import (d_rlaif_reward, expected_score, logit, pointwise_preference, refusal_preference,
+                                refusal_reward, same_slot, swap_average, swap_logodds, two_way_softmax)
 from .backends import Backend
 from .templates import LabelTemplate
 
@@ -101,7 +101,8 @@ class Labeler:
                  criterion_weights: dict[str, float] | None = None, calibration: str = "none",
                  length_coef: float = 0.0, exemplars: list[dict] | None = None, assist: str = "none",
                  chunk_words: int = 40, assist_aggregate: str = "auto", swap_combine: str = "mean",
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, harm: str = "response", refusal_bias: float = 0.0,
+                 refusal_signal: str = "self"):
         if mode not in ("pairwise", "pointwise", "score"):
             raise ValueError(f"unknown labeler mode {mode!r}")
         if self_consistency > 1 and not cot:
@@ -126,6 +127,12 @@ class Labeler:
         if not temperature > 0:
             raise ValueError("the labeler's temperature must be positive")
         self.swap_combine, self.temperature = swap_combine, float(temperature)
+        if harm not in ("response", "request"):
+            raise ValueError(f"unknown harmlessness judgement {harm!r} (response, request)")
+        if refusal_signal not in ("self", "ask"):
+            raise ValueError(f"unknown refusal signal {refusal_signal!r} (self, ask)")
+        self.harm, self.refusal_bias, self.refusal_signal = harm, float(refusal_bias), refusal_signal
+        self._refuse_cache: dict[str, float] = {}
         self.exemplars = list(exemplars or [])
         if assist not in ("none", "chunked"):
             raise ValueError(f"unknown evaluation assistance {assist!r} (none, chunked)")
@@ -157,6 +164,7 @@ class Labeler:
             extra += f"+relevance{self.relevance_weight:g}" if self.relevance_weight else ""
         extra += f"+cot{self.sc if self.sc > 1 else ''}" if self.cot else ""
         extra += f"+chunked{self.chunk_words}-{self.assist_aggregate}" if self.assist == "chunked" else ""
+        extra += f"+harm-request-{self.refusal_signal}{self.refusal_bias:+.3g}" if self.harm == "request" else ""
         return f"{self.mode}{extra}:{self.template.name}@{self.template.version}"
 
     # ------------------------------------------------------------ pointwise
@@ -245,7 +253,7 @@ class Labeler:
         ``self.sc`` rationales, which are returned too."""
         t = self.template
         if not self.cot:
-            lps = self.backend.option_logprobs([(t.pairwise_text(c, a, b), ["1", "2"]) for c, a, b in triples])
+            lps = self.backend.option_logprobs([(t.pairwise_text(c, a, b), list(t.options)) for c, a, b in triples])
             return [two_way_softmax(l1, l2) for l1, l2 in lps], [[] for _ in triples]
         sums = [0.0] * len(triples)
         rationales: list[list[str]] = [[] for _ in triples]
@@ -255,7 +263,7 @@ class Labeler:
                                          max_new_tokens=self.cot_max_tokens, temperature=temp,
                                          seed=self.seed + 1000 * k)
             lps = self.backend.option_logprobs(
-                [(t.pairwise_text(c, a, b, rationale=r), ["1", "2"]) for (c, a, b), r in zip(triples, rats)])
+                [(t.pairwise_text(c, a, b, rationale=r), list(t.options)) for (c, a, b), r in zip(triples, rats)])
             for i, ((l1, l2), r) in enumerate(zip(lps, rats)):
                 sums[i] += two_way_softmax(l1, l2)
                 rationales[i].append(r.strip())
@@ -272,11 +280,63 @@ class Labeler:
         z = swap_logodds(logit(p_first_order, 1e-12), logit(p_second_order, 1e-12)) / self.temperature
         return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
 
+    # ------------------------------------------------------------ harmlessness on the request
+
+    def should_refuse(self, contexts: list[str]) -> list[float]:
+        """P(the request should be refused) for each request, from one forward of the judge:
+        ``self``, the request sent to the judge as it is, and the probability q that its reply
+        opens with one of the template's ``refusal_openers``; ``ask``, the judge's Yes/No
+        answer to the template's ``refusal_request`` question about the request (q = P(Yes)
+        of the two). Then σ(logit q − ``refusal_bias``), the bias fitted on dev requests
+        (benchmarks/harmlessness.py). Each distinct request is judged once."""
+        todo = list(dict.fromkeys(c for c in contexts if c not in self._refuse_cache))
+        if todo:
+            t = self.template
+            if self.refusal_signal == "self":
+                lps = self.backend.option_logprobs([(c, list(t.refusal_openers)) for c in todo])
+                zs = [logit(min(1.0, sum(math.exp(x) for x in row)), 1e-12) for row in lps]
+            else:
+                lps = self.backend.option_logprobs([(t.refusal_text(c), ["Yes", "No"]) for c in todo])
+                zs = [ly - ln for ly, ln in lps]
+            for c, z in zip(todo, zs):
+                z = max(-50.0, min(50.0, z - self.refusal_bias))
+                self._refuse_cache[c] = 1.0 / (1.0 + math.exp(-z))
+        return [self._refuse_cache[c] for c in contexts]
+
+    def refusal_rewards(self, items: list[tuple[str, str]]) -> list[float]:
+        """Per (request, response): +1 for refusing a request that should be refused, −1 for
+        answering it, and the reverse for benign ones, scaled by how sure the judge is
+        (``algos.preference.refusal_reward``); a refusal is found by ``rayalign.refusal``'s rule."""
+        from ..refusal import is_refusal
+
+        s = self.should_refuse([c for c, _ in items])
+        return [refusal_reward(p, is_refusal(r)) for p, (_, r) in zip(s, items)]
+
     # ------------------------------------------------------------ the one entry point
 
     def label(self, pairs: list[dict]) -> list[dict]:
         """Label pairs ``{"context", "response_1", "response_2"}``; returns one record each with
-        ``p`` = P(response_1 ≻ response_2) and the evidence behind it."""
+        ``p`` = P(response_1 ≻ response_2) and the evidence behind it. With ``harm="request"``,
+        a pair where exactly one response refuses (by rule) is decided by whether the request
+        should be refused (``should_refuse``), without asking the judge to compare wordings."""
+        if self.harm != "request" or not pairs:
+            return self._label(pairs)
+        from ..refusal import is_refusal
+
+        flags = [(is_refusal(p["response_1"]), is_refusal(p["response_2"])) for p in pairs]
+        ruled = [i for i, (a, b) in enumerate(flags) if a != b]
+        judged = [i for i, (a, b) in enumerate(flags) if a == b]
+        out: list[dict | None] = [None] * len(pairs)
+        for i, rec in zip(judged, self._label([pairs[i] for i in judged])):
+            out[i] = rec
+        s = self.should_refuse([pairs[i]["context"] for i in ruled])
+        for i, si in zip(ruled, s):
+            p = refusal_preference(si, flags[i][0], flags[i][1], 0.5)
+            out[i] = {"p": p, "p_should_refuse": si, "refused": list(flags[i]),
+                      "label": 1 if p > 0.5 else (2 if p < 0.5 else 0), "labeler": self.tag}
+        return out  # type: ignore[return-value]
+
+    def _label(self, pairs: list[dict]) -> list[dict]:
         ctx = [p["context"] for p in pairs]
         r1 = [p["response_1"] for p in pairs]
         r2 = [p["response_2"] for p in pairs]
@@ -393,10 +453,17 @@ def report(records: list[dict], gold: Iterable[int | None] | None = None,
         "ties": sum(p == 0.5 for p in ps) / n, "mean_p": sum(ps) / n,
         "confident_share": sum(abs(p - 0.5) > 0.25 for p in ps) / n,
     }
-    if "p_order_12" in records[0]:
-        rep["slot1_rate_first_order"] = sum(r["p_order_12"] > 0.5 for r in records) / n
-    if "same_slot" in records[0]:
-        rep["position_bias_rate"] = sum(bool(r["same_slot"]) for r in records) / n
+    # Pairs decided on the request (harm="request") were not compared by the judge: the
+    # position measures count the judged pairs only.
+    both = [r for r in records if "p_order_12" in r]
+    if both:
+        rep["slot1_rate_first_order"] = sum(r["p_order_12"] > 0.5 for r in both) / len(both)
+    swapped = [r for r in records if "same_slot" in r]
+    if swapped:
+        rep["position_bias_rate"] = sum(bool(r["same_slot"]) for r in swapped) / len(swapped)
+    ruled = [r for r in records if "p_should_refuse" in r]
+    if ruled:
+        rep["decided_on_request"] = len(ruled) / n
     if gold is not None:
         cats = list(categories) if categories is not None else [None] * n
         rows = [(r, g, c) for r, g, c in zip(records, gold, cats) if g in (1, 2)]
@@ -431,7 +498,8 @@ def report(records: list[dict], gold: Iterable[int | None] | None = None,
             g1 = [g == 1 for _, g, _ in rows]
             rep["ece"] = expected_calibration_error(pf, g1)
             rep["reliability"] = reliability(pf, g1)
-            if "p_order_12" in records[0]:
+            first = [(r, g) for r, g, _ in rows if "p_order_12" in r]
+            if first:
                 rep["agreement_first_order_only"] = sum(
-                    (1 if r["p_order_12"] > 0.5 else 2) == g for r, g, _ in rows) / len(rows)
+                    (1 if r["p_order_12"] > 0.5 else 2) == g for r, g in first) / len(first)
     return rep

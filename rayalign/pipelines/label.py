@@ -39,7 +39,8 @@ def open_labeler(cfg: Config) -> Iterator[Labeler]:
               relevance_weight=lc.pointwise_relevance, criteria=lc.criteria,
               criterion_weights=lc.criterion_weights, calibration=lc.calibration, length_coef=lc.length_coef,
               assist=lc.assist, chunk_words=lc.assist_chunk_words, assist_aggregate=lc.assist_aggregate,
-              swap_combine=lc.swap_combine, temperature=lc.temperature,
+              swap_combine=lc.swap_combine, temperature=lc.temperature, harm=lc.harm,
+              refusal_bias=lc.refusal_bias, refusal_signal=lc.refusal_signal,
               exemplars=few_shot_exemplars(lc.few_shot_source, lc.few_shot, lc.seed) if lc.few_shot else None)
     try:
         probe = Labeler(FunctionBackend(lambda p, o: [0.0] * len(o)), template, **kw)

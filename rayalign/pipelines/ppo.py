@@ -600,7 +600,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
     pmodel = policy_start(cfg, start_model)
     cmodel = pc.critic.model or pmodel
     kl_ctl = _kl_controller(cfg, kl_value)
-    need_labeler = any(r.type == "labeler" for r in pc.rewards) or pc.eval.win_rate
+    need_labeler = any(r.type in ("labeler", "refusal") for r in pc.rewards) or pc.eval.win_rate
     say(f"PPO: {len(train_prompts)} prompts ({len(held)} held out), {a.iterations} iterations of "
         f"{a.prompts_per_iteration}x{a.samples_per_prompt} samples, estimator {a.estimator}, policy "
         f"{pmodel.name} on {pc.policy.group.workers} worker(s) ZeRO-{pc.policy.group.zero.stage}"
@@ -910,12 +910,21 @@ def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
     say(f"final evaluation: {n} held-out prompts, final policy vs start")
     after = _generate_all(policy, held, e.max_new_tokens)
     before = _generate_all(reference, held, e.max_new_tokens)
-    recs = labeler.label([{"context": q, "response_1": x, "response_2": y} for q, x, y in zip(held, after, before)])
+    # The judge sees the first `win_rate_prompts` of them (its forwards are the evaluation's
+    # cost; the rule-based rates below are free and use every prompt). An answer identical to
+    # the start's is a tie without asking.
+    k = min(n, e.win_rate_prompts or n)
+    ask = [i for i in range(k) if after[i] != before[i]]
+    judged = labeler.label([{"context": held[i], "response_1": after[i], "response_2": before[i]} for i in ask])
+    by = dict(zip(ask, judged))
+    tie = {"p": 0.5, "label": 0, "labeler": judged[0]["labeler"] if judged else None, "identical": True}
+    recs = [by.get(i, tie) for i in range(k)]
     wins = sum(1.0 if r["p"] > 0.5 else 0.5 if r["p"] == 0.5 else 0.0 for r in recs)
-    same = sum(x == y for x, y in zip(after, before))
-    win = rate(wins, n)
-    out: dict[str, Any] = {"win_rate_vs_start": wins / n, "win_rate_ci95": win["ci95"], "eval_prompts": n,
-                           "identical_answers": same, "judge": recs[0]["labeler"] if recs else None}
+    same = sum(after[i] == before[i] for i in range(k))
+    win = rate(wins, k)
+    out: dict[str, Any] = {"win_rate_vs_start": wins / max(1, k), "win_rate_ci95": win["ci95"], "eval_prompts": n,
+                           "win_rate_prompts": k, "identical_answers": same,
+                           "judge": judged[0]["labeler"] if judged else None}
     if e.refusal and kinds:
         out.update(refusal_rates(held, after, before, kinds))
     if e.judge_gold:

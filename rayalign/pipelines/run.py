@@ -68,6 +68,9 @@ def run_pipeline(cfg: Config, run_dir: Path | None = None, resume: bool = False)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = wire(cfg, run_dir)
     say(f"run directory: {run_dir}; stages: {' → '.join(stages)}")
+    from ..models import prepare_all
+
+    prepare_all(cfg.model_dump(), say=say)
     times: dict[str, float] = {}
     for stage in stages:
         if stage_done(run_dir, stage):

@@ -96,15 +96,21 @@ class FrozenLMWorker(Worker):
     # ------------------------------------------------------------ group methods
 
     def _last_logprobs(self, texts: list[str], batch_size: int) -> list[torch.Tensor]:
-        """log-softmax of the next token after each (already rendered) text."""
-        rows: list[torch.Tensor] = []
-        for chunk, idle in self.lockstep_batches(texts, batch_size, idle_item="x"):
+        """log-softmax of the next token after each (already rendered) text. Texts are batched
+        in order of length, so that a batch pads little (a judge's prompts differ in length
+        by their questions and answers; padding is compute spent on nothing)."""
+        lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        rows: list[torch.Tensor | None] = [None] * len(texts)
+        for idx, idle in self.lockstep_batches(order, batch_size, idle_item=-1):
+            chunk = [texts[i] if i >= 0 else "x" for i in idx]
             enc = self.tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             with torch.no_grad():
                 logits = self.model(**enc, logits_to_keep=1).logits[:, -1, :].float()
             if not idle:
-                rows.extend(torch.log_softmax(logits, dim=-1).cpu())
-        return rows
+                for i, row in zip(idx, torch.log_softmax(logits, dim=-1).cpu()):
+                    rows[i] = row
+        return rows  # type: ignore[return-value]
 
     @dispatch(SPLIT)
     def option_logprobs(self, items: list[tuple[str, list[str]]], batch_size: int = 8) -> list[list[float]]:
