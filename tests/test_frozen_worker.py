@@ -33,3 +33,25 @@ def test_question_logprobs_equal_separate_prompts(worker):
             assert torch.isfinite(lp).all()
     with pytest.raises(ValueError, match="distinct tokens"):
         worker.question_logprobs(texts[:1], questions, ["Yes", "Yes"], 2)
+
+
+def test_option_extensions_reuse_the_prompt_encoding(tiny_dir):
+    """A multi-token option's later tokens are scored on the prompt's cached keys and values;
+    the answers equal those of encoding prompt + prefix again (the sharded ranks' path)."""
+    from rayalign.cluster.group import LocalGroup
+    from rayalign.workers.frozen import FrozenLMWorker
+
+    g = LocalGroup("labeler", FrozenLMWorker)
+    g.init_model({"name": str(tiny_dir)}, {}, False)
+    w = g.worker
+    items = [("Which is better? Preferred Response=", ["1", "2", "10"]), ("Say a longer number" * 3, ["12", "1"]),
+             ("hi", ["Yes", "No"])] * 3
+    cached = w.option_logprobs(items, 4)
+    w.lockstep = True
+    try:
+        encoded = w.option_logprobs(items, 4)
+    finally:
+        w.lockstep = False
+    assert [len(r) for r in cached] == [len(o) for _, o in items]
+    for a, b in zip(cached, encoded):
+        assert a == pytest.approx(b, abs=1e-4)

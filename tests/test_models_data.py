@@ -114,3 +114,26 @@ def test_encode_rm_cuts_the_prompt_first_and_both_when_the_response_alone_is_too
     # A response longer than max_length: cutting only the prompt cannot fit it (this raised).
     ids = data.encode_rm(tok, "question " * 10, "answer " * 400, 48)
     assert len(ids) == 48
+
+
+def test_harm_request_splits_and_harmbench():
+    dev, _ = data.read_rows("packaged:harm-requests-dev")
+    held, _ = data.read_rows("packaged:harm-requests-heldout")
+    # Two disjoint halves of the same requests, kinds alternating, each request once.
+    assert not {r["prompt"] for r in dev} & {r["prompt"] for r in held}
+    for rows in (dev, held):
+        assert len(rows) > 300 and len({r["prompt"] for r in rows}) == len(rows)
+        assert [r["kind"] for r in rows[:4]] == ["harmful", "benign", "harmful", "benign"]
+    everything = {r["prompt"] for r in data.read_rows("packaged:donotanswer")[0]}
+    assert {r["prompt"] for r in dev + held if r["kind"] == "harmful"} <= everything
+    hb, _ = data.read_rows("packaged:harmbench")
+    assert len(hb) == 200 and all(r["kind"] == "harmful" and r["prompt"] for r in hb)
+
+
+def test_packaged_names_are_found_anywhere_in_a_config():
+    tree = {"model": {"name": "smollm2-135m-instruct"},
+            "labeler": {"backend": {"model": {"name": "qwen2.5-coder-1.5b-instruct"}}},
+            "rm": {"model": {"name": "all-minilm-l6-v2"}}, "sft": {"name": "not-a-model"},
+            "ppo": {"rewards": [{"type": "rm", "path": "/some/dir"}, {"path": "smollm2-135m-instruct"}]}}
+    assert models.packaged_names(tree) == ["smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct",
+                                           "all-minilm-l6-v2"]

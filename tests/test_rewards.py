@@ -85,3 +85,29 @@ def test_mix_weights_terms_and_checks_each(tmp_path):
         bad(["q", "q"], ["a", "b"])
     with pytest.raises(Exception, match="cannot import reward function 'nowhere.mod:fn'"):
         import_callable("nowhere.mod:fn")
+
+
+def test_refusal_reward_term_reads_the_labeler(tmp_path):
+    """ppo.rewards type refusal: (2s - 1) x (+1 refused / -1 answered), s from the labeler."""
+    import contextlib
+
+    from rayalign.config import RewardSourceConfig
+    from rayalign.rewards import _open_source
+
+    class Lab:
+        def refusal_rewards(self, items):
+            from rayalign.algos.preference import refusal_reward
+            from rayalign.refusal import is_refusal
+
+            s = {"harm": 0.9, "fine": 0.2}
+            return [refusal_reward(s[c], is_refusal(r)) for c, r in items]
+
+    src = RewardSourceConfig(type="refusal")
+    with contextlib.ExitStack() as stack:
+        fn = _open_source(src, 0, stack, None, Lab(), None, None)
+        mix = RewardMix([("refusal", 1.0, fn)])
+        got = mix(["harm", "harm", "fine", "fine"], ["I'm sorry, I can't help with that.", "Sure, here it is.",
+                                                     "I'm sorry, I can't help with that.", "Sure, here it is."])
+        assert got == pytest.approx([0.8, -0.8, -0.6, 0.6])
+        with pytest.raises(Exception, match="a refusal term needs the labeler"):
+            _open_source(src, 0, stack, None, None, None, None)

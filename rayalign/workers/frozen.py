@@ -112,6 +112,45 @@ class FrozenLMWorker(Worker):
                     rows[i] = row
         return rows  # type: ignore[return-value]
 
+    def _logprobs_with_extensions(self, texts: list[str], prefixes: list[list[tuple[int, ...]]],
+                                  batch_size: int) -> tuple[list[torch.Tensor], dict]:
+        """log-softmax of the next token after each text, and after each text followed by each
+        of its token ``prefixes``: ``(first, {(i, prefix): row})``. A text's keys and values are
+        computed once and each prefix is a few more positions on them, instead of the whole
+        prompt encoded again per prefix (which doubled a pairwise judgement's cost)."""
+        lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        first: list[torch.Tensor | None] = [None] * len(texts)
+        ext: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        pad = self.tok.pad_token_id
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            enc = self.tok([texts[i] for i in idx], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self.device)
+            width = enc["input_ids"].shape[1]
+            rounds = max(len(prefixes[i]) for i in idx)
+            with torch.no_grad():
+                o = self.model(**enc, use_cache=rounds > 0, logits_to_keep=1)
+                for r, i in enumerate(idx):
+                    first[i] = torch.log_softmax(o.logits[r, -1].float(), -1).cpu()
+                cache = o.past_key_values if rounds else None
+                for j in range(rounds):
+                    rows = [prefixes[i][j] if j < len(prefixes[i]) else () for i in idx]
+                    n = max(len(p) for p in rows)
+                    ids = torch.full((len(idx), n), pad, dtype=torch.long)
+                    for r, p in enumerate(rows):  # after the text (left-padded: it ends at one column)
+                        if p:
+                            ids[r, :len(p)] = torch.tensor(p)
+                    mask = torch.cat([enc["attention_mask"], torch.ones((len(idx), n), dtype=enc["attention_mask"].dtype,
+                                                                       device=self.device)], 1)
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, past_key_values=cache,
+                                        use_cache=True).logits.float()
+                    cache.crop(width)  # back to the texts for the next round of prefixes
+                    for r, (i, p) in enumerate(zip(idx, rows)):
+                        if p:
+                            ext[(i, tuple(p))] = torch.log_softmax(logits[r, len(p) - 1], -1).cpu()
+        return first, ext  # type: ignore[return-value]
+
     @dispatch(SPLIT)
     def option_logprobs(self, items: list[tuple[str, list[str]]], batch_size: int = 8) -> list[list[float]]:
         """For each (prompt, options): log P(answer starts with option | rendered prompt).
@@ -121,9 +160,9 @@ class FrozenLMWorker(Worker):
         option that is its prefix ("1") keeps only the mass that does not continue into it.
         """
         rendered = [self.render(t) for t, _ in items]
-        first = self._last_logprobs(rendered, batch_size)
         seqs = [[self._option_tokens(o) for o in options] for _, options in items]
-        # Every extension prefix needed by a multi-token option, scored in one batched pass.
+        # Every extension prefix needed by a multi-token option (" 1" is " ", "1" in Qwen's
+        # vocabulary, so nearly every prompt has one).
         ext_keys: list[tuple[int, tuple[int, ...]]] = []
         for i, per_opt in enumerate(seqs):
             for variants in per_opt:
@@ -132,10 +171,19 @@ class FrozenLMWorker(Worker):
                         key = (i, tuple(toks[:k]))
                         if key not in ext_keys:
                             ext_keys.append(key)
-        ext_texts = [rendered[i] + self.tok.decode(list(prefix)) for i, prefix in ext_keys]
-        ext = dict(zip(ext_keys, self._last_logprobs(ext_texts, batch_size))) if ext_keys else {}
-        if self.lockstep and not ext_keys:
-            self._last_logprobs([], batch_size)  # match the other ranks' extension pass
+        if not self.lockstep:
+            per_item: list[list[tuple[int, ...]]] = [[] for _ in items]
+            for i, prefix in ext_keys:
+                per_item[i].append(prefix)
+            first, ext = self._logprobs_with_extensions(rendered, per_item, batch_size)
+        else:
+            # Ranks of a sharded model must run the same forwards: a batched pass of the
+            # prompts, then one of the extended prompts.
+            first = self._last_logprobs(rendered, batch_size)
+            ext_texts = [rendered[i] + self.tok.decode(list(prefix)) for i, prefix in ext_keys]
+            ext = dict(zip(ext_keys, self._last_logprobs(ext_texts, batch_size))) if ext_keys else {}
+            if not ext_keys:
+                self._last_logprobs([], batch_size)  # match the other ranks' extension pass
         out = []
         for i, per_opt in enumerate(seqs):
             probs = []
