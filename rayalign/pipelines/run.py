@@ -128,7 +128,7 @@ def heldout_rows(p: dict, name: str) -> list[tuple[str, str]]:
                    "worse" if ci[1] is not None and ci[1] < 0.5 else "not distinguishable from 50%")
         rows.append((f"win rate of the {name} policy vs the SFT policy (AI judge, held-out prompts)",
                      f"{f(p['win_rate_vs_start'], '{:.0%}')} [95% CI {f(ci[0], '{:.0%}')}, {f(ci[1], '{:.0%}')}] "
-                     f"of {p.get('eval_prompts')} ({p.get('identical_answers')} identical): {verdict}"))
+                     f"of {p.get('win_rate_prompts') or p.get('eval_prompts')} ({p.get('identical_answers')} identical): {verdict}"))
         if p.get("judge_agreement_not_measured"):
             rows.append(("judge agreement with people", f"not measured: {p['judge_agreement_not_measured']}"))
         if p.get("judge_agreement") is not None:
