@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayalign.algos.stats import rate  # noqa: E402
+from rayalign.algos.stats import auc, rate  # noqa: E402
 from rayalign.data import COMPLIANCE, REFUSALS, load_rows  # noqa: E402
 from rayalign.labeler.judge import Labeler  # noqa: E402
 from rayalign.labeler.templates import LabelTemplate, resolve_template  # noqa: E402
@@ -70,11 +70,6 @@ def labeler_for(backend, variant: str, bias: float) -> Labeler:
     overrides = {"refusal_request": text} if text else {}
     return Labeler(backend, resolve_template("helpfulness", overrides), mode="pairwise", harm="request",
                    refusal_signal="self" if text is None else "ask", refusal_bias=bias)
-
-
-def auc(pos: list[float], neg: list[float]) -> float:
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / max(1, len(pos) * len(neg))
 
 
 def fit_bias(z_harm: list[float], z_benign: list[float]) -> tuple[float, float]:

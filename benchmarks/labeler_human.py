@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rayalign import human_pairs  # noqa: E402
 from rayalign.algos.preference import swap_average, two_way_softmax  # noqa: E402
-from rayalign.algos.stats import paired_difference, rate  # noqa: E402
+from rayalign.algos.stats import auc, paired_difference, rate  # noqa: E402
 from rayalign.labeler.judge import CONTENT_FREE, response_length  # noqa: E402
 from rayalign.labeler.templates import CRITERIA, PRESETS  # noqa: E402
 
@@ -125,21 +125,6 @@ def method_scores(cache: dict, rows: list[dict]) -> dict:
         "overall HHH question (same subset)": pw(["overall"]),
     }
     return m, sub
-
-
-def auc(pos: list[float], neg: list[float]) -> float:
-    """P(score of a chosen response > score of a rejected one), pooled across prompts."""
-    allv = sorted([(v, 1) for v in pos] + [(v, 0) for v in neg])
-    rank_sum, i = 0.0, 0
-    while i < len(allv):
-        j = i
-        while j < len(allv) and allv[j][0] == allv[i][0]:
-            j += 1
-        r = (i + j + 1) / 2
-        rank_sum += r * sum(lab for _, lab in allv[i:j])
-        i = j
-    n1, n0 = len(pos), len(neg)
-    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 def score(rows: list[dict], fn) -> dict:

@@ -38,3 +38,11 @@ def test_paired_difference_by_hand():
     assert paired_difference(0, 0, 10)["ci95"][0] == pytest.approx(-paired_difference(0, 0, 10)["ci95"][1])
     with pytest.raises(ValueError):
         paired_difference(6, 5, 10)
+
+
+def test_auc_by_hand():
+    from rayalign.algos.stats import auc
+
+    # pairs (pos, neg): (3,1) win, (3,2) win, (2,1) win, (2,2) tie -> 3.5 of 4
+    assert auc([3.0, 2.0], [1.0, 2.0]) == pytest.approx(0.875)
+    assert auc([0.0], [1.0]) == 0.0

@@ -85,3 +85,18 @@ def spearman(x: list[float], y: list[float]) -> float:
     sxx = sum((a - mx) ** 2 for a in rx)
     syy = sum((b - my) ** 2 for b in ry)
     return sxy / math.sqrt(sxx * syy) if sxx and syy else 0.0
+
+
+def auc(pos: list[float], neg: list[float]) -> float:
+    """P(a positive's score > a negative's), ties counting one half (the Mann-Whitney AUC, by ranks)."""
+    allv = sorted([(v, 1) for v in pos] + [(v, 0) for v in neg])
+    rank_sum, i = 0.0, 0
+    while i < len(allv):
+        j = i
+        while j < len(allv) and allv[j][0] == allv[i][0]:
+            j += 1
+        r = (i + j + 1) / 2
+        rank_sum += r * sum(lab for _, lab in allv[i:j])
+        i = j
+    n1, n0 = len(pos), len(neg)
+    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
