@@ -171,6 +171,8 @@ def _cfg(root: Path, src: Path, model: dict | None = None, **aligner) -> object:
                              "tracking": {"root": str(root), "wandb": "disabled"}, "aligner": base})
 
 
+# ~3.5 min on 2 cores: in `make test-all` (slow) to keep CI under 40 minutes.
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_warmup_copies_then_qac_changes_what_it_was_taught(tmp_path, local_ray):
