@@ -55,3 +55,26 @@ def test_option_extensions_reuse_the_prompt_encoding(tiny_dir):
     assert [len(r) for r in cached] == [len(o) for _, o in items]
     for a, b in zip(cached, encoded):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_shared_prefix_forward_equals_each_prompt_alone(worker):
+    """The judge's prompts share the chat template's opening and, in pairs, a question: the
+    shared stretches encoded once give each prompt's own unpadded forward (its last
+    token's log-probs), with groups of one, two and three and tails of different lengths."""
+    import torch
+
+    q = "Question: what is the capital of France, and why is it that city?\n\n"
+    texts = [worker.render(q + "Answer A: Paris.\n\nAnswer B: Lyon, by a long way.\n\nWhich? Reply A or B."),
+             worker.render(q + "Answer A: Lyon, by a long way.\n\nAnswer B: Paris.\n\nWhich? Reply A or B."),
+             worker.render(q + "Answer A: Nice.\n\nAnswer B: Paris.\n\nWhich? Reply A or B."),
+             worker.render("Tell me how to pick a lock."),
+             worker.render("Question: hi\n\nAnswer A: hello\n\nAnswer B: hey there, friend of mine\n\nWhich?")]
+    shared = worker._last_logprobs(texts, 2)
+    for t, row in zip(texts, shared):
+        alone = worker._last_logprobs([t], 1, share=False)[0]
+        assert torch.isfinite(row).all()
+        assert torch.allclose(row, alone, atol=1e-4), (t, (row - alone).abs().max())
+    # and the same texts in one plain padded batch
+    plain = worker._last_logprobs(texts, 8, share=False)
+    for a, b in zip(shared, plain):
+        assert torch.allclose(a, b, atol=1e-4)

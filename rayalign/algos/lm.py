@@ -174,3 +174,40 @@ def response_sums(frame: torch.Tensor, tokens: Tokens, samples: list[dict]) -> t
 def to_frame(values: list[list[float]], tokens: Tokens, samples: list[dict]) -> torch.Tensor:
     """Inverse of :func:`response_slices`: per-sample response lists into a frame."""
     return tokens.to_frame(values, response_spans(samples)[0])
+
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """The number of leading tokens every sequence shares."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for k in range(n):
+        t = first[k]
+        if any(s[k] != t for s in seqs):
+            return k
+    return n
+
+
+def prefix_groups(seqs: list[list[int]], start: int, min_shared: int) -> list[tuple[list[int], int]]:
+    """Sequences that share more than their first ``start`` tokens, grouped so that each
+    shared stretch is encoded once: ``[(members, shared)]``, members in lexicographic order
+    of their tokens past ``start`` and ``shared`` the further tokens all members have in
+    common (0 for a sequence alone). A group forms only where at least ``min_shared``
+    tokens are shared, and every member keeps one token of its own after the shared part,
+    so each sequence's last position is still computed on its own. A judge's two orders of
+    one pair share the question; its prompts all share the chat template's opening."""
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i][start:])
+    groups: list[tuple[list[int], int]] = []
+    for i in order:
+        if groups:
+            members, shared = groups[-1]
+            last = seqs[members[-1]]
+            k = common_prefix_len([last[start:], seqs[i][start:]])
+            k = min(k, shared if len(members) > 1 else k, len(seqs[i]) - start - 1,
+                    min(len(seqs[m]) for m in members) - start - 1)
+            if k >= min_shared:
+                groups[-1] = (members + [i], k)
+                continue
+        groups.append(([i], 0))
+    return groups

@@ -95,10 +95,13 @@ class FrozenLMWorker(Worker):
 
     # ------------------------------------------------------------ group methods
 
-    def _last_logprobs(self, texts: list[str], batch_size: int) -> list[torch.Tensor]:
+    def _last_logprobs(self, texts: list[str], batch_size: int, share: bool = True) -> list[torch.Tensor]:
         """log-softmax of the next token after each (already rendered) text. Texts are batched
         in order of length, so that a batch pads little (a judge's prompts differ in length
-        by their questions and answers; padding is compute spent on nothing)."""
+        by their questions and answers; padding is compute spent on nothing). Outside
+        lockstep, stretches the texts share are encoded once (``_shared_prefix_logprobs``)."""
+        if share and not self.lockstep and len(texts) > 1:
+            return self._shared_prefix_logprobs(texts, batch_size)
         lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         rows: list[torch.Tensor | None] = [None] * len(texts)
@@ -112,12 +115,89 @@ class FrozenLMWorker(Worker):
                     rows[i] = row
         return rows  # type: ignore[return-value]
 
+    # A stretch shared by two or more prompts is encoded once where it is at least this long.
+    SHARED_MIN_TOKENS = 8
+
+    def _shared_prefix_logprobs(self, texts: list[str], batch_size: int) -> list[torch.Tensor]:
+        """``_last_logprobs`` computed once per shared stretch: the opening every prompt
+        shares (the chat template's system turn, 29 of a pairwise prompt's ~75 tokens for
+        Qwen2.5) is encoded once, a stretch a few prompts share (a question judged in both
+        orders) once per group, and then each prompt's own tail on those keys and values.
+        Positions are passed explicitly, so each token sits where it would in its own
+        unpadded prompt and the result is the plain forward's, to float rounding."""
+        import copy
+
+        from transformers import DynamicCache
+
+        from ..algos.lm import common_prefix_len, prefix_groups
+
+        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        rows: list[torch.Tensor | None] = [None] * len(texts)
+        if not ids:
+            return []
+        p0 = min(common_prefix_len(ids), min(len(s) for s in ids) - 1)
+        if p0 < 1:
+            return self._last_logprobs(texts, batch_size, share=False)
+        pad = self.tok.pad_token_id
+        dev = self.device
+        with torch.no_grad():
+            head = self.model(input_ids=torch.tensor([ids[0][:p0]], device=dev), use_cache=True,
+                              logits_to_keep=1).past_key_values
+        if not isinstance(head, DynamicCache):
+            return self._last_logprobs(texts, batch_size, share=False)
+        groups = prefix_groups(ids, p0, self.SHARED_MIN_TOKENS)
+        groups.sort(key=lambda g: max(len(ids[m]) for m in g[0]))  # little padding per batch
+        batches, cur = [], []
+        for g in groups:
+            cur.append(g)
+            if sum(len(m) for m, _ in cur) >= batch_size:
+                batches.append(cur)
+                cur = []
+        if cur:
+            batches.append(cur)
+
+        def left_padded(seqs: list[list[int]], starts: list[int]):
+            w = max(len(s) for s in seqs)
+            t = torch.full((len(seqs), w), pad, dtype=torch.long)
+            m = torch.zeros((len(seqs), w), dtype=torch.long)
+            pos = torch.zeros((len(seqs), w), dtype=torch.long)
+            for r, (s, at) in enumerate(zip(seqs, starts)):
+                if s:
+                    t[r, w - len(s):] = torch.tensor(s)
+                    m[r, w - len(s):] = 1
+                    pos[r, w - len(s):] = torch.arange(at, at + len(s))
+            return t.to(dev), m.to(dev), pos.to(dev)
+
+        for batch in batches:
+            cache = copy.deepcopy(head)
+            cache.batch_repeat_interleave(len(batch))
+            mask = torch.ones((len(batch), p0), dtype=torch.long, device=dev)
+            shared = [ids[m[0]][p0:p0 + k] for m, k in batch]
+            with torch.no_grad():
+                if any(shared):
+                    t, m, pos = left_padded(shared, [p0] * len(batch))
+                    mask = torch.cat([mask, m], 1)
+                    self.model(input_ids=t, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                               use_cache=True, logits_to_keep=1)
+                who = [(gi, i) for gi, (members, _) in enumerate(batch) for i in members]
+                cache.batch_select_indices(torch.tensor([gi for gi, _ in who], device=dev))
+                tails = [ids[i][p0 + batch[gi][1]:] for gi, i in who]
+                t, m, pos = left_padded(tails, [p0 + batch[gi][1] for gi, _ in who])
+                mask = torch.cat([mask[[gi for gi, _ in who]], m], 1)
+                logits = self.model(input_ids=t, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+            for (_, i), row in zip(who, torch.log_softmax(logits, dim=-1).cpu()):
+                rows[i] = row
+        return rows  # type: ignore[return-value]
+
     def _logprobs_with_extensions(self, texts: list[str], prefixes: list[list[tuple[int, ...]]],
                                   batch_size: int) -> tuple[list[torch.Tensor], dict]:
         """log-softmax of the next token after each text, and after each text followed by each
         of its token ``prefixes``: ``(first, {(i, prefix): row})``. A text's keys and values are
         computed once and each prefix is a few more positions on them, instead of the whole
         prompt encoded again per prefix (which doubled a pairwise judgement's cost)."""
+        if not any(prefixes):  # single-token options (A/B, Yes/No): one position per text
+            return self._last_logprobs(texts, batch_size), {}
         lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         first: list[torch.Tensor | None] = [None] * len(texts)
