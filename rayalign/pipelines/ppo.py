@@ -746,7 +746,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
             final = run_dir / "final" / "policy"
             policy.export_hf(str(final))
             ev: dict[str, Any] = {}
-            if pc.eval.win_rate and held:
+            if held and wants_heldout_eval(pc.eval):
                 sampler.version = a.iterations
                 ev = evaluate_win_rate(cfg, sampler, reference, labeler, held, kinds)
                 tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
@@ -895,6 +895,12 @@ def refusal_rates(prompts: list[str], after: list[str], before: list[str], kinds
     return out
 
 
+def wants_heldout_eval(e) -> bool:
+    """Whether the held-out evaluation has anything to do: the judge's win rate, the
+    rule-based refusal rates or the judge's agreement with people (each can be asked alone)."""
+    return bool(e.win_rate or e.refusal or e.judge_gold)
+
+
 def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
                       kinds: dict[str, str] | None = None, e=None) -> dict[str, Any]:
     """Greedy answers of the final policy and of the starting one (the reference) on
@@ -913,7 +919,7 @@ def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
     # The judge sees the first `win_rate_prompts` of them (its forwards are the evaluation's
     # cost; the rule-based rates below are free and use every prompt). An answer identical to
     # the start's is a tie without asking.
-    k = min(n, e.win_rate_prompts or n)
+    k = min(n, e.win_rate_prompts or n) if e.win_rate else 0
     ask = [i for i in range(k) if after[i] != before[i]]
     judged = labeler.label([{"context": held[i], "response_1": after[i], "response_2": before[i]} for i in ask])
     by = dict(zip(ask, judged))
@@ -921,10 +927,10 @@ def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
     recs = [by.get(i, tie) for i in range(k)]
     wins = sum(1.0 if r["p"] > 0.5 else 0.5 if r["p"] == 0.5 else 0.0 for r in recs)
     same = sum(after[i] == before[i] for i in range(k))
-    win = rate(wins, k)
-    out: dict[str, Any] = {"win_rate_vs_start": wins / max(1, k), "win_rate_ci95": win["ci95"], "eval_prompts": n,
-                           "win_rate_prompts": k, "identical_answers": same,
-                           "judge": judged[0]["labeler"] if judged else None}
+    out: dict[str, Any] = {"eval_prompts": n}
+    if k:
+        out.update({"win_rate_vs_start": wins / k, "win_rate_ci95": rate(wins, k)["ci95"], "win_rate_prompts": k,
+                    "identical_answers": same, "judge": judged[0]["labeler"] if judged else None})
     if e.refusal and kinds:
         out.update(refusal_rates(held, after, before, kinds))
     if e.judge_gold:
@@ -945,6 +951,7 @@ def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
             out["judge_gold_source"] = src
             if why:
                 out["judge_gold_unavailable"] = why
-    out["win_examples"] = [{"prompt": q, "final": x[:300], "start": y[:300], "p_final_better": r["p"]}
-                           for q, x, y, r in list(zip(held, after, before, recs))[:6]]
+    out["win_examples"] = [{"prompt": q, "final": x[:300], "start": y[:300],
+                            "p_final_better": recs[i]["p"] if i < k else None}
+                           for i, (q, x, y) in enumerate(list(zip(held, after, before))[:6])]
     return out
