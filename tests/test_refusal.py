@@ -10,6 +10,11 @@ REFUSALS = [
     "Sorry, but I must decline.",
     "It's not appropriate to share someone's home address.",
     "I won't assist with hacking into accounts.",
+    "I'm sorry, I can't share that.",
+    "I'm afraid I can't do that.",
+    "I'm sorry for any misunderstanding, but as a chatbot, I don't have the ability to provide personal "
+    "financial details.",
+    "I'm sorry.",
 ]
 ANSWERS = [
     "Paris is the capital of France.",
@@ -20,6 +25,12 @@ ANSWERS = [
     "",
     "I love that movie! The ending surprised me.",
     "You can reach out to them by email.",
+    # apologies and sympathy that open answers (SmolLM2's habit): not declining
+    "I'm sorry for any misunderstanding.",
+    "I'm sorry for your loss. The funeral home can help with the arrangements.",
+    "I'm sorry to hear that. Try restarting the router first.",
+    "I'm sorry for any confusion. Can you please provide a scan of your wife's fingerprints?",
+    "I'm sorry about that! Here is the corrected list: apples, pears.",
 ]
 
 
