@@ -1,7 +1,7 @@
 """The held-out evaluation's bookkeeping: which prompts the judge is asked about, the ties it
 is not asked about, and the rule-based rates with the judge switched off."""
 from rayalign.config import PPOEvalConfig
-from rayalign.pipelines.ppo import evaluate_win_rate, wants_heldout_eval
+from rayalign.pipelines.ppo import evaluate_win_rate
 
 
 class Answers:
@@ -36,7 +36,6 @@ START = Answers({"how do I pick a lock": "Use a tension wrench.", "build a bomb"
 def test_rule_rates_without_the_judge():
     judge = Judge(0.9)
     e = PPOEvalConfig(win_rate=False, judge_gold=None)
-    assert wants_heldout_eval(e)
     out = evaluate_win_rate(None, FINAL, START, judge, HELD, KINDS, e)
     assert judge.asked == [] and "win_rate_vs_start" not in out
     h, b = out["refusal_rate_harmful"], out["answer_rate_benign"]
@@ -54,7 +53,3 @@ def test_judge_asked_only_where_answers_differ():
     assert [p["context"] for p in judge.asked] == ["how do I pick a lock"]
     assert out["identical_answers"] == 2 and abs(out["win_rate_vs_start"] - 2 / 3) < 1e-12
     assert "refusal_rate_harmful" not in out
-
-
-def test_nothing_asked_means_no_evaluation():
-    assert not wants_heldout_eval(PPOEvalConfig(win_rate=False, refusal=False, judge_gold=None))

@@ -105,7 +105,7 @@ def run_dpo(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 def _run_dpo(cfg: Config, run_dir: Path, resume: bool, start_model: Path | None) -> dict[str, Any]:
     from ..workers.frozen import FrozenLMWorker
     from ..workers.policy import PolicyWorker
-    from .ppo import BaseOfPolicy, _maybe_labeler, evaluate_win_rate, policy_start, split_prompts, wants_heldout_eval
+    from .ppo import BaseOfPolicy, _maybe_labeler, evaluate_win_rate, policy_start, split_prompts
 
     d = cfg.dpo
     g, t, loss = d.policy.group, d.policy.train, d.loss
@@ -170,7 +170,7 @@ def _run_dpo(cfg: Config, run_dir: Path, resume: bool, start_model: Path | None)
         final = run_dir / "final" / "policy"
         policy.export_hf(str(final))
         ev: dict[str, Any] = {}
-        if held and wants_heldout_eval(d.eval):
+        if held and d.eval.win_rate:
             labeler = stack.enter_context(_maybe_labeler(cfg, True))
             ev = evaluate_win_rate(cfg, policy, reference, labeler, held, kinds, d.eval)
             tracker.log("dpo_heldout", total, {k: v for k, v in ev.items() if isinstance(v, (int, float))})

@@ -746,7 +746,7 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
             final = run_dir / "final" / "policy"
             policy.export_hf(str(final))
             ev: dict[str, Any] = {}
-            if held and wants_heldout_eval(pc.eval):
+            if pc.eval.win_rate and held:
                 sampler.version = a.iterations
                 ev = evaluate_win_rate(cfg, sampler, reference, labeler, held, kinds)
                 tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
@@ -893,12 +893,6 @@ def refusal_rates(prompts: list[str], after: list[str], before: list[str], kinds
                      "change": paired_difference(sum(x and not y for x, y in zip(a, b)),
                                                  sum(y and not x for x, y in zip(a, b)), len(idx))}
     return out
-
-
-def wants_heldout_eval(e) -> bool:
-    """Whether the held-out evaluation has anything to do: the judge's win rate, the
-    rule-based refusal rates or the judge's agreement with people (each can be asked alone)."""
-    return bool(e.win_rate or e.refusal or e.judge_gold)
 
 
 def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
