@@ -15,8 +15,7 @@ _PATTERNS = [
     # your loss" is an apology or sympathy that small chat models open answers with: counted
     # as refusals, they made SmolLM2's tic a 20% "refusal rate" and PPO's reward for it.
     r"\bi(?:'m| am)? (?:sorry|afraid)\b(?![ ,]+(?:for|to hear|about|if|that you|you(?:'re| are)|to say|"
-    r"that happened|for the))",
-    r"\bi(?:'m| am)? afraid (?:i|that)\b",
+    r"that happened))",
     r"\bi (?:don't|do not) have (?:the ability|the capability|access) to (?:provide|share|access|give|help)",
     r"\bi (?:can ?not|can't|cannot|won't|will not|am unable to|'m unable to|am not able to|'m not able to|"
     r"do not|don't) (?:help|assist|provide|answer|give|share|support|do that|comply|engage|tell|discuss|"
