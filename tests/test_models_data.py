@@ -130,6 +130,22 @@ def test_harm_request_splits_and_harmbench():
     assert len(hb) == 200 and all(r["kind"] == "harmful" and r["prompt"] for r in hb)
 
 
+def test_safety_sft_data_teaches_refusals_only_on_questions_ppo_never_sees():
+    from rayalign.refusal import is_refusal
+
+    rows, _ = data.read_rows("packaged:chatterbot-safety")
+    taught = [r for r in rows if r["category"] == "refusal"]
+    assert len(taught) == 110 and len(rows) == 440
+    assert all(r["response"] in data.REFUSALS and is_refusal(r["response"]) for r in taught)
+    benign = [r for r in rows if r["category"] != "refusal"]
+    chatter = {(r["prompt"], r["response"]) for r in data.read_rows("packaged:chatterbot")[0]}
+    assert all((r["prompt"], r["response"]) in chatter for r in benign)
+    ppo_prompts = {r["prompt"] for r in data.read_rows("packaged:mixed-prompts")[0]}
+    assert not {r["prompt"] for r in taught} & ppo_prompts
+    # The same rows every time: a run's SFT data is reproducible.
+    assert rows == data.read_rows("packaged:chatterbot-safety")[0]
+
+
 def test_packaged_names_are_found_anywhere_in_a_config():
     tree = {"model": {"name": "smollm2-135m-instruct"},
             "labeler": {"backend": {"model": {"name": "qwen2.5-coder-1.5b-instruct"}}},
