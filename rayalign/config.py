@@ -338,6 +338,10 @@ class RewardSourceConfig(Section):
         "Python callable 'module:function'(prompts, responses) -> floats; http: POST {prompts, responses} -> "
         "{rewards}.")
     weight: float = 1.0
+    gate: bool = Field(False, description="refusal: on requests the labeler says should be refused (P > 1/2) "
+                       "this term alone is the reward, the others left out; elsewhere it is added to them "
+                       "(Llama 2's safety-gated reward: a helpfulness RM that prefers long answers does not "
+                       "argue against a refusal)")
     path: Optional[str] = Field(None, description="rm: an exported reward model (default in `run`: the rm stage's)")
     group: GroupConfig = Field(default_factory=GroupConfig, description="rm: the reward group's layout")
     normalize: bool = Field(True, description="rm: standardise with the saved score mean/std")
@@ -354,6 +358,8 @@ class RewardSourceConfig(Section):
             raise ValueError("a function reward needs function: 'module:function'")
         if self.type == "http" and not self.url:
             raise ValueError("an http reward needs url")
+        if self.gate and self.type != "refusal":
+            raise ValueError(f"gate is an option of the refusal term, not of {self.type}")
         return self
 
 

@@ -10,6 +10,7 @@ Nothing here touches a model hub: the loaders run with ``local_files_only``.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -106,7 +107,7 @@ def _convert_gguf(src_dir: Path, gguf: str, out: Path, dtype: str, say: Callable
                   expect_s: int) -> None:
     """A GGUF file (dequantised by transformers) as a plain safetensors HF directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     say(f"reading {gguf} (dequantising GGUF, about {expect_s} s)")
     t = time.time()
@@ -115,7 +116,9 @@ def _convert_gguf(src_dir: Path, gguf: str, out: Path, dtype: str, say: Callable
     )
     tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf, local_files_only=True)
     say(f"read in {time.time() - t:.0f}s; writing {dtype} safetensors")
-    config = AutoConfig.from_pretrained(str(src_dir), gguf_file=gguf, local_files_only=True)
+    # The loaded model's own config, not a fresh AutoConfig: each GGUF read parses the whole
+    # metadata again (the 1.5B's 151k-token vocabulary and merges in Python), tens of seconds.
+    config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     # A plain model from the cleaned config, so the saved directory carries no GGUF traces.

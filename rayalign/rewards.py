@@ -81,19 +81,28 @@ class RewardMix:
         if not terms:
             raise ConfigError("ppo.rewards: at least one reward source is needed")
         self.terms = terms
+        if sum(getattr(fn, "gate", None) is not None for _, _, fn in terms) > 1:
+            raise ConfigError("ppo.rewards: at most one term may gate the others (gate: true)")
         self.groups = list(groups or [])  # actor groups behind the terms (RM, labeler)
         self.last_terms: dict[str, float] = {}
 
     def __call__(self, prompts: list[str], samples: list) -> list[float]:
-        """Scores for responses given as texts or as rollout samples (dicts with "response")."""
+        """Scores for responses given as texts or as rollout samples (dicts with "response");
+        a term with a ``gate`` (the refusal term's ``gate: true``) is the whole reward where
+        its gate is set (``algos.preference.gated_sum``)."""
+        from .algos.preference import gated_sum
+
         responses = [s["response"] if isinstance(s, dict) else s for s in samples]
-        total = [0.0] * len(prompts)
         self.last_terms = {}
-        for name, weight, fn in self.terms:
+        values, gated, gate = [], None, None
+        for j, (name, weight, fn) in enumerate(self.terms):
             vals = _checked(name, fn(prompts, responses), len(prompts))
             self.last_terms[f"reward_{name}"] = sum(vals) / max(1, len(vals))
-            total = [t + weight * v for t, v in zip(total, vals)]
-        return total
+            values.append(vals)
+            if getattr(fn, "gate", None) is not None:
+                gated, gate = j, [bool(g) for g in fn.gate(prompts)]
+                self.last_terms["gated_share"] = sum(gate) / max(1, len(gate))
+        return gated_sum(values, [w for _, w, _ in self.terms], gated, gate)
 
 
 def _rm_scorer(group, normalize: bool) -> Callable[[list[str], list[str]], list[float]]:
@@ -159,7 +168,12 @@ def _open_source(src: RewardSourceConfig, i: int, stack: contextlib.ExitStack, d
         if labeler is None:
             raise ConfigError(f"ppo.rewards: a {src.type} term needs the labeler (internal: none was opened)")
         if src.type == "refusal":
-            return lambda p, r: labeler.refusal_rewards(list(zip(p, r)))
+            def refusal(p, r):
+                return labeler.refusal_rewards(list(zip(p, r)))
+            if src.gate:
+                # The same cached P(should refuse) the term itself reads: no extra forward.
+                refusal.gate = lambda p: [s > 0.5 for s in labeler.should_refuse(list(p))]
+            return refusal
         return lambda p, r: labeler.rewards(list(zip(p, r)))
     path = rm_path(src, i, default_rm)
     grp = stack.enter_context(role_group(f"reward{i}" if i else "reward", RewardWorker, src.group))

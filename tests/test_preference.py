@@ -230,3 +230,16 @@ def test_labeler_harm_on_the_request():
         Labeler(FunctionBackend(_harm_backend([])), PRESETS["helpfulness"], harm="request", refusal_signal="guess")
     with pytest.raises(ValueError, match="harmlessness"):
         Labeler(FunctionBackend(_harm_backend([])), PRESETS["helpfulness"], harm="content")
+
+
+def test_gated_sum_leaves_the_other_terms_out_where_the_gate_is_set():
+    from rayalign.algos.preference import gated_sum
+
+    rm, refusal = [0.4, -0.2, 1.5], [1.0, -0.6, 0.8]
+    # Ungated: 0.5*rm + 2*refusal = [2.2, -1.3, 2.35]; gated at samples 0 and 2: 2*refusal only.
+    assert gated_sum([rm, refusal], [0.5, 2.0], None, None) == pytest.approx([2.2, -1.3, 2.35])
+    assert gated_sum([rm, refusal], [0.5, 2.0], 1, [True, False, True]) == pytest.approx([2.0, -1.3, 1.6])
+    with pytest.raises(ValueError, match="one value per sample"):
+        gated_sum([rm, refusal], [0.5, 2.0], 1, [True])
+    with pytest.raises(ValueError, match="2 terms but 1 weights"):
+        gated_sum([rm, refusal], [0.5], None, None)

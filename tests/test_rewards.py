@@ -111,3 +111,36 @@ def test_refusal_reward_term_reads_the_labeler(tmp_path):
         assert got == pytest.approx([0.8, -0.8, -0.6, 0.6])
         with pytest.raises(Exception, match="a refusal term needs the labeler"):
             _open_source(src, 0, stack, None, None, None, None)
+
+
+def test_gated_refusal_term_alone_decides_requests_that_should_be_refused():
+    import contextlib
+
+    from rayalign.config import ConfigError, RewardSourceConfig
+    from rayalign.rewards import _open_source
+
+    s = {"harm": 0.9, "fine": 0.2}
+
+    class Lab:
+        def should_refuse(self, contexts):
+            return [s[c] for c in contexts]
+
+        def refusal_rewards(self, items):
+            from rayalign.algos.preference import refusal_reward
+            from rayalign.refusal import is_refusal
+
+            return [refusal_reward(s[c], is_refusal(r)) for c, r in items]
+
+    with contextlib.ExitStack() as stack:
+        fn = _open_source(RewardSourceConfig(type="refusal", gate=True), 0, stack, None, Lab(), None, None)
+        length = lambda p, r: [len(x) / 10 for x in r]  # noqa: E731  a "helpfulness" that likes length
+        mix = RewardMix([("len", 1.0, length), ("refusal", 1.0, fn)])
+        refuse, answer = "I'm sorry, I can't help with that.", "Sure, here it is, at great length."
+        got = mix(["harm", "harm", "fine", "fine"], [refuse, answer, refuse, answer])
+        # harm (gated): refusal term only, +0.8 / -0.8; fine: length + refusal term.
+        assert got == pytest.approx([0.8, -0.8, len(refuse) / 10 - 0.6, len(answer) / 10 + 0.6])
+        assert mix.last_terms["gated_share"] == 0.5
+        with pytest.raises(ConfigError, match="at most one term may gate"):
+            RewardMix([("a", 1.0, fn), ("b", 1.0, fn)])
+    with pytest.raises(ValueError, match="gate is an option of the refusal term"):
+        RewardSourceConfig(type="rm", gate=True)

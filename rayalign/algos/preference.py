@@ -104,6 +104,22 @@ def refusal_reward(p_should_refuse: float, refused: bool) -> float:
     return (2.0 * p_should_refuse - 1.0) * (1.0 if refused else -1.0)
 
 
+def gated_sum(values: Sequence[Sequence[float]], weights: Sequence[float], gated: int | None,
+              gate: Sequence[bool] | None) -> list[float]:
+    """Σ_j w_j·v_j per sample, except where ``gate`` is set: there term ``gated`` alone,
+    w_g·v_g (Llama 2's safety-gated reward, Touvron et al. 2023: on a request that should be
+    refused, the safety reward decides and the helpfulness reward is left out)."""
+    if len(values) != len(weights):
+        raise ValueError(f"{len(values)} terms but {len(weights)} weights")
+    n = len(values[0]) if values else 0
+    if any(len(v) != n for v in values) or (gate is not None and len(gate) != n):
+        raise ValueError("every term and the gate need one value per sample")
+    out = [sum(w * v[i] for w, v in zip(weights, values)) for i in range(n)]
+    if gated is None or gate is None:
+        return out
+    return [weights[gated] * values[gated][i] if g else t for i, (t, g) in enumerate(zip(out, gate))]
+
+
 def refusal_preference(p_should_refuse: float, refused_1: bool, refused_2: bool, p_judged: float) -> float:
     """P(response 1 preferred) when harmlessness is judged on the request: where exactly one
     of the two responses refuses, the refusal is preferred with probability s = P(the request

@@ -324,9 +324,13 @@ def advantages(samples, old, ref, values, scores, s: dict):
         # group_norm is already on a unit scale per group; group_mean (Dr. GRPO) is left
         # unscaled on purpose.
         if s["estimator"] not in ("group_norm", "group_mean"):
-            # Whitened like GAE's: the step size then does not depend on the reward's scale
-            # (as in REINFORCE++ and RLOO's normalised advantages).
-            adv = ppo.masked_whiten(adv, mask)
+            # Scaled like GAE's: the step size then does not depend on the reward's scale (as in
+            # REINFORCE++ and RLOO's normalised advantages). RLOO's are already zero-mean within each
+            # prompt's group, so they are not shifted: the token-weighted batch mean would give a
+            # group whose answers all earned the same reward a nonzero advantage, an update that
+            # follows sampling noise (seen in quickstart runs: whole groups of equal reward moved
+            # by ±0.5 after the shift).
+            adv = ppo.masked_whiten(adv, mask, shift_mean=s["estimator"] != "rloo")
     cols["advantages"] = unframe(adv, lens)
     if is_w is not None:
         cols["is_weights"] = unframe(is_w, lens)
@@ -341,8 +345,12 @@ def advantages(samples, old, ref, values, scores, s: dict):
         "score_mean": float(sc.mean()), "kl": float(kl.sum(1).mean()),
         "response_length": float(mask.sum(1).mean()), "ended_rate": float(ended.mean()),
     })
-    examples = [{"prompt_tokens": len(r["prompt_ids"]), "response": r["response"], "ended": r["ended"]}
-                for r in b.take(range(min(4, n))).to_rows(["prompt_ids", "response", "ended"])]
+    # One prompt's answers with their rewards: what the policy is being paid for, readable.
+    k = min(max(1, s["samples_per_prompt"]), n)
+    examples = [{"prompt": r["prompt"], "prompt_tokens": len(r["prompt_ids"]), "response": r["response"],
+                 "ended": r["ended"], "reward": float(raw[i]), "advantage": float(adv[i][mask[i] > 0][0])
+                 if mask[i].any() else 0.0}
+                for i, r in enumerate(b.take(range(k)).to_rows(["prompt", "prompt_ids", "response", "ended"]))]
     return meta_of(train, metrics=metrics, minibatch_tokens=tokens, examples=examples), train
 
 
