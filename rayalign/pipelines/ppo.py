@@ -324,13 +324,9 @@ def advantages(samples, old, ref, values, scores, s: dict):
         # group_norm is already on a unit scale per group; group_mean (Dr. GRPO) is left
         # unscaled on purpose.
         if s["estimator"] not in ("group_norm", "group_mean"):
-            # Scaled like GAE's: the step size then does not depend on the reward's scale (as in
-            # REINFORCE++ and RLOO's normalised advantages). RLOO's are already zero-mean within each
-            # prompt's group, so they are not shifted: the token-weighted batch mean would give a
-            # group whose answers all earned the same reward a nonzero advantage, an update that
-            # follows sampling noise (seen in quickstart runs: whole groups of equal reward moved
-            # by ±0.5 after the shift).
-            adv = ppo.masked_whiten(adv, mask, shift_mean=s["estimator"] != "rloo")
+            # Whitened like GAE's: the step size then does not depend on the reward's scale
+            # (as in REINFORCE++ and RLOO's normalised advantages).
+            adv = ppo.masked_whiten(adv, mask)
     cols["advantages"] = unframe(adv, lens)
     if is_w is not None:
         cols["is_weights"] = unframe(is_w, lens)
