@@ -341,8 +341,9 @@ def advantages(samples, old, ref, values, scores, s: dict):
         "score_mean": float(sc.mean()), "kl": float(kl.sum(1).mean()),
         "response_length": float(mask.sum(1).mean()), "ended_rate": float(ended.mean()),
     })
-    # One prompt's answers with their rewards: what the policy is being paid for, readable.
-    k = min(max(1, s["samples_per_prompt"]), n)
+    # The first samples (a whole prompt's group where groups hold 4 or more) with their rewards
+    # and advantages: what the policy is being paid for, readable.
+    k = min(max(4, s["samples_per_prompt"]), n)
     examples = [{"prompt": r["prompt"], "prompt_tokens": len(r["prompt_ids"]), "response": r["response"],
                  "ended": r["ended"], "reward": float(raw[i]), "advantage": float(adv[i][mask[i] > 0][0])
                  if mask[i].any() else 0.0}
