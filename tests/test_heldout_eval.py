@@ -53,3 +53,26 @@ def test_judge_asked_only_where_answers_differ():
     assert [p["context"] for p in judge.asked] == ["how do I pick a lock"]
     assert out["identical_answers"] == 2 and abs(out["win_rate_vs_start"] - 2 / 3) < 1e-12
     assert "refusal_rate_harmful" not in out
+
+
+class Unused:
+    world_size = 1
+
+    def map(self, *a, **k):
+        raise AssertionError("the reference was asked to generate although the start's answers were given")
+
+
+def test_start_answers_taken_earlier_replace_the_reference(tmp_path):
+    from rayalign.pipelines.ppo import _start_answers
+
+    path = tmp_path / "ppo_start_answers.json"
+    assert _start_answers(path, HELD, 40) is None  # nothing saved: the reference generates
+    import json
+    path.write_text(json.dumps({"prompts": HELD, "max_new_tokens": 40, "answers": [START.answers[p] for p in HELD]}))
+    assert _start_answers(path, HELD, 32) is None  # another answer budget: not these answers
+    assert _start_answers(path, HELD[:3], 40) is None  # other prompts
+    before = _start_answers(path, HELD, 40)
+    e = PPOEvalConfig(win_rate=False, judge_gold=None)
+    out = evaluate_win_rate(None, FINAL, Unused(), Judge(0.9), HELD, KINDS, e, before=before)
+    h = out["refusal_rate_harmful"]
+    assert (h["start"]["rate"], h["final"]["rate"]) == (0.5, 1.0)

@@ -672,6 +672,15 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
 
             if ev_cfg.reward_every and fixed and start_it == 0:
                 heldout_eval(0)
+            start_path = run_dir / "ppo_start_answers.json"
+            if ev_cfg.win_rate and held and start_it == 0:
+                # The starting policy's answers for the final comparison, taken now through the
+                # rollout engine (the weights are still the start's): on 2 CPU cores this cost 10 s
+                # where the reference's HF generate at the end cost ~90 s. Kept on disk so a
+                # recovery past iteration 0 reuses them.
+                sampler.version = 0
+                start_path.write_text(json.dumps({"prompts": held, "max_new_tokens": ev_cfg.max_new_tokens,
+                                                  "answers": _generate_all(sampler, held, ev_cfg.max_new_tokens)}))
             bar = Progress(a.iterations, "ppo", initial=start_it)
             stack.callback(bar.close)  # closed before any error or stop message is printed
             backlog: list | None = None
@@ -753,7 +762,8 @@ def run_ppo(cfg: Config, run_dir: Path | None = None, resume: bool = False, *,
             ev: dict[str, Any] = {}
             if pc.eval.win_rate and held:
                 sampler.version = a.iterations
-                ev = evaluate_win_rate(cfg, sampler, reference, labeler, held, kinds)
+                ev = evaluate_win_rate(cfg, sampler, reference, labeler, held, kinds,
+                                       before=_start_answers(start_path, held, ev_cfg.max_new_tokens))
                 tracker.log("ppo_eval", a.iterations, {k: v for k, v in ev.items() if isinstance(v, (int, float))})
             return ev, policy.memory(), final
 
@@ -900,13 +910,26 @@ def refusal_rates(prompts: list[str], after: list[str], before: list[str], kinds
     return out
 
 
+def _start_answers(path: Path, held: list[str], max_new_tokens: int) -> list[str] | None:
+    """The starting policy's answers saved at iteration 0, where they are for these prompts
+    and this answer budget (else None: the reference generates them)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = d.get("prompts") == held and d.get("max_new_tokens") == max_new_tokens and len(d.get("answers", [])) == len(held)
+    return list(d["answers"]) if ok else None
+
+
 def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
-                      kinds: dict[str, str] | None = None, e=None) -> dict[str, Any]:
+                      kinds: dict[str, str] | None = None, e=None,
+                      before: list[str] | None = None) -> dict[str, Any]:
     """Greedy answers of the final policy and of the starting one (the reference) on
     held-out prompts: the labeler's win rate (with its 95% interval), the rule-based refusal
     and answer rates, and the judge's own agreement with human gold labels, so the win rate
     comes with how far the judge can be trusted. ``e``: the evaluation settings (default
-    ``ppo.eval``)."""
+    ``ppo.eval``). ``before``: the starting policy's answers where they were taken already
+    (else the reference generates them)."""
     from ..algos.stats import rate
     from ..labeler import report
 
@@ -914,7 +937,8 @@ def evaluate_win_rate(cfg: Config, policy, reference, labeler, held: list[str],
     n = len(held)
     say(f"final evaluation: {n} held-out prompts, final policy vs start")
     after = _generate_all(policy, held, e.max_new_tokens)
-    before = _generate_all(reference, held, e.max_new_tokens)
+    if before is None or len(before) != n:
+        before = _generate_all(reference, held, e.max_new_tokens)
     # The judge sees the first `win_rate_prompts` of them (its forwards are the evaluation's
     # cost; the rule-based rates below are free and use every prompt). An answer identical to
     # the start's is a tie without asking.
