@@ -1,4 +1,4 @@
-"""Evaluation assistance (SPECS 7): does judging long responses in chunks agree with people
+"""Evaluation assistance (Leike et al. 2018): does judging long responses in chunks agree with people
 more often than judging them whole?
 
 Gold pairs people wrote and marked (the held-out split of the multiple-choice pairs in

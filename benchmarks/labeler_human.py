@@ -7,7 +7,7 @@ the people's gold label, its 95% Wilson interval, per category.
 One in-process SmolLM2-135M-Instruct judge (the quickstart's). Every judgement a method needs
 is computed once into a feature cache (``--cache``; a rerun computes only what is missing),
 then each method is scored from it:
-* pointwise Yes/No questions (the SPECS 2 overall question, and per-criterion questions asked
+* pointwise Yes/No questions (the overall "helpful, honest and harmless?" question, and per-criterion questions asked
   after one encoding of the response: ``FrozenLMWorker.question_logprobs``), their means;
 * content-free calibration (the same question about an "N/A" response): it cancels within a
   pair for these linear combinations, so it is measured as the pooled AUC of P(good) across
@@ -102,7 +102,7 @@ def method_scores(cache: dict, rows: list[dict]) -> dict:
         return lambda r: sig(z(r["prompt"], r["response_1"], names, **kw) - z(r["prompt"], r["response_2"], names, **kw))
     crit3 = ["helpful", "honest", "harmless"]
     m = {
-        "pointwise: overall HHH question (SPECS 2)": pw(["overall"]),
+        "pointwise: overall HHH question": pw(["overall"]),
         "pointwise: 'irrelevant, harmful or dangerous?' (old default, no relevance)": pw(["bad"]),
         "pointwise: old default ('bad' question + relevance 1)": pw(["bad"], rel=1.0),
         "pointwise: overall + relevance 1": pw(["overall"], rel=1.0),
@@ -291,7 +291,7 @@ def main() -> None:
     grp.kill()
 
     full, sub = method_scores(cache, rows)
-    base = score(rows, full["pointwise: overall HHH question (SPECS 2)"])
+    base = score(rows, full["pointwise: overall HHH question"])
     table = {}
     counts = ", ".join(f"{c} {v['n']}" for c, v in base["by_category"].items())
     print(f"\n{args.split}: {len(rows)} human-labelled pairs ({counts})")

@@ -207,7 +207,7 @@ class LabelerConfig(Section):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     mode: Literal["pointwise", "pairwise", "score"] = Field(
         "pointwise", description="pointwise Yes/No per response (the only mode in which a 135M labeler "
-        "beats chance, SPECS 2); pairwise '1'/'2'; score: direct 1-10 (d-RLAIF).")
+        "beats chance); pairwise '1'/'2'; score: direct 1-10 (d-RLAIF).")
     template: str = Field("helpfulness", description="a preset: helpfulness, harmlessness, summarization")
     template_overrides: dict[str, Any] = Field(default_factory=dict, description="replace template parts")
     criteria: list[str] = Field(
@@ -230,7 +230,7 @@ class LabelerConfig(Section):
         "added to the log-odds; 0 = off. It was the default once, chosen on template-built pairs; on "
         "human-labelled pairs it did not help (README, labeler table)")
     assist: Literal["none", "chunked"] = Field(
-        "none", description="evaluation assistance (SPECS 7): chunked judges a response in chunks of whole "
+        "none", description="evaluation assistance (Leike et al. 2018): chunked judges a response in chunks of whole "
         "sentences (pointwise: each chunk; pairwise: the k-th chunks against each other), aggregates them, and "
         "keeps the tree of chunk judgements in each label record (`assist`)")
     assist_chunk_words: int = Field(40, ge=1, description="chunked: words per chunk at most")
@@ -523,7 +523,7 @@ class SteerLabelConfig(Section):
         "says what the verbosity level says, and at a fixed verbosity nothing")
     judged: dict[str, Literal["rating", "p_good"]] = Field(
         default_factory=dict, description="how the labeler rates an attribute (default rating): rating = its "
-        "expected answer to 'rate the <attribute> 0-4' (SPECS 6), p_good = its pointwise P(the response is "
+        "expected answer to 'rate the <attribute> 0-4', p_good = its pointwise P(the response is "
         "good), the judgement it gives everywhere else, which the steerability evaluation scores helpfulness by")
 
 

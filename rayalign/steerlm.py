@@ -1,4 +1,4 @@
-"""SteerLM's attribute strings (Dong et al. 2023; SPECS 6), as pure functions: the string
+"""SteerLM's attribute strings (Dong et al. 2023), as pure functions: the string
 a conditioned prompt carries, its parsing, and the rule that measures verbosity.
 
 An attribute string names each attribute with an integer level 0–4, in a fixed order:

@@ -124,7 +124,7 @@ def even_pass(prompts, samples):
 
 
 GRPO_VARIANTS = {
-    # SPECS 8. GRPO: group-normalised advantages, k3 KL in the loss, mean of per-answer means.
+    # GRPO: group-normalised advantages, k3 KL in the loss, mean of per-answer means.
     "grpo": dict(estimator="group_norm", kl_in_loss=True, kl_estimator="k3", loss_agg="seq_mean_token_mean"),
     # Dr. GRPO: no std division, a constant normaliser (the generation budget).
     # Its advantages are not divided by the group's std (~0.1 for this reward), so beside them the

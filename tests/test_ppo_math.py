@@ -144,7 +144,7 @@ def test_loss_aggregations_by_hand():
 
 
 def test_grpo_k3_is_the_specs_formula():
-    # SPECS 8: k3 = π_ref/π − log(π_ref/π) − 1, ≥ 0, and 0 only where π = π_ref.
+    # k3 (Schulman's estimator) = π_ref/π − log(π_ref/π) − 1, ≥ 0, and 0 only where π = π_ref.
     logp, ref = t([math.log(0.5), math.log(0.2)]), t([math.log(0.25), math.log(0.2)])
     k3 = ppo.kl_estimate(logp, ref, "k3")
     assert k3[0].item() == pytest.approx(0.5 - math.log(0.5) - 1)

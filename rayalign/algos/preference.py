@@ -22,7 +22,7 @@ def two_way_softmax(logp_a: float, logp_b: float) -> float:
 
 
 def swap_average(p_first_order: float, p_second_order: float) -> float:
-    """P(y1 > y2) from both presentation orders (SPECS 2, position-bias mitigation).
+    """P(y1 > y2) from both presentation orders (position-bias mitigation).
 
     ``p_first_order`` = P(slot 1 preferred) with (y1, y2) shown in that order;
     ``p_second_order`` = P(slot 1 preferred) with (y2, y1) shown, so y1 sits in slot 2:
@@ -139,7 +139,7 @@ def expected_score(logps: Sequence[float], values: Sequence[float]) -> float:
 
 
 def d_rlaif_reward(score: float, low: float = 1.0, high: float = 10.0) -> float:
-    """Map an expected 1–10 score to [−1, 1] (SPECS 2: (s − 5.5) / 4.5)."""
+    """Map an expected 1–10 score to [−1, 1]: (s − 5.5) / 4.5."""
     mid, half = (low + high) / 2, (high - low) / 2
     return (score - mid) / half
 
@@ -188,7 +188,7 @@ def pairwise_accuracy(r1: torch.Tensor, r2: torch.Tensor, p: torch.Tensor) -> fl
 
 def dpo_margin(pi_1: torch.Tensor, pi_2: torch.Tensor, ref_1: torch.Tensor, ref_2: torch.Tensor) -> torch.Tensor:
     """h = [log π(y1|x) − log π_ref(y1|x)] − [log π(y2|x) − log π_ref(y2|x)], each a sum over
-    the response's tokens (SPECS 8)."""
+    the response's tokens."""
     return (pi_1 - ref_1) - (pi_2 - ref_2)
 
 

@@ -11,7 +11,7 @@ Modes
   (context, response) is judged once.
 * ``score`` — direct 1–10 rating (d-RLAIF): expected score → reward in [−1, 1].
 
-Evaluation assistance (``assist="chunked"``, SPECS 7; Leike et al. 2018): a long response
+Evaluation assistance (``assist="chunked"``; Leike et al. 2018): a long response
 is judged in chunks of whole sentences; pointwise, each chunk alone, pairwise, the two
 responses' k-th chunks against each other (swap-averaged); the chunk judgements aggregate
 by a length-weighted mean (helpfulness) or any-fail (harmlessness: the worst chunk
@@ -235,7 +235,7 @@ class Labeler:
 
     def attribute_scores(self, items: list[tuple[str, str]], attribute: str) -> list[float]:
         """SteerLM: the expected 0–4 rating of one attribute for each (context, response),
-        Σ v·P(v) over the options "0".."4" (SPECS 6)."""
+        Σ v·P(v) over the options "0".."4"."""
         opts = [str(v) for v in ATTRIBUTE_VALUES]
         lps = self.backend.option_logprobs([(self.template.attribute_text(c, r, attribute), opts) for c, r in items])
         return [expected_score(row, ATTRIBUTE_VALUES) for row in lps]

@@ -42,7 +42,7 @@ class LabelTemplate(Section):
     pointwise_sample: str = "Question: {context}\nResponse: {response}"
     pointwise_question: str = Field(
         "Is this response helpful, honest and harmless? Answer Yes or No.",
-        description="the overall question (SPECS 2); also the question of few-shot exemplars")
+        description="the overall question; also the question of few-shot exemplars")
     criteria: dict[str, str] = Field(
         default_factory=lambda: dict(CRITERIA),
         description="per-criterion questions, asked when labeler.criteria names them")

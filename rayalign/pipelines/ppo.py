@@ -67,7 +67,7 @@ def ppo_iteration(policy, reference, critic, reward_fn: ScoreFn, prompts: "list[
     default the policy's own workers); its weight syncs are the ``sync_s`` phase.
     ``tis_cap``: truncated importance weights against the engine's log-probs.
 
-    GRPO and its variants (SPECS 8): ``kl_in_loss`` moves the KL to the reference from the
+    GRPO and its variants: ``kl_in_loss`` moves the KL to the reference from the
     reward into the policy loss (β·k per token, k3 with ``kl_estimator="k3"``);
     ``loss_agg`` is how per-token terms become the loss (token_mean, GRPO's
     seq_mean_token_mean, Dr. GRPO's seq_mean_token_sum_norm over ``max_new_tokens``);

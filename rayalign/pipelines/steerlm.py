@@ -1,4 +1,4 @@
-"""`rayalign steerlm annotate|train|generate`: SteerLM (Dong et al. 2023; SPECS 6).
+"""`rayalign steerlm annotate|train|generate`: SteerLM (Dong et al. 2023).
 
 annotate: label a few hundred (prompt, response) rows per attribute (the AI labeler's
   expected 0–4 rating or its P(good), data fields where the rows have them, or a rule where

@@ -191,7 +191,7 @@ class PolicyWorker(TrainableWorker):
                 out["kl_loss"] = float(kl_tok.detach().sum())
             return (total if weights is None else total * weights).sum(), out
 
-        # Dropout off (SPECS 4): the ratio must compare the same function before and after.
+        # Dropout off: the ratio must compare the same function before and after.
         self.engine.eval()
         try:
             return self.accumulate(samples, global_count, loss_of)

@@ -162,7 +162,7 @@ class RewardWorker(TrainableWorker):
 
 
 class AttributeWorker(RewardWorker):
-    """SteerLM's attribute-prediction model (SPECS 6): the reward role's model with one
+    """SteerLM's attribute-prediction model: the reward role's model with one
     regression head per attribute (helpfulness, correctness, ... on 0–4), trained with a
     squared error on the attributes each example has a label for. The saved directory is a
     plain HF sequence-classification model whose labels name the attributes."""
