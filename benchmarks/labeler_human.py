@@ -184,7 +184,7 @@ def pairwise_main(args) -> None:
     l21 = [cache[r["id"]][1] for r in rows]
     gold1 = [r["gold"] == 1 for r in rows]
     s = [swap_logodds(a, b) for a, b in zip(l12, l21)]
-    dev_file = Path(args.out.format(split="dev", model=tag))
+    dev_file = Path(args.dev_out.format(model=tag))
     if args.split == "dev":
         temp = fit_temperature(s, gold1)
     else:
@@ -260,9 +260,14 @@ def main() -> None:
     if args.methods == "pairwise":
         global T
         T = PRESETS[args.template]
+        suffix = "" if args.template == "helpfulness" else f"_{args.template}"
+        # The temperature is always the one fitted on mc-pairs-dev: another source is only ever scored.
+        args.dev_out = "benchmarks/results/labeler_pairwise_{model}" + suffix + "_dev.json"
+        if args.source and args.split == "dev":
+            raise SystemExit("--source is scored with the temperature fitted on mc-pairs-dev: use --split heldout")
         if args.out == ap.get_default("out"):
-            suffix = "" if args.template == "helpfulness" else f"_{args.template}"
-            args.out = "benchmarks/results/labeler_pairwise_{model}" + suffix + "_{split}.json"
+            src = "" if not args.source else "_" + args.source.split(":")[-1]
+            args.out = "benchmarks/results/labeler_pairwise_{model}" + suffix + src + "_{split}.json"
         return pairwise_main(args)
     rows = human_pairs.load(args.split)
     dev = human_pairs.load("dev")

