@@ -144,7 +144,7 @@ def pairwise_main(args) -> None:
     combination of the two orders is scored from one feature cache; the temperature of the
     log-odds combination is fitted on the dev split only and read from its results file for
     the held-out split."""
-    from rayalign.algos.preference import expected_calibration_error, fit_temperature, swap_logodds
+    from rayalign.algos.preference import expected_calibration_error, fit_temperature, reliability, swap_logodds
     from rayalign.data import load_rows
     from rayalign.models import cache_root
 
@@ -224,19 +224,12 @@ def pairwise_main(args) -> None:
            "seconds": time.time() - t0, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads",
            "torch": torch.__version__,
-           "reliability": reliability_bins([sig1(x / temp) for x in s], gold1)}
-    Path(args.out.format(split=args.split, model=tag)).write_text(json.dumps(out, indent=1))
+           "reliability": reliability([sig1(x / temp) for x in s], gold1)}
+    path = Path(args.out.format(split=args.split, model=tag))
+    path.write_text(json.dumps(out, indent=1))
+    from rayalign.pipelines.label import plot_reliability
 
-
-def reliability_bins(ps: list[float], gold1: list[bool], bins: int = 10) -> list[dict]:
-    out = []
-    for b in range(bins):
-        lo, hi = b / bins, (b + 1) / bins
-        idx = [i for i, p in enumerate(ps) if lo <= p < hi or (b == bins - 1 and p == 1.0)]
-        if idx:
-            out.append({"bin": [lo, hi], "n": len(idx), "mean_p": sum(ps[i] for i in idx) / len(idx),
-                        "gold_rate": sum(gold1[i] for i in idx) / len(idx)})
-    return out
+    print(f"reliability diagram: {plot_reliability(out['reliability'], path.with_suffix('.png'))}")
 
 
 def main() -> None:
