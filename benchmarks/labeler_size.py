@@ -38,6 +38,14 @@ def arm(summary: dict) -> dict:
                                   "judge", "heldout_reward_curve", "wall_time_s")}
 
 
+def labeler_model(run: Path) -> str:
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    model = ((cfg.get("labeler") or {}).get("backend") or {}).get("model") or cfg.get("model") or {}
+    return model.get("name", "?") if isinstance(model, dict) else str(model)
+
+
 def fmt_change(m: dict | None) -> str:
     if not m:
         return "n/a"
@@ -72,12 +80,15 @@ def main() -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
         print(f"{args.labeler} arm: {time.time() - t:.0f} s", flush=True)
     small_summary = json.loads((small / "summary.json").read_text())
-    arms = {big_summary["label"]["labeler"] if "label" in big_summary else "larger": arm(big_summary),
-            small_summary["label"]["labeler"] if "label" in small_summary else args.labeler: arm(small_summary)}
-    names = {str(big): "larger labeler (the quickstart run)", str(small): args.labeler}
+    # Keyed by the run: the labeler's method string names no model, so both arms share it.
+    arms = {}
+    for title, run, summ in (("larger labeler (the quickstart run)", big, big_summary),
+                             (f"{args.labeler} labeler", small, small_summary)):
+        arms[title] = {"run": str(run), "labeler_model": labeler_model(run),
+                       "labeler": summ.get("label", {}).get("labeler"), **arm(summ)}
     print()
-    for (name, a), run in zip(arms.items(), names):
-        print(f"## {names[run]}: {name}")
+    for title, a in arms.items():
+        print(f"## {title}: {a['labeler_model']} ({a['labeler']})")
         print(f"  refusal on held-out harmful: {fmt_change(a['refusal_rate_harmful'])}")
         print(f"  answer on held-out benign:   {fmt_change(a['answer_rate_benign'])}")
         if a["judge_agreement"] is not None:
@@ -86,8 +97,7 @@ def main() -> None:
                   f"on {a['judge_gold_pairs']} pairs of {a['judge_gold_source']}")
     import torch
 
-    out = {"arms": {names[r]: {"labeler": n, **a} for (n, a), r in zip(arms.items(), names)},
-           "runs": list(names), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+    out = {"arms": arms, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "torch": torch.__version__}
     Path(args.out).write_text(json.dumps(out, indent=1))
 
