@@ -98,9 +98,10 @@ def main() -> None:
     arms: dict[str, list[dict]] = {"calibrated": [], "averaged": [], "people": []}
     for r in train_rows:
         s = soft_labels(*cache[r["id"]], temperature)
-        arms["calibrated"].append(enc(r, s["calibrated"]))
-        arms["averaged"].append(enc(r, s["averaged"]))
-        arms["people"].append(enc(r, 1.0 if r["gold"] == 1 else 0.0))
+        e = enc(r, 1.0 if r["gold"] == 1 else 0.0)  # tokenised once; the arms differ only in p
+        arms["people"].append(e)
+        arms["calibrated"].append(e | {"p": s["calibrated"]})
+        arms["averaged"].append(e | {"p": s["averaged"]})
     label_stats = {}
     for name in ("calibrated", "averaged"):
         ps = [x["p"] for x in arms[name]]
